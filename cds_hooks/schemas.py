@@ -1,0 +1,268 @@
+"""marshmallow schemas for what clients send: the hook request envelope and feedback.
+
+Unknown fields are tolerated everywhere (spec §Extensions: "not prescriptive about support"), and the
+schemas load into frozen dataclasses so nothing downstream handles raw dicts.
+https://cds-hooks.hl7.org/2.0/#http-request_1 and https://cds-hooks.hl7.org/2.0/#feedback
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from cds_hooks.errors import InvalidRequest
+
+#: Absent prefetch key vs. a key sent as JSON null are different things (spec §Prefetch); this marks absent.
+_ABSENT = object()
+
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+class _StrictString(fields.String):
+    """A string that is not silently coerced from numbers or booleans."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if not isinstance(value, str):
+            raise ValidationError("must be a string")
+        return str(super()._deserialize(value, attr, data, **kwargs))
+
+
+class _StrictInteger(fields.Integer):
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError("must be an integer")
+        return int(super()._deserialize(value, attr, data, **kwargs))
+
+
+class _JSONObject(fields.Field):
+    """Any JSON object, kept as is."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise ValidationError("must be a JSON object")
+        return dict(value)
+
+
+class _Timestamp(fields.Field):
+    """An RFC 3339 date-time with a time zone, as feedback's `outcomeTimestamp` requires."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        if not isinstance(value, str) or not _RFC3339.match(value):
+            raise ValidationError("must be an RFC 3339 date-time with a time zone, e.g. 2021-12-11T10:05:31Z")
+        try:
+            parsed = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+        except ValueError:
+            raise ValidationError("is not a valid date-time") from None
+        return parsed.astimezone(timezone.utc)
+
+
+def _non_empty(value: str) -> bool:
+    if not value.strip():
+        raise ValidationError("must not be empty")
+    return True
+
+
+@dataclass(frozen=True)
+class FhirAuthorization:
+    """The client's short-lived FHIR access token (spec §FHIR Resource Access). Never logged or stored."""
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_in: int
+    scope: str
+    subject: str
+    patient: str | None = None
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """A validated hook call. `prefetch` holds only the keys the client sent (values may be None)."""
+
+    hook: str
+    hook_instance: str
+    context: Mapping[str, Any]
+    fhir_server: str | None = None
+    fhir_authorization: FhirAuthorization | None = None
+    prefetch: Mapping[str, Any] = field(default_factory=dict)
+    extension: Mapping[str, Any] = field(default_factory=dict)
+
+
+class FhirAuthorizationSchema(Schema):
+    """`fhirAuthorization`: all fields the spec marks REQUIRED are required here."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    access_token = _StrictString(required=True, validate=_non_empty)
+    token_type = _StrictString(required=True, validate=validate.OneOf(["Bearer", "bearer"]))
+    expires_in = _StrictInteger(required=True, validate=validate.Range(min=0))
+    scope = _StrictString(required=True)
+    subject = _StrictString(required=True)
+    patient = _StrictString()
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> FhirAuthorization:
+        return FhirAuthorization(**data)
+
+
+class HookRequestSchema(Schema):
+    """The request envelope (spec §HTTP Request). Unknown fields are ignored, not rejected."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    hook = _StrictString(required=True, validate=_non_empty)
+    hookInstance = _StrictString(required=True, validate=_non_empty, data_key="hookInstance",
+                                 attribute="hook_instance")
+    fhirServer = _StrictString(data_key="fhirServer", attribute="fhir_server",
+                               validate=validate.URL(schemes={"http", "https"}, require_tld=False))
+    fhirAuthorization = fields.Nested(FhirAuthorizationSchema, data_key="fhirAuthorization",
+                                      attribute="fhir_authorization", allow_none=True)
+    context = _JSONObject(required=True)
+    prefetch = _JSONObject(allow_none=True)
+    extension = _JSONObject(allow_none=True)
+
+    @validates_schema
+    def _authorization_needs_server(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("fhir_authorization") is not None and not data.get("fhir_server"):
+            raise ValidationError("is required when fhirAuthorization is provided", "fhirServer")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> HookRequest:
+        return HookRequest(
+            hook=data["hook"],
+            hook_instance=data["hook_instance"],
+            context=data["context"],
+            fhir_server=(data.get("fhir_server") or "").rstrip("/") or None,
+            fhir_authorization=data.get("fhir_authorization"),
+            prefetch=data.get("prefetch") or {},
+            extension=data.get("extension") or {},
+        )
+
+
+@dataclass(frozen=True)
+class OverrideReason:
+    """Why a card was dismissed: a Coding from the card's overrideReasons and/or a free-text comment."""
+
+    system: str | None = None
+    code: str | None = None
+    display: str | None = None
+    user_comment: str | None = None
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One feedback report on one card (spec §Feedback)."""
+
+    card: str
+    outcome: str
+    outcome_timestamp: datetime
+    accepted_suggestions: tuple[str, ...] = ()
+    override_reason: OverrideReason | None = None
+
+
+class _CodingSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    system = _StrictString(required=True, validate=_non_empty)
+    code = _StrictString(required=True, validate=_non_empty)
+    display = _StrictString()
+
+
+class _OverrideReasonSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    reason = fields.Nested(_CodingSchema)
+    userComment = _StrictString(data_key="userComment", attribute="user_comment")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> OverrideReason:
+        reason = data.get("reason") or {}
+        return OverrideReason(system=reason.get("system"), code=reason.get("code"),
+                              display=reason.get("display"), user_comment=data.get("user_comment"))
+
+
+class _AcceptedSuggestionSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = _StrictString(required=True, validate=_non_empty)
+
+
+class FeedbackItemSchema(Schema):
+    """One element of `feedback`: card uuid, outcome, timestamp, accepted suggestions or a reason."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    card = _StrictString(required=True, validate=_non_empty)
+    outcome = _StrictString(required=True, validate=validate.OneOf(["accepted", "overridden"]))
+    outcomeTimestamp = _Timestamp(required=True, data_key="outcomeTimestamp", attribute="outcome_timestamp")
+    acceptedSuggestions = fields.List(fields.Nested(_AcceptedSuggestionSchema), data_key="acceptedSuggestions",
+                                      attribute="accepted_suggestions")
+    overrideReason = fields.Nested(_OverrideReasonSchema, data_key="overrideReason", attribute="override_reason")
+
+    @validates_schema
+    def _accepted_needs_suggestions(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("outcome") == "accepted" and not data.get("accepted_suggestions"):
+            raise ValidationError("is required (with at least one id) when outcome is 'accepted'",
+                                  "acceptedSuggestions")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Feedback:
+        return Feedback(
+            card=data["card"],
+            outcome=data["outcome"],
+            outcome_timestamp=data["outcome_timestamp"],
+            accepted_suggestions=tuple(s["id"] for s in data.get("accepted_suggestions") or ()),
+            override_reason=data.get("override_reason"),
+        )
+
+
+class FeedbackRequestSchema(Schema):
+    """The feedback body: ``{"feedback": [Feedback, ...]}`` with at least one element."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    feedback = fields.List(fields.Nested(FeedbackItemSchema), required=True,
+                           validate=validate.Length(min=1, error="must hold at least one feedback element"))
+
+
+_HOOK_REQUEST = HookRequestSchema()
+_FEEDBACK_REQUEST = FeedbackRequestSchema()
+
+
+def load_hook_request(body: Any) -> HookRequest:
+    """Validate a parsed JSON body as a hook request; raise InvalidRequest naming each bad field."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("the request body must be a JSON object", )
+    try:
+        result: HookRequest = _HOOK_REQUEST.load(body)
+    except ValidationError as error:
+        raise InvalidRequest.from_messages(_as_mapping(error.messages)) from None
+    return result
+
+
+def load_feedback(body: Any) -> tuple[Feedback, ...]:
+    """Validate a parsed JSON body as a feedback request; raise InvalidRequest naming each bad field."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("the feedback body must be a JSON object")
+    try:
+        loaded = _FEEDBACK_REQUEST.load(body)
+    except ValidationError as error:
+        raise InvalidRequest.from_messages(_as_mapping(error.messages)) from None
+    return tuple(loaded["feedback"])
+
+
+def _as_mapping(messages: Any) -> Mapping[str, Any]:
+    return messages if isinstance(messages, Mapping) else {"_schema": messages}
