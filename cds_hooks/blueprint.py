@@ -1,0 +1,267 @@
+"""The Flask edge of the protocol: discovery, invoke and feedback routes, CORS, and errors as OperationOutcome.
+
+This and `service/app.py` are the only modules that import Flask. Everything the routes need (registry,
+token verifier, feedback store, fetch policy, clock, uuid source) is injected, so tests can swap any of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from cds_hooks.auth import TokenVerifier
+from cds_hooks.errors import (
+    CDSHooksError,
+    InternalError,
+    InvalidRequest,
+    Issue,
+    PayloadTooLarge,
+    UnknownService,
+    UnsupportedMediaType,
+    operation_outcome,
+)
+from cds_hooks.fhir_client import FhirFetcher
+from cds_hooks.prefetch import FetchPolicy, resolve_prefetch
+from cds_hooks.request_context import REQUEST_ID
+from cds_hooks.registry import HookCall, ServiceDefinition, ServiceRegistry
+from cds_hooks.schemas import HookRequest, load_feedback, load_hook_request
+from cds_hooks.store import CardRecord, FeedbackStore
+
+log = logging.getLogger("cds_hooks.http")
+
+#: FHIR `id` datatype (R4 §2.24.0.1): also keeps context ids from smuggling paths into fallback fetch URLs.
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_USER_ID = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
+_JSON_TYPES = ("application/json", "application/fhir+json")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9\-_.]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """Edge settings: the public URL (JWT audience), body limit and CORS origins."""
+
+    public_base_url: str = ""
+    max_body_bytes: int = 16 * 1024 * 1024
+    cors_origins: tuple[str, ...] = ()
+    fetch_policy: FetchPolicy = field(default_factory=lambda: FetchPolicy(allowed_bases=()))
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def create_blueprint(
+    registry: ServiceRegistry,
+    *,
+    options: ProtocolOptions,
+    store: FeedbackStore,
+    verifier: TokenVerifier | None,
+    fetcher: FhirFetcher | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+    new_uuid: Callable[[], Any] = uuid.uuid4,
+) -> Blueprint:
+    """Build the CDS Hooks blueprint. ``verifier=None`` means authentication is disabled."""
+    bp = Blueprint("cds_hooks", __name__)
+
+    @bp.before_app_request
+    def _start() -> None:
+        supplied = request.headers.get("X-Request-ID", "")
+        g.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        REQUEST_ID.set(g.request_id)
+        g.started = time.perf_counter()
+
+    @bp.after_app_request
+    def _finish(response: Response) -> Response:
+        _apply_cors(response, options.cors_origins)
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        # The route template, not the URL: no ids from the path, no query string, no body, no headers.
+        route = request.url_rule.rule if request.url_rule else "<unmatched>"
+        log.info("request", extra={"http_method": request.method, "route": route,
+                                   "status": response.status_code, "duration_ms": round(elapsed_ms, 1)})
+        return response
+
+    @bp.app_errorhandler(CDSHooksError)
+    def _protocol_error(error: CDSHooksError) -> Response:
+        if error.status_code == 401:
+            log.warning("authentication failed: %s", getattr(error, "reason", "unauthorized"))
+        elif error.status_code >= 500:
+            log.error("request failed: %s", error.message)
+        return _outcome_response(error.status_code, error.to_outcome(), error.headers)
+
+    @bp.app_errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        if status == 413:
+            return _protocol_error(PayloadTooLarge(f"request body exceeds {options.max_body_bytes} bytes"))
+        # Keep what werkzeug adds for the status (the Allow header on 405), not its HTML content type.
+        headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+        message = f"{request.method} {request.path}: {error.name.lower()}"
+        return _outcome_response(status, operation_outcome(status, [Issue(message)]), headers)
+
+    @bp.app_errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.url_rule.rule if request.url_rule else "?")
+        return _protocol_error(InternalError())
+
+    def _authenticate() -> None:
+        if verifier is None:
+            return
+        audience = options.public_base_url + request.path
+        g.claims = verifier.verify(request.headers.get("Authorization"), audience)
+
+    @bp.get("/cds-services")
+    def discovery() -> Response:
+        """Discovery: every registered service (spec §Discovery)."""
+        _authenticate()
+        return _json_response(200, registry.discovery())
+
+    @bp.post("/cds-services/<service_id>")
+    def invoke(service_id: str) -> Response:
+        """Call a service on its hook (spec §Calling a CDS Service)."""
+        received_at = time.monotonic()
+        _authenticate()
+        if service_id not in registry.ids():
+            raise UnknownService(f"no CDS service with id '{service_id}'")
+        hook_request = load_hook_request(_read_json(options.max_body_bytes))
+        definition = registry.find(service_id, hook_request.hook)
+        if definition is None:
+            raise InvalidRequest(f"hook: service '{service_id}' does not handle hook '{hook_request.hook}'",
+                                 issues=[Issue(f"service '{service_id}' does not handle hook "
+                                               f"'{hook_request.hook}'", expression="hook")])
+        _check_context(definition, hook_request)
+        data = resolve_prefetch(definition, hook_request, policy=options.fetch_policy,
+                                received_at=received_at, fetcher=fetcher)
+        now = clock()
+        result = definition.handler(HookCall(service_id=service_id, request=hook_request, data=data, now=now))
+        cards = [card.stamped(new_uuid) for card in result.cards]
+        _record(service_id, hook_request.hook_instance, cards, now)
+        body = type(result)(cards=cards, extension=result.extension, system_actions=result.system_actions)
+        return _json_response(200, body.to_json())
+
+    def _record(service_id: str, hook_instance: str, cards: list[Any], now: datetime) -> None:
+        if not cards:
+            return
+        records = [CardRecord(uuid=c.uuid, kind=c.kind, indicator=c.indicator.value) for c in cards]
+        try:
+            store.record_cards(service_id, hook_instance, records, now)
+        except CDSHooksError as error:
+            # Patient safety first: an emergency card is still returned when the audit store is down.
+            # Feedback on these cards will be kept and flagged as for an unknown card.
+            log.error("could not record %d card(s): %s", len(records), error.message)
+
+    @bp.post("/cds-services/<service_id>/feedback")
+    def feedback(service_id: str) -> Response:
+        """Store feedback on cards durably; 200 only after the commit (spec §Feedback)."""
+        _authenticate()
+        if service_id not in registry.ids():
+            raise UnknownService(f"no CDS service with id '{service_id}'")
+        items = load_feedback(_read_json(options.max_body_bytes))
+        receipt = store.save_feedback(service_id, items, clock())
+        log.info("feedback stored", extra={"stored": receipt.stored, "duplicates": receipt.duplicates,
+                                           "unknown_cards": len(receipt.unknown_cards)})
+        return _json_response(200, {})
+
+    @bp.get("/healthz")
+    def healthz() -> Response:
+        """Liveness: the process answers."""
+        return _json_response(200, {"status": "ok"})
+
+    @bp.get("/readyz")
+    def readyz() -> Response:
+        """Readiness: the feedback store answers."""
+        if store.ping():
+            return _json_response(200, {"status": "ready"})
+        return _outcome_response(503, operation_outcome(503, [Issue("feedback store unavailable")]),
+                                 {"Retry-After": "5"})
+
+    return bp
+
+
+def _check_context(definition: ServiceDefinition, hook_request: HookRequest) -> None:
+    issues = []
+    for name in sorted(definition.required_context):
+        value = hook_request.context.get(name)
+        if not isinstance(value, str) or not value:
+            issues.append(Issue(f"context.{name}: is required for hook '{definition.hook}'",
+                                expression=f"context.{name}"))
+    patient_id = hook_request.context.get("patientId")
+    if isinstance(patient_id, str) and patient_id and not _FHIR_ID.match(patient_id):
+        issues.append(Issue("context.patientId: must be a FHIR id (letters, digits, '-', '.'; 1-64 characters)",
+                            expression="context.patientId"))
+    user_id = hook_request.context.get("userId")
+    if isinstance(user_id, str) and user_id and not _USER_ID.match(user_id):
+        issues.append(Issue("context.userId: must be 'Practitioner/<id>', 'PractitionerRole/<id>', "
+                            "'Patient/<id>' or 'RelatedPerson/<id>'", expression="context.userId"))
+    if issues:
+        raise InvalidRequest("; ".join(i.diagnostics for i in issues), issues=issues)
+
+
+def _read_json(limit: int) -> Any:
+    """The request body parsed as strict JSON, or the right 4xx."""
+    mimetype = request.mimetype
+    if mimetype not in _JSON_TYPES and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got '{mimetype or 'none'}'")
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    raw = request.get_data(cache=False)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; a JSON object is required")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"the request body is not valid JSON: {error.msg} at line {error.lineno} "
+                             f"column {error.colno}") from None
+    except ValueError as error:
+        raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _apply_cors(response: Response, origins: tuple[str, ...]) -> None:
+    origin = request.headers.get("Origin")
+    if not origins or origin is None:
+        return
+    if origins == ("*",):
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    elif origin.rstrip("/") in origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.vary.add("Origin")
+    else:
+        return
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-ID"
+    response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
+    response.headers["Access-Control-Max-Age"] = "600"
+
+
+def _json_response(status: int, body: Any) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")), status=status,
+                    mimetype="application/json")
+
+
+def _outcome_response(status: int, outcome: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    response = _json_response(status, outcome)
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response

@@ -1,0 +1,342 @@
+"""The durable feedback store: the cards the service returned and the feedback clients sent about them.
+
+SQLAlchemy Core over SQLite (one file, several gunicorn workers: WAL and a busy timeout) or PostgreSQL
+(several replicas). No patient data is ever stored: a card is its uuid, service, hook instance, kind and
+indicator. Duplicate feedback reports are idempotent through a unique ``dedupe_key``; feedback for a card
+we never returned is kept and flagged. https://cds-hooks.hl7.org/2.0/#feedback
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from cds_hooks.errors import ServiceUnavailable
+from cds_hooks.schemas import Feedback, OverrideReason
+
+logger = logging.getLogger(__name__)
+
+#: A file under ``var/`` relative to the working directory, as ``make run`` uses.
+DEFAULT_URL = "sqlite:///var/feedback.sqlite3"
+
+#: Execution option naming a connection that writes; on SQLite it takes the write lock at BEGIN.
+_WRITES = "cds_store_writes"
+#: Arbitrary constant key of the PostgreSQL advisory lock that serialises concurrent ``create_schema``.
+_SCHEMA_LOCK_KEY = 0x6364_735F_6662  # "cds_fb"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """503: the feedback store cannot be reached. The message is generic; ``reason`` is for the log."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__("the feedback store is unavailable; retry later")
+        #: What failed, with the password scrubbed; for the log only.
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    """A card the service returned: its uuid, its kind (``source.topic.code``) and its indicator."""
+
+    uuid: str
+    kind: str | None
+    indicator: str
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    """What ``save_feedback`` did: rows stored, reports already stored, card uuids we never returned."""
+
+    stored: int
+    duplicates: int
+    unknown_cards: tuple[str, ...]
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend (SQLite keeps no offset, so naive UTC is stored there)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes; store UTC."""
+        if value is None:
+            return None
+        utc = _as_utc(value)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return an aware UTC datetime."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+metadata = MetaData()
+
+card_table = Table(
+    "cds_card",
+    metadata,
+    Column("uuid", String, primary_key=True),
+    Column("service_id", String, nullable=False),
+    Column("hook_instance", String, nullable=False),
+    Column("kind", String, nullable=True),
+    Column("indicator", String, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+feedback_table = Table(
+    "cds_feedback",
+    metadata,
+    # BIGINT is not an alias of ROWID on SQLite, so it would not autoincrement there.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("service_id", String, nullable=False),
+    Column("card_uuid", String, nullable=False, index=True),
+    Column("outcome", String, nullable=False),
+    Column("accepted_suggestions", JSON, nullable=False),
+    Column("override_system", String, nullable=True),
+    Column("override_code", String, nullable=True),
+    Column("override_display", String, nullable=True),
+    Column("user_comment", String, nullable=True),
+    Column("outcome_timestamp", UtcDateTime, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("unknown_card", Boolean, nullable=False),
+    Column("dedupe_key", String(64), nullable=False, unique=True),
+)
+
+#: Dialect-specific INSERT constructs that know ``ON CONFLICT DO NOTHING``.
+_INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+def dedupe_key(service_id: str, item: Feedback) -> str:
+    """The sha256 of a canonical JSON of everything that makes a feedback report distinct."""
+    reason = item.override_reason or OverrideReason()
+    canonical = {
+        "service": service_id,
+        "card": item.card,
+        "outcome": item.outcome,
+        "outcomeTimestamp": _as_utc(item.outcome_timestamp).isoformat(),
+        "acceptedSuggestions": sorted(item.accepted_suggestions),
+        "reason": {"system": reason.system, "code": reason.code, "display": reason.display},
+        "userComment": reason.user_comment,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def normalise_url(url: str) -> URL:
+    """Parse a database URL; bare ``postgres://`` and ``postgresql://`` get the psycopg 3 driver."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError("the feedback store URL is not a valid SQLAlchemy database URL") from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in _INSERTS:
+        raise ValueError(f"unsupported feedback store backend {parsed.get_backend_name()!r}; "
+                         "use sqlite or postgresql")
+    return parsed
+
+
+class FeedbackStore:
+    """Cards returned and feedback received, in SQLite or PostgreSQL; safe across threads and processes."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, pool_size: int = 5, max_overflow: int = 10,
+                 pool_timeout: float = 10.0, pool_recycle: int = 1800, connect_timeout: int = 5,
+                 busy_timeout: float = 30.0, echo: bool = False) -> None:
+        self._url = normalise_url(url)
+        self._dialect = self._url.get_backend_name()
+        connect_args: dict[str, Any]
+        if self._dialect == "sqlite":
+            _make_parent_directory(self._url)
+            connect_args = {"timeout": busy_timeout}  # sqlite3's busy timeout, in seconds
+        else:
+            connect_args = {"connect_timeout": connect_timeout}
+        self._engine = create_engine(
+            self._url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
+            pool_timeout=pool_timeout, pool_recycle=pool_recycle, connect_args=connect_args,
+            hide_parameters=True,  # user comments are free text: keep them out of errors and logs
+            echo=echo,
+        )
+        if self._dialect == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_on_connect)
+            event.listen(self._engine, "begin", _sqlite_on_begin)
+        self._writer = self._engine.execution_options(**{_WRITES: True})
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for tests and operational tooling)."""
+        return self._engine
+
+    @property
+    def redacted_url(self) -> str:
+        """The database URL with the password masked, fit for logs."""
+        return self._url.render_as_string(hide_password=True)
+
+    def create_schema(self) -> None:
+        """Create the tables and indexes that are missing; safe when several workers start at once."""
+        with self._guard("create schema"), self._writer.begin() as conn:
+            if self._dialect == "postgresql":
+                # Two concurrent CREATE TABLEs race on the catalog even with IF NOT EXISTS; a transaction-scoped
+                # advisory lock makes the others wait, then find the tables (PostgreSQL DDL is transactional).
+                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+            metadata.create_all(conn, checkfirst=True)
+
+    def record_cards(self, service_id: str, hook_instance: str, cards: Sequence[CardRecord],
+                     at: datetime) -> None:
+        """Record the cards of one response, in one transaction; a uuid already recorded is left as is."""
+        if not cards:
+            return
+        rows = [{"uuid": c.uuid, "service_id": service_id, "hook_instance": hook_instance, "kind": c.kind,
+                 "indicator": c.indicator, "created_at": at} for c in cards]
+        statement = _INSERTS[self._dialect](card_table).on_conflict_do_nothing(index_elements=["uuid"])
+        with self._guard("record cards"), self._writer.begin() as conn:
+            conn.execute(statement, rows)
+
+    def save_feedback(self, service_id: str, items: Sequence[Feedback], received_at: datetime) -> FeedbackReceipt:
+        """Store a feedback batch in one transaction and return after commit; repeats are not stored twice."""
+        insert = _INSERTS[self._dialect](feedback_table).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        uuids = sorted({item.card for item in items})
+        stored = 0
+        with self._guard("save feedback"), self._writer.begin() as conn:
+            known = set(conn.scalars(select(card_table.c.uuid).where(card_table.c.uuid.in_(uuids))))
+            for item in items:
+                result = conn.execute(insert, _feedback_row(service_id, item, received_at, item.card not in known))
+                stored += result.rowcount
+        unknown = tuple(dict.fromkeys(item.card for item in items if item.card not in known))
+        return FeedbackReceipt(stored=stored, duplicates=len(items) - stored, unknown_cards=unknown)
+
+    def ping(self) -> bool:
+        """True when the database answers ``SELECT 1``; for readiness probes."""
+        try:
+            with self._guard("ping"), self._engine.connect() as conn:
+                conn.execute(select(1))
+        except StoreUnavailable:
+            return False
+        return True
+
+    def count_feedback(self) -> int:
+        """How many feedback rows are stored."""
+        return self._scalar(select(func.count()).select_from(feedback_table))
+
+    def count_cards(self) -> int:
+        """How many card rows are stored."""
+        return self._scalar(select(func.count()).select_from(card_table))
+
+    def feedback_for_card(self, uuid: str) -> list[dict[str, Any]]:
+        """Every feedback row about one card, oldest first."""
+        query = select(feedback_table).where(feedback_table.c.card_uuid == uuid).order_by(feedback_table.c.id)
+        with self._guard("read feedback"), self._engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def card(self, uuid: str) -> dict[str, Any] | None:
+        """The card row with this uuid, or None."""
+        with self._guard("read card"), self._engine.connect() as conn:
+            row = conn.execute(select(card_table).where(card_table.c.uuid == uuid)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def dispose(self, *, close: bool = True) -> None:
+        """Drop pooled connections: ``close=True`` at shutdown, ``close=False`` in a child after fork."""
+        self._engine.dispose(close=close)
+
+    def _scalar(self, query: Any) -> int:
+        with self._guard("count"), self._engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        """Turn connection-type database failures into StoreUnavailable; let everything else through."""
+        try:
+            yield
+        except (OperationalError, InterfaceError, PoolTimeoutError) as error:
+            raise self._unavailable(action, error) from error
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            raise self._unavailable(action, error) from error
+
+    def _unavailable(self, action: str, error: Exception) -> StoreUnavailable:
+        cause = getattr(error, "orig", None) or error
+        detail = (str(cause).strip().splitlines() or [""])[0]
+        if self._url.password:
+            detail = detail.replace(str(self._url.password), "***")
+        reason = f"{action} failed: {type(cause).__name__}: {detail}"
+        logger.warning("feedback store %s unavailable: %s", self.redacted_url, reason)
+        return StoreUnavailable(reason)
+
+
+def _as_utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("feedback store timestamps must be timezone-aware")
+    return value.astimezone(timezone.utc)
+
+
+def _feedback_row(service_id: str, item: Feedback, received_at: datetime, unknown: bool) -> dict[str, Any]:
+    reason = item.override_reason or OverrideReason()
+    return {
+        "service_id": service_id,
+        "card_uuid": item.card,
+        "outcome": item.outcome,
+        "accepted_suggestions": list(item.accepted_suggestions),
+        "override_system": reason.system,
+        "override_code": reason.code,
+        "override_display": reason.display,
+        "user_comment": reason.user_comment,
+        "outcome_timestamp": item.outcome_timestamp,
+        "received_at": received_at,
+        "unknown_card": unknown,
+        "dedupe_key": dedupe_key(service_id, item),
+    }
+
+
+def _make_parent_directory(url: URL) -> None:
+    database = url.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy's documented recipe: sqlite3 stops emitting BEGIN itself (it skips it for SELECT and DDL),
+    # and _sqlite_on_begin emits it. WAL lets readers run beside the one writer; the mode is kept in the file.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # A writer takes the write lock at BEGIN: a deferred transaction that reads, then writes, gets SQLITE_BUSY
+    # at once when another worker committed in between, and the busy timeout cannot help it.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITES) else "BEGIN")

@@ -1,0 +1,78 @@
+"""The app factory: settings, logging, feedback store, token verifier and the CDS Hooks blueprint.
+
+gunicorn runs ``service.app:create_app()``; tests call ``create_app({...})`` with overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from flask import Flask
+
+from cds_hooks.auth import AuthPolicy, TokenVerifier, load_trusted_issuers
+from cds_hooks.blueprint import ProtocolOptions, create_blueprint
+from cds_hooks.fhir_client import FhirFetcher
+from cds_hooks.prefetch import FetchPolicy
+from cds_hooks.registry import ServiceRegistry
+from cds_hooks.store import FeedbackStore
+from service.config import Settings, load_settings, warn_if_insecure
+from service.definition import neutropenia_service
+from service.logs import configure_logging
+
+log = logging.getLogger("service.app")
+
+
+def create_app(config: Mapping[str, Any] | None = None, *,
+               environ: Mapping[str, str] | None = None,
+               clock: Callable[[], datetime] | None = None,
+               new_uuid: Callable[[], Any] = uuid.uuid4) -> Flask:
+    """Create the Flask app from defaults < ``CDS_*`` environment < ``config`` overrides."""
+    settings = load_settings(environ, config)
+    configure_logging(settings.log_level)
+    warn_if_insecure(settings, log)
+
+    store = FeedbackStore(settings.database_url)
+    store.create_schema()
+    fetch_policy = FetchPolicy(
+        allowed_bases=settings.fhir_allowed_bases,
+        deadline_seconds=settings.fhir_deadline_seconds,
+        max_pages=settings.fhir_max_pages,
+        max_resources=settings.fhir_max_resources,
+        allow_anonymous=settings.fhir_allow_anonymous,
+    )
+    options = ProtocolOptions(public_base_url=settings.public_base_url, max_body_bytes=settings.max_body_bytes,
+                              cors_origins=settings.cors_origins, fetch_policy=fetch_policy)
+    blueprint_kwargs: dict[str, Any] = {"new_uuid": new_uuid}
+    if clock is not None:
+        blueprint_kwargs["clock"] = clock
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.url_map.strict_slashes = False
+    app.register_blueprint(create_blueprint(
+        ServiceRegistry([neutropenia_service()]),
+        options=options,
+        store=store,
+        verifier=_verifier(settings),
+        fetcher=FhirFetcher(fetch_policy),
+        **blueprint_kwargs,
+    ))
+    app.extensions["neutropenia_cds"] = {"settings": settings, "store": store}
+    log.info("neutropenia-cds ready", extra={"service_id": "neutropenia-patient-view"})
+    return app
+
+
+def _verifier(settings: Settings) -> TokenVerifier | None:
+    if not settings.auth_enabled:
+        return None
+    policy = AuthPolicy(
+        issuers=load_trusted_issuers(settings.trusted_issuers_file),
+        algorithms=settings.jwt_algorithms,
+        clock_skew_seconds=settings.jwt_clock_skew_seconds,
+        max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
+    )
+    return TokenVerifier(policy)
