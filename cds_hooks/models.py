@@ -232,8 +232,9 @@ class Card(_Model):
 
     def stamped(self, new_uuid: Any) -> Card:
         """A copy with a card uuid and a uuid on every suggestion, drawn from ``new_uuid()``."""
+        card_uuid = self.uuid or str(new_uuid())
         suggestions = tuple(dataclasses.replace(s, uuid=s.uuid or str(new_uuid())) for s in self.suggestions)
-        return dataclasses.replace(self, uuid=self.uuid or str(new_uuid()), suggestions=suggestions)
+        return dataclasses.replace(self, uuid=card_uuid, suggestions=suggestions)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,150 @@
+"""The request envelope and feedback schemas: what they accept, and what they refuse and how they say so."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from cds_hooks.errors import InvalidRequest
+from cds_hooks.schemas import load_feedback, load_hook_request
+
+VALID: dict[str, Any] = {
+    "hook": "patient-view",
+    "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+    "fhirServer": "https://ehr.example.org/fhir/",
+    "fhirAuthorization": {"access_token": "secret-token", "token_type": "Bearer", "expires_in": 300,
+                          "scope": "user/Patient.read user/Observation.read", "subject": "cds-service"},
+    "context": {"userId": "Practitioner/abc", "patientId": "1288992"},
+    "prefetch": {"patient": None, "labs": {"resourceType": "Bundle", "type": "searchset"}},
+}
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    body = {k: v for k, v in VALID.items()}
+    for key, value in changes.items():
+        if value is _DROP:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return body
+
+
+_DROP = object()
+
+
+def test_valid_request_loads_into_a_dataclass() -> None:
+    request = load_hook_request(VALID)
+    assert request.hook == "patient-view"
+    assert request.fhir_server == "https://ehr.example.org/fhir"
+    assert request.fhir_authorization is not None and request.fhir_authorization.expires_in == 300
+    assert request.prefetch == {"patient": None, "labs": {"resourceType": "Bundle", "type": "searchset"}}
+
+
+def test_access_token_is_not_in_the_repr() -> None:
+    assert "secret-token" not in repr(load_hook_request(VALID))
+
+
+def test_unknown_fields_are_tolerated() -> None:
+    request = load_hook_request(with_(futureField={"x": 1}, extension={"com.example.x": 1},
+                                      context={"userId": "Practitioner/a", "patientId": "1", "newField": 2}))
+    assert request.context["newField"] == 2
+    assert request.extension == {"com.example.x": 1}
+
+
+def test_minimal_request_without_optional_fields() -> None:
+    request = load_hook_request({"hook": "patient-view", "hookInstance": "x", "context": {}})
+    assert request.fhir_server is None and request.fhir_authorization is None and request.prefetch == {}
+
+
+@pytest.mark.parametrize("body, field", [
+    (with_(hook=_DROP), "hook"),
+    (with_(hookInstance=_DROP), "hookInstance"),
+    (with_(context=_DROP), "context"),
+    (with_(hook=7), "hook"),
+    (with_(hook=""), "hook"),
+    (with_(hookInstance=None), "hookInstance"),
+    (with_(context="patient 1"), "context"),
+    (with_(context=[1]), "context"),
+    (with_(prefetch=[]), "prefetch"),
+    (with_(prefetch="x"), "prefetch"),
+    (with_(fhirServer="not a url"), "fhirServer"),
+    (with_(fhirServer="ftp://ehr.example.org"), "fhirServer"),
+    (with_(fhirServer=_DROP), "fhirServer"),
+    (with_(fhirAuthorization={"token_type": "Bearer", "expires_in": 300, "scope": "s", "subject": "x"}),
+     "fhirAuthorization.access_token"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "300"}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": True}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": -1}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "token_type": "MAC"}), "fhirAuthorization.token_type"),
+    (with_(fhirAuthorization="token"), "fhirAuthorization"),
+    (with_(extension=[1]), "extension"),
+], ids=["missing-hook", "missing-hookInstance", "missing-context", "hook-not-string", "hook-empty",
+        "hookInstance-null", "context-string", "context-array", "prefetch-array", "prefetch-string",
+        "fhirServer-not-url", "fhirServer-ftp", "fhirAuthorization-without-fhirServer", "access_token-missing",
+        "expires_in-string", "expires_in-boolean", "expires_in-negative", "token_type-not-bearer",
+        "fhirAuthorization-string", "extension-array"])
+def test_invalid_request_names_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        load_hook_request(body)
+    assert field in [issue.expression for issue in caught.value.issues], caught.value.issues
+    outcome = caught.value.to_outcome()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert all(issue["diagnostics"] for issue in outcome["issue"])
+
+
+@pytest.mark.parametrize("body", [[], "x", 1, None], ids=["array", "string", "number", "null"])
+def test_request_body_must_be_an_object(body: Any) -> None:
+    with pytest.raises(InvalidRequest, match="JSON object"):
+        load_hook_request(body)
+
+
+def test_access_token_never_appears_in_error_messages() -> None:
+    bad = with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "soon"})
+    with pytest.raises(InvalidRequest) as caught:
+        load_hook_request(bad)
+    assert "secret-token" not in str(caught.value.to_outcome())
+
+
+ACCEPTED = {"card": "c1", "outcome": "accepted", "acceptedSuggestions": [{"id": "s1"}],
+            "outcomeTimestamp": "2021-12-11T10:05:31Z"}
+OVERRIDDEN = {"card": "c1", "outcome": "overridden", "outcomeTimestamp": "2021-12-11T10:05:31+01:00",
+              "overrideReason": {"reason": {"system": "https://example.org/r", "code": "treated"},
+                                 "userComment": "on antibiotics"}}
+
+
+def test_feedback_loads_accepted_and_overridden() -> None:
+    without_reason = {k: v for k, v in OVERRIDDEN.items() if k != "overrideReason"}
+    accepted, overridden, bare = load_feedback({"feedback": [ACCEPTED, OVERRIDDEN, without_reason]})
+    assert accepted.accepted_suggestions == ("s1",)
+    assert accepted.outcome_timestamp == datetime(2021, 12, 11, 10, 5, 31, tzinfo=timezone.utc)
+    assert overridden.override_reason is not None and overridden.override_reason.code == "treated"
+    assert overridden.override_reason.user_comment == "on antibiotics"
+    assert overridden.outcome_timestamp == datetime(2021, 12, 11, 9, 5, 31, tzinfo=timezone.utc)
+    assert bare.override_reason is None
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "feedback"),
+    ({"feedback": []}, "feedback"),
+    ({"feedback": {"card": "c1"}}, "feedback"),
+    ({"feedback": [{**ACCEPTED, "card": None}]}, "feedback[0].card"),
+    ({"feedback": [{k: v for k, v in ACCEPTED.items() if k != "card"}]}, "feedback[0].card"),
+    ({"feedback": [{**ACCEPTED, "outcome": "ignored"}]}, "feedback[0].outcome"),
+    ({"feedback": [{k: v for k, v in ACCEPTED.items() if k != "outcomeTimestamp"}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "yesterday"}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2021-12-11T10:05:31"}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2021-13-41T10:05:31Z"}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{k: v for k, v in ACCEPTED.items() if k != "acceptedSuggestions"}]},
+     "feedback[0].acceptedSuggestions"),
+    ({"feedback": [{**ACCEPTED, "acceptedSuggestions": [{}]}]}, "feedback[0].acceptedSuggestions[0].id"),
+    ({"feedback": [ACCEPTED, {**OVERRIDDEN, "overrideReason": {"reason": {"code": "x"}}}]},
+     "feedback[1].overrideReason.reason.system"),
+], ids=["no-feedback-key", "empty-list", "not-a-list", "card-null", "card-missing", "unknown-outcome",
+        "timestamp-missing", "timestamp-not-a-date", "timestamp-without-zone", "timestamp-impossible",
+        "accepted-without-suggestions", "suggestion-without-id", "reason-without-system"])
+def test_invalid_feedback_names_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        load_feedback(body)
+    assert field in [issue.expression for issue in caught.value.issues], caught.value.issues

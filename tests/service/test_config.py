@@ -1,0 +1,88 @@
+"""Configuration: defaults, environment, overrides, and a clear error for every bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from service.config import OPTIONS, ConfigError, Settings, load_settings
+
+LOCAL = {"CDS_AUTH": "disabled"}
+
+
+def test_options_and_settings_fields_match() -> None:
+    assert [o.name.lower() for o in OPTIONS] == [f.name for f in fields(Settings)]
+
+
+def test_auth_is_required_by_default() -> None:
+    with pytest.raises(ConfigError, match="CDS_PUBLIC_BASE_URL is required"):
+        load_settings({})
+
+
+def test_local_defaults() -> None:
+    settings = load_settings(LOCAL)
+    assert not settings.auth_enabled
+    assert settings.database_url == "sqlite:///var/feedback.sqlite3"
+    assert settings.max_body_bytes == 16 * 1024 * 1024
+    assert settings.fhir_deadline_seconds == 2.0
+    assert settings.fhir_allowed_bases == ()
+    assert settings.cors_origins == ()
+    assert settings.jwt_algorithms == ("ES384", "RS384")
+
+
+def test_environment_then_overrides() -> None:
+    settings = load_settings({**LOCAL, "CDS_MAX_BODY_BYTES": "1024", "CDS_CORS_ORIGINS": "https://a.example, https://b.example/"},
+                             {"fhir_deadline_seconds": 0.5, "FHIR_ALLOW_ANONYMOUS": True})
+    assert settings.max_body_bytes == 1024
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.fhir_deadline_seconds == 0.5
+    assert settings.fhir_allow_anonymous is True
+
+
+@pytest.mark.parametrize("name, value", [
+    ("CDS_AUTH", "off"),
+    ("CDS_MAX_BODY_BYTES", "lots"),
+    ("CDS_MAX_BODY_BYTES", "0"),
+    ("CDS_FHIR_DEADLINE_SECONDS", "-1"),
+    ("CDS_FHIR_DEADLINE_SECONDS", "nan"),
+    ("CDS_FHIR_ALLOW_ANONYMOUS", "maybe"),
+    ("CDS_CORS_ORIGINS", "*,https://a.example"),
+    ("CDS_CORS_ORIGINS", "a.example"),
+    ("CDS_FHIR_ALLOWED_BASES", "ehr.example.org/fhir"),
+    ("CDS_PUBLIC_BASE_URL", "https://cds.example.org/?x=1"),
+    ("CDS_LOG_LEVEL", "LOUD"),
+    ("CDS_DATABASE_URL", "feedback.db"),
+    ("CDS_JWT_CLOCK_SKEW_SECONDS", "-5"),
+], ids=["auth-off", "body-not-number", "body-zero", "deadline-negative", "deadline-nan", "anonymous-maybe",
+        "cors-star-mixed", "cors-no-scheme", "fhir-base-no-scheme", "public-url-with-query", "log-level",
+        "database-not-url", "skew-negative"])
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings({**LOCAL, name: value})
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(LOCAL, {"NOT_A_SETTING": 1})
+
+
+def test_auth_on_needs_an_issuer_file_that_exists(tmp_path: Path) -> None:
+    env = {"CDS_PUBLIC_BASE_URL": "https://cds.example.org"}
+    with pytest.raises(ConfigError, match="CDS_TRUSTED_ISSUERS_FILE is required"):
+        load_settings(env)
+    with pytest.raises(ConfigError, match="not a readable file"):
+        load_settings({**env, "CDS_TRUSTED_ISSUERS_FILE": str(tmp_path / "missing.json")})
+
+
+def test_gunicorn_config_exits_non_zero_with_a_clear_message() -> None:
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('gunicorn.conf.py')"],
+                            cwd=root, env={"CDS_AUTH": "disabled", "CDS_WORKERS": "many", "PATH": ""},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "configuration error: CDS_WORKERS='many' is invalid" in result.stderr
+    assert "Traceback" not in result.stderr
