@@ -225,14 +225,16 @@ class FeedbackStore:
 
     def save_feedback(self, service_id: str, items: Sequence[Feedback], received_at: datetime) -> FeedbackReceipt:
         """Store a feedback batch in one transaction and return after commit; repeats are not stored twice."""
-        insert = _INSERTS[self._dialect](feedback_table).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        # A report already stored inserts nothing, so RETURNING yields no row (rowcount is not reliable here).
+        insert = (_INSERTS[self._dialect](feedback_table).on_conflict_do_nothing(index_elements=["dedupe_key"])
+                  .returning(feedback_table.c.id))
         uuids = sorted({item.card for item in items})
         stored = 0
         with self._guard("save feedback"), self._writer.begin() as conn:
             known = set(conn.scalars(select(card_table.c.uuid).where(card_table.c.uuid.in_(uuids))))
             for item in items:
-                result = conn.execute(insert, _feedback_row(service_id, item, received_at, item.card not in known))
-                stored += result.rowcount
+                row = _feedback_row(service_id, item, received_at, item.card not in known)
+                stored += conn.execute(insert, row).first() is not None
         unknown = tuple(dict.fromkeys(item.card for item in items if item.card not in known))
         return FeedbackReceipt(stored=stored, duplicates=len(items) - stored, unknown_cards=unknown)
 

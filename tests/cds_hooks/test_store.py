@@ -1,0 +1,397 @@
+"""The feedback store, against a SQLite file and a real PostgreSQL server.
+
+The ``postgres_server`` fixture (tests.support.postgres) is registered in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, inspect
+from sqlalchemy.exc import IntegrityError
+
+from cds_hooks.errors import ServiceUnavailable
+from cds_hooks.schemas import Feedback, OverrideReason
+from cds_hooks.store import CardRecord, FeedbackReceipt, FeedbackStore, StoreUnavailable
+from tests.support.postgres import PostgresServer
+
+SERVICE = "neutropenia-patient-view"
+HOOK_INSTANCE = "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea"
+NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
+CARD = "card-neutropenia"
+SNOMED = "http://snomed.info/sct"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty database: a SQLite file (its folder not yet created), or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'var' / 'feedback.sqlite3'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    with server.fresh_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[FeedbackStore]:
+    """A store with its schema created, disposed after the test."""
+    feedback_store = FeedbackStore(store_url)
+    feedback_store.create_schema()
+    yield feedback_store
+    feedback_store.dispose()
+
+
+def feedback(card: str = CARD, *, outcome: str = "overridden", at: datetime = NOW,
+             accepted: tuple[str, ...] = (), reason: OverrideReason | None = None) -> Feedback:
+    """A feedback report, overridden without a reason unless told otherwise."""
+    return Feedback(card=card, outcome=outcome, outcome_timestamp=at, accepted_suggestions=accepted,
+                    override_reason=reason)
+
+
+def record(store: FeedbackStore, *uuids: str) -> None:
+    """Record cards with these uuids as returned by one hook call."""
+    store.record_cards(SERVICE, HOOK_INSTANCE, [CardRecord(u, "neutropenia", "warning") for u in uuids], NOW)
+
+
+def test_store_record_cards_round_trip(store: FeedbackStore) -> None:
+    store.record_cards(SERVICE, HOOK_INSTANCE, [CardRecord("c1", "febrile-neutropenia", "critical"),
+                                                CardRecord("c2", None, "info")], NOW)
+
+    assert store.count_cards() == 2
+    assert store.card("c1") == {"uuid": "c1", "service_id": SERVICE, "hook_instance": HOOK_INSTANCE,
+                                "kind": "febrile-neutropenia", "indicator": "critical", "created_at": NOW}
+    assert store.card("c2")["kind"] is None  # type: ignore[index]
+    assert store.card("c2")["created_at"].tzinfo == timezone.utc  # type: ignore[index]
+    assert store.card("missing") is None
+
+
+def test_store_record_cards_again_is_harmless(store: FeedbackStore) -> None:
+    record(store, "c1")
+    record(store, "c1", "c2")
+
+    assert store.count_cards() == 2
+
+
+@pytest.mark.parametrize(
+    ("table", "columns"),
+    (
+        ("cds_card", {"uuid", "service_id", "hook_instance", "kind", "indicator", "created_at"}),
+        ("cds_feedback", {"id", "service_id", "card_uuid", "outcome", "accepted_suggestions", "override_system",
+                          "override_code", "override_display", "user_comment", "outcome_timestamp",
+                          "received_at", "unknown_card", "dedupe_key"}),
+    ),
+    ids=("cds_card", "cds_feedback"),
+)
+def test_store_tables_hold_no_patient_data(store: FeedbackStore, table: str, columns: set[str]) -> None:
+    assert {column["name"] for column in inspect(store.engine).get_columns(table)} == columns
+
+
+def test_store_create_schema_is_idempotent(store: FeedbackStore) -> None:
+    record(store, "c1")
+    store.create_schema()
+
+    assert store.count_cards() == 1
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    (
+        (feedback(outcome="accepted", accepted=("s-cbc", "s-cultures")),
+         {"outcome": "accepted", "accepted_suggestions": ["s-cbc", "s-cultures"], "override_system": None,
+          "override_code": None, "override_display": None, "user_comment": None}),
+        (feedback(reason=OverrideReason(SNOMED, "183944003", "Procedure refused", "patient declined")),
+         {"outcome": "overridden", "accepted_suggestions": [], "override_system": SNOMED,
+          "override_code": "183944003", "override_display": "Procedure refused",
+          "user_comment": "patient declined"}),
+        (feedback(reason=OverrideReason(user_comment="already treated")),
+         {"outcome": "overridden", "accepted_suggestions": [], "override_system": None, "override_code": None,
+          "override_display": None, "user_comment": "already treated"}),
+        (feedback(),
+         {"outcome": "overridden", "accepted_suggestions": [], "override_system": None, "override_code": None,
+          "override_display": None, "user_comment": None}),
+    ),
+    ids=("accepted", "overridden-with-reason", "overridden-comment-only", "overridden-without-reason"),
+)
+def test_store_save_feedback(store: FeedbackStore, report: Feedback, expected: dict[str, Any]) -> None:
+    record(store, CARD)
+
+    receipt = store.save_feedback(SERVICE, [report], NOW + timedelta(seconds=5))
+
+    assert receipt == FeedbackReceipt(stored=1, duplicates=0, unknown_cards=())
+    [row] = store.feedback_for_card(CARD)
+    assert {key: row[key] for key in expected} == expected
+    assert row["service_id"] == SERVICE
+    assert row["outcome_timestamp"] == NOW
+    assert row["received_at"] == NOW + timedelta(seconds=5)
+    assert row["unknown_card"] is False
+    assert len(row["dedupe_key"]) == 64
+
+
+def test_store_timestamps_come_back_as_utc(store: FeedbackStore) -> None:
+    paris = timezone(timedelta(hours=2))
+    store.save_feedback(SERVICE, [feedback(at=datetime(2025, 3, 10, 14, 0, tzinfo=paris))], NOW)
+
+    [row] = store.feedback_for_card(CARD)
+    assert row["outcome_timestamp"] == NOW
+    assert row["outcome_timestamp"].tzinfo == timezone.utc
+
+
+def test_store_refuses_naive_timestamps(store: FeedbackStore) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.save_feedback(SERVICE, [feedback(at=datetime(2025, 3, 10, 12, 0))], NOW)
+    assert store.count_feedback() == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    (
+        (feedback(), feedback()),
+        (feedback(outcome="accepted", accepted=("a", "b")), feedback(outcome="accepted", accepted=("b", "a"))),
+        (feedback(), feedback(at=NOW.astimezone(timezone(timedelta(hours=-5))))),
+        (feedback(reason=OverrideReason(SNOMED, "1", "x", "why")),
+         feedback(reason=OverrideReason(SNOMED, "1", "x", "why"))),
+    ),
+    ids=("identical", "suggestions-reordered", "same-instant-other-offset", "identical-with-reason"),
+)
+def test_store_duplicate_report_is_idempotent(store: FeedbackStore, first: Feedback, again: Feedback) -> None:
+    record(store, CARD)
+    store.save_feedback(SERVICE, [first], NOW)
+
+    receipt = store.save_feedback(SERVICE, [again], NOW + timedelta(minutes=1))
+
+    assert receipt == FeedbackReceipt(stored=0, duplicates=1, unknown_cards=())
+    assert store.count_feedback() == 1
+    assert store.feedback_for_card(CARD)[0]["received_at"] == NOW
+
+
+def test_store_duplicate_within_one_batch(store: FeedbackStore) -> None:
+    receipt = store.save_feedback(SERVICE, [feedback(), feedback()], NOW)
+
+    assert (receipt.stored, receipt.duplicates) == (1, 1)
+    assert store.count_feedback() == 1
+
+
+@pytest.mark.parametrize(
+    "later",
+    (
+        feedback(at=NOW + timedelta(seconds=1)),
+        feedback(at=NOW + timedelta(microseconds=1)),
+        feedback(reason=OverrideReason(user_comment="another comment")),
+        feedback(outcome="accepted", accepted=("s1",)),
+        feedback(reason=OverrideReason(SNOMED, "2")),
+    ),
+    ids=("later-outcome-time", "microsecond-later", "with-comment", "other-outcome", "with-reason"),
+)
+def test_store_distinct_report_is_a_new_row(store: FeedbackStore, later: Feedback) -> None:
+    store.save_feedback(SERVICE, [feedback()], NOW)
+
+    receipt = store.save_feedback(SERVICE, [later], NOW)
+
+    assert (receipt.stored, receipt.duplicates) == (1, 0)
+    assert store.count_feedback() == 2
+
+
+def test_store_same_report_to_another_service_is_a_new_row(store: FeedbackStore) -> None:
+    store.save_feedback(SERVICE, [feedback()], NOW)
+
+    assert store.save_feedback("other-service", [feedback()], NOW).stored == 1
+
+
+def test_store_unknown_card_is_kept_and_flagged(store: FeedbackStore) -> None:
+    record(store, "known")
+
+    receipt = store.save_feedback(SERVICE, [feedback("known"), feedback("ghost"),
+                                            feedback("ghost", at=NOW + timedelta(seconds=1))], NOW)
+
+    assert receipt == FeedbackReceipt(stored=3, duplicates=0, unknown_cards=("ghost",))
+    assert [row["unknown_card"] for row in store.feedback_for_card("ghost")] == [True, True]
+    assert store.feedback_for_card("known")[0]["unknown_card"] is False
+    assert store.card("ghost") is None
+
+
+def test_store_batch_is_atomic(store: FeedbackStore) -> None:
+    batch = [feedback("c1"), feedback("c2"), feedback("c3")]
+    inserts = []
+
+    def fail_on_second_insert(*args: Any) -> None:
+        if args[2].startswith("INSERT INTO cds_feedback"):
+            inserts.append(args[2])
+            if len(inserts) == 2:
+                raise RuntimeError("disk on fire")
+
+    event.listen(store.engine, "before_cursor_execute", fail_on_second_insert)
+    try:
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            store.save_feedback(SERVICE, batch, NOW)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", fail_on_second_insert)
+
+    assert len(inserts) == 2  # the first insert ran inside the transaction and was rolled back
+    assert store.count_feedback() == 0
+    assert store.save_feedback(SERVICE, batch, NOW).stored == 3
+
+
+def test_store_other_database_errors_are_not_unavailability(store: FeedbackStore) -> None:
+    with pytest.raises(IntegrityError):
+        store.record_cards(SERVICE, HOOK_INSTANCE, [CardRecord("c1", None, None)], NOW)  # type: ignore[arg-type]
+
+
+def test_store_concurrent_writers_lose_nothing(store: FeedbackStore, store_url: str) -> None:
+    # Two engines on one database, as two gunicorn workers would have, each used by several threads.
+    other = FeedbackStore(store_url)
+    threads, batches = 8, 20
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def write(worker: int) -> None:
+        target = store if worker % 2 else other
+        try:
+            start.wait()
+            for n in range(batches):
+                uuid = f"w{worker}-{n}"
+                target.record_cards(SERVICE, f"hook-{worker}", [CardRecord(uuid, None, "info")], NOW)
+                target.save_feedback(SERVICE, [feedback(uuid), feedback(CARD, at=NOW + timedelta(
+                    seconds=worker * batches + n))], NOW)
+        except BaseException as error:  # collected, so the assertion below names it
+            errors.append(error)
+
+    workers = [threading.Thread(target=write, args=(i,)) for i in range(threads)]
+    try:
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+    finally:
+        other.dispose()
+
+    assert errors == []
+    assert store.count_cards() == threads * batches
+    assert store.count_feedback() == 2 * threads * batches
+
+
+def test_store_concurrent_create_schema(store_url: str) -> None:
+    # Several workers starting at once against an empty database.
+    stores = [FeedbackStore(store_url) for _ in range(6)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(stores))
+
+    def create(target: FeedbackStore) -> None:
+        try:
+            start.wait()
+            target.create_schema()
+        except BaseException as error:  # collected, so the assertion below names it
+            errors.append(error)
+
+    workers = [threading.Thread(target=create, args=(s,)) for s in stores]
+    try:
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        assert errors == []
+        assert stores[0].save_feedback(SERVICE, [feedback()], NOW).stored == 1
+    finally:
+        for target in stores:
+            target.dispose()
+
+
+def test_store_ping(store: FeedbackStore) -> None:
+    assert store.ping() is True
+
+
+def test_store_sqlite_file_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "var" / "feedback.sqlite3"
+    store = FeedbackStore(f"sqlite:///{path}")
+    try:
+        store.create_schema()
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    finally:
+        store.dispose()
+    assert path.is_file()
+
+
+def test_store_sqlite_unopenable_is_unavailable(tmp_path: Path) -> None:
+    store = FeedbackStore(f"sqlite:///{tmp_path}")  # a directory, not a file
+    try:
+        assert store.ping() is False
+        with pytest.raises(StoreUnavailable):
+            store.create_schema()
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    (
+        ("postgres://cds:s3cret@db:5432/cds", "postgresql+psycopg://cds:***@db:5432/cds"),
+        ("postgresql://cds:s3cret@db/cds", "postgresql+psycopg://cds:***@db/cds"),
+        ("postgresql+psycopg://cds:s3cret@db/cds", "postgresql+psycopg://cds:***@db/cds"),
+        ("sqlite:///var/feedback.sqlite3", "sqlite:///var/feedback.sqlite3"),
+    ),
+    ids=("postgres-scheme", "postgresql-scheme", "psycopg-driver", "sqlite-relative"),
+)
+def test_store_url_normalised_and_redacted(url: str, redacted: str, monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # the relative SQLite default creates var/ in the working directory
+    store = FeedbackStore(url)  # no connection is made until the store is used
+    try:
+        assert store.redacted_url == redacted
+        assert "s3cret" not in store.redacted_url
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize("url", ("mysql://u:p@h/db", "not a url"), ids=("unsupported-backend", "garbage"))
+def test_store_rejects_bad_urls(url: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        FeedbackStore(url)
+    assert "u:p" not in str(raised.value)
+
+
+@pytest.mark.postgres
+def test_store_survives_postgres_restart(postgres_server: PostgresServer,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    password = postgres_server.password
+    with postgres_server.fresh_schema() as url:
+        assert password in url
+        store = FeedbackStore(url, connect_timeout=2)
+        try:
+            store.create_schema()
+            record(store, CARD)
+            assert store.save_feedback(SERVICE, [feedback()], NOW).stored == 1
+
+            postgres_server.stop()
+            try:
+                assert store.ping() is False
+                with caplog.at_level(logging.WARNING, logger="cds_hooks.store"), \
+                        pytest.raises(StoreUnavailable) as raised:
+                    store.save_feedback(SERVICE, [feedback(at=NOW + timedelta(seconds=1))], NOW)
+                with pytest.raises(StoreUnavailable):
+                    store.count_feedback()
+            finally:
+                postgres_server.start()
+
+            error = raised.value
+            assert isinstance(error, ServiceUnavailable) and error.status_code == 503
+            assert error.reason
+            for text in (str(error), error.reason, str(error.__cause__), store.redacted_url, caplog.text):
+                assert password not in text
+            assert "***" in store.redacted_url
+
+            assert store.ping() is True
+            assert store.save_feedback(SERVICE, [feedback(at=NOW + timedelta(seconds=1))], NOW).stored == 1
+            assert store.count_feedback() == 2
+            assert [row["outcome_timestamp"] for row in store.feedback_for_card(CARD)] == [
+                NOW, NOW + timedelta(seconds=1)]
+            assert store.card(CARD) is not None
+        finally:
+            store.dispose()

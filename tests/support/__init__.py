@@ -1,0 +1,1 @@
+"""Test support code shared by the suites: a throwaway PostgreSQL server (``tests.support.postgres``)."""
