@@ -23,7 +23,7 @@ run: $(STAMP)
 	CDS_PUBLIC_BASE_URL=$${CDS_PUBLIC_BASE_URL-http://127.0.0.1:$(PORT)} \
 	CDS_DATABASE_URL=$${CDS_DATABASE_URL-sqlite:///var/feedback.sqlite3} \
 	CDS_CORS_ORIGINS=$${CDS_CORS_ORIGINS-*} \
-	CDS_FHIR_ALLOWED_BASES=$${CDS_FHIR_ALLOWED_BASES-http://127.0.0.1,http://localhost} \
+	CDS_FHIR_ALLOWED_BASES=$${CDS_FHIR_ALLOWED_BASES-http://127.0.0.1:*,http://localhost:*} \
 	CDS_FHIR_ALLOW_ANONYMOUS=$${CDS_FHIR_ALLOW_ANONYMOUS-true} \
 	CDS_BIND=127.0.0.1:$(PORT) \
 	$(BIN)/gunicorn -c gunicorn.conf.py 'service.app:create_app()'

@@ -222,7 +222,8 @@ def _read_json(limit: int) -> Any:
     if not raw.strip():
         raise InvalidRequest("the request body is empty; a JSON object is required")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        # RFC 8259: JSON exchanged between systems is UTF-8; json.loads would guess UTF-16/32 from bytes.
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
     except json.JSONDecodeError as error:

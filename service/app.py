@@ -58,7 +58,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         options=options,
         store=store,
         verifier=_verifier(settings),
-        fetcher=FhirFetcher(fetch_policy),
+        fetcher=FhirFetcher(),
         **blueprint_kwargs,
     ))
     app.extensions["neutropenia_cds"] = {"settings": settings, "store": store}

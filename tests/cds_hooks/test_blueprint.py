@@ -1,0 +1,327 @@
+"""The protocol edge with a stand-in service: routing, errors, CORS, uuids, card records and feedback.
+
+These tests do not depend on the neutropenia rules; a fixed handler returns known cards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from cds_hooks.blueprint import ProtocolOptions, create_blueprint
+from cds_hooks.errors import ServiceUnavailable
+from cds_hooks.models import Action, Card, Coding, ServiceResponse, Source, Suggestion
+from cds_hooks.prefetch import FetchPolicy, KeyState
+from cds_hooks.registry import HookCall, ServiceDefinition, ServiceRegistry
+from cds_hooks.store import FeedbackStore
+from cds_hooks.testing.tokens import ClientKey, TokenSigner, write_issuer_config
+from cds_hooks.auth import AuthPolicy, TokenVerifier, load_trusted_issuers
+
+NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
+BASE = "https://cds.example.org"
+SERVICE = "stand-in"
+CALLS: list[HookCall] = []
+
+
+def _handler(call: HookCall) -> ServiceResponse:
+    CALLS.append(call)
+    card = Card(summary="Stand-in card", indicator="warning",
+                source=Source(label="Test", topic=Coding("https://example.org/kind", "neutropenia")),
+                suggestions=[Suggestion(label="Order CBC", actions=[Action(
+                    type="create", description="CBC", resource={"resourceType": "ServiceRequest"})])],
+                selection_behavior="any",
+                override_reasons=[Coding("https://example.org/r", "treated", "Already treated")])
+    return ServiceResponse(cards=[card], extension={"org.example.result": {"keys": sorted(call.data.keys),
+                                                                           "findings": []}})
+
+
+DEFINITION = ServiceDefinition(
+    id=SERVICE, hook="patient-view", description="A stand-in", handler=_handler,
+    prefetch={"patient": "Patient/{{context.patientId}}", "labs": "Observation?patient={{context.patientId}}"},
+    required_prefetch=frozenset({"labs"}), required_context=frozenset({"patientId", "userId"}))
+REQUEST: dict[str, Any] = {
+    "hook": "patient-view", "hookInstance": "hi-1",
+    "context": {"userId": "Practitioner/p1", "patientId": "pat-1"},
+    "prefetch": {"patient": None, "labs": {"resourceType": "Bundle", "type": "searchset"}},
+}
+
+
+def build_app(tmp_path: Path, *, verifier: TokenVerifier | None = None, cors: tuple[str, ...] = (),
+              max_body: int = 1024 * 1024, store: Any = None) -> Flask:
+    app = Flask("test")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    counter = itertools.count()
+    app.register_blueprint(create_blueprint(
+        ServiceRegistry([DEFINITION]),
+        options=ProtocolOptions(public_base_url=BASE, max_body_bytes=max_body, cors_origins=cors,
+                                fetch_policy=FetchPolicy()),
+        store=store or _store(tmp_path), verifier=verifier, clock=lambda: NOW,
+        new_uuid=lambda: f"uuid-{next(counter)}"))
+    return app
+
+
+def _store(tmp_path: Path) -> FeedbackStore:
+    store = FeedbackStore(f"sqlite:///{tmp_path}/f.sqlite3")
+    store.create_schema()
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FeedbackStore]:
+    s = _store(tmp_path)
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def client(tmp_path: Path, store: FeedbackStore) -> FlaskClient:
+    CALLS.clear()
+    return build_app(tmp_path, store=store).test_client()
+
+
+def test_discovery_returns_exactly_the_registry(client: FlaskClient) -> None:
+    response = client.get("/cds-services")
+    assert response.status_code == 200
+    assert response.json == ServiceRegistry([DEFINITION]).discovery()
+
+
+def test_invoke_stamps_uuids_and_records_each_card_without_patient_data(client: FlaskClient,
+                                                                          store: FeedbackStore) -> None:
+    response = client.post(f"/cds-services/{SERVICE}", json=REQUEST)
+    assert response.status_code == 200, response.json
+    card = response.json["cards"][0]
+    assert card["uuid"] == "uuid-0" and card["suggestions"][0]["uuid"] == "uuid-1"
+    record = store.card("uuid-0")
+    assert record is not None
+    assert record["service_id"] == SERVICE and record["hook_instance"] == "hi-1"
+    assert record["kind"] == "neutropenia" and record["indicator"] == "warning"
+    assert "pat-1" not in json.dumps(record, default=str)
+
+
+def test_handler_gets_classified_prefetch_and_the_injected_clock(client: FlaskClient) -> None:
+    client.post(f"/cds-services/{SERVICE}", json=REQUEST)
+    call = CALLS[-1]
+    assert call.now == NOW
+    assert call.data.keys["patient"].state is KeyState.EMPTY
+    assert call.data.keys["labs"].state is KeyState.EMPTY
+
+
+@pytest.mark.parametrize("prefetch, status", [
+    ({"labs": {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]}}, 412),
+    ({}, 412),
+    ({"labs": None}, 200),
+    ({"labs": {"resourceType": "Bundle", "type": "searchset", "entry": []}}, 200),
+], ids=["operation-outcome-required-key", "absent-without-fhirServer", "null", "empty-bundle"])
+def test_prefetch_states_decide_412(client: FlaskClient, prefetch: dict[str, Any], status: int) -> None:
+    response = client.post(f"/cds-services/{SERVICE}", json={**REQUEST, "prefetch": prefetch})
+    assert response.status_code == status
+    if status == 412:
+        assert response.json["resourceType"] == "OperationOutcome"
+        assert ["prefetch.labs"] in [issue.get("expression") for issue in response.json["issue"]]
+
+
+@pytest.mark.parametrize("method, path, body, status, mentions", [
+    ("POST", "/cds-services/nope", REQUEST, 404, "nope"),
+    ("POST", f"/cds-services/{SERVICE}", {**REQUEST, "hook": "order-sign"}, 400, "order-sign"),
+    ("POST", f"/cds-services/{SERVICE}", {k: v for k, v in REQUEST.items() if k != "hookInstance"}, 400,
+     "hookInstance"),
+    ("POST", f"/cds-services/{SERVICE}", {**REQUEST, "context": {"userId": "Practitioner/p1"}}, 400,
+     "context.patientId"),
+    ("POST", f"/cds-services/{SERVICE}", {**REQUEST, "context": {"patientId": "1"}}, 400, "context.userId"),
+    ("POST", f"/cds-services/{SERVICE}", {**REQUEST, "context": {"patientId": "../Patient", "userId": "Practitioner/p"}},
+     400, "context.patientId"),
+    ("POST", f"/cds-services/{SERVICE}", {**REQUEST, "context": {"patientId": "1", "userId": "p1"}}, 400,
+     "context.userId"),
+    ("POST", f"/cds-services/{SERVICE}", {**REQUEST, "fhirAuthorization": {
+        "access_token": "t", "token_type": "Bearer", "expires_in": 60, "scope": "s", "subject": "x"}}, 400,
+     "fhirServer"),
+    ("GET", f"/cds-services/{SERVICE}", None, 405, "method not allowed"),
+    ("DELETE", "/cds-services", None, 405, "method not allowed"),
+    ("GET", "/nothing-here", None, 404, "not found"),
+    ("POST", f"/cds-services/nope/feedback", {"feedback": []}, 404, "nope"),
+], ids=["unknown-service", "hook-not-handled", "missing-hookInstance", "missing-patientId", "missing-userId",
+        "patientId-not-a-fhir-id", "userId-not-type-slash-id", "fhirAuthorization-without-fhirServer",
+        "get-on-service", "delete-on-discovery", "unknown-path", "feedback-unknown-service"])
+def test_errors_are_operation_outcomes_naming_the_problem(client: FlaskClient, method: str, path: str,
+                                                          body: Any, status: int, mentions: str) -> None:
+    response = client.open(path, method=method, json=body)
+    assert response.status_code == status
+    assert response.mimetype == "application/json"
+    assert response.json["resourceType"] == "OperationOutcome"
+    text = json.dumps(response.json)
+    assert mentions in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("data, content_type, status, mentions", [
+    (b"{}", "text/plain", 415, "text/plain"),
+    (b"hook=patient-view", "application/x-www-form-urlencoded", 415, "x-www-form-urlencoded"),
+    (b"", "application/json", 400, "empty"),
+    (b"{\"hook\": ", "application/json", 400, "not valid JSON"),
+    (b"[1, 2]", "application/json", 400, "JSON object"),
+    (b"\xff\xfe", "application/json", 400, "UTF-8"),
+    (b'{"hook": NaN}', "application/json", 400, "NaN"),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested"),
+    (b"{}", "application/fhir+json", 400, "hook"),
+], ids=["text-plain", "form", "empty-body", "truncated-json", "array-body", "not-utf8", "nan", "deep-nesting",
+        "fhir-json-accepted-then-validated"])
+def test_body_errors(client: FlaskClient, data: bytes, content_type: str, status: int, mentions: str) -> None:
+    response = client.post(f"/cds-services/{SERVICE}", data=data, content_type=content_type)
+    assert response.status_code == status
+    assert mentions in json.dumps(response.json)
+
+
+def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
+    client = build_app(tmp_path, max_body=2048).test_client()
+    padded = {**REQUEST, "extension": {"org.example.pad": "x" * 4096}}
+    response = client.post(f"/cds-services/{SERVICE}", json=padded)
+    assert response.status_code == 413
+    assert response.json["issue"][0]["code"] == "too-costly"
+
+
+def test_unknown_fields_and_extensions_are_ignored(client: FlaskClient) -> None:
+    body = {**REQUEST, "somethingNew": 1, "extension": {"com.example.x": {"y": 1}},
+            "context": {**REQUEST["context"], "encounterId": "e1", "newContextField": True}}
+    assert client.post(f"/cds-services/{SERVICE}", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("path, method", [
+    ("/cds-services", "GET"), (f"/cds-services/{SERVICE}", "POST"), (f"/cds-services/{SERVICE}/feedback", "POST"),
+], ids=["discovery", "invoke", "feedback"])
+def test_preflight_is_answered_with_cors_and_never_authenticated(tmp_path: Path, path: str, method: str) -> None:
+    verifier = _verifier(tmp_path, ClientKey.generate())
+    client = build_app(tmp_path, verifier=verifier, cors=("https://sandbox.cds-hooks.org",)).test_client()
+    response = client.options(path, headers={"Origin": "https://sandbox.cds-hooks.org",
+                                             "Access-Control-Request-Method": method,
+                                             "Access-Control-Request-Headers": "authorization,content-type"})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "https://sandbox.cds-hooks.org"
+    assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
+    assert "Content-Type" in response.headers["Access-Control-Allow-Headers"]
+    assert set(response.headers["Access-Control-Allow-Methods"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    assert "Origin" in response.headers["Vary"]
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("https://sandbox.cds-hooks.org", True), ("https://evil.example", False),
+], ids=["allowlisted", "not-allowlisted"])
+def test_cors_headers_on_errors_too_and_only_for_allowed_origins(tmp_path: Path, origin: str, allowed: bool) -> None:
+    verifier = _verifier(tmp_path, ClientKey.generate())
+    client = build_app(tmp_path, verifier=verifier, cors=("https://sandbox.cds-hooks.org",)).test_client()
+    response = client.post(f"/cds-services/{SERVICE}", json=REQUEST, headers={"Origin": origin})
+    assert response.status_code == 401
+    assert (response.headers.get("Access-Control-Allow-Origin") == origin) is allowed
+
+
+def test_wildcard_cors(tmp_path: Path) -> None:
+    client = build_app(tmp_path, cors=("*",)).test_client()
+    response = client.get("/nothing", headers={"Origin": "https://any.example"})
+    assert response.status_code == 404
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def _verifier(tmp_path: Path, key: ClientKey) -> TokenVerifier:
+    signer = TokenSigner(key)
+    config = write_issuer_config(tmp_path / "issuers.json", [signer.issuer_entry()])
+    return TokenVerifier(AuthPolicy(issuers=load_trusted_issuers(config)))
+
+
+@pytest.mark.parametrize("path, method, body", [
+    ("/cds-services", "GET", None),
+    (f"/cds-services/{SERVICE}", "POST", REQUEST),
+    (f"/cds-services/{SERVICE}/feedback", "POST", {"feedback": [{"card": "c", "outcome": "overridden",
+                                                                  "outcomeTimestamp": "2025-03-10T12:00:00Z"}]}),
+], ids=["discovery", "invoke", "feedback"])
+def test_auth_on_every_cds_route(tmp_path: Path, path: str, method: str, body: Any) -> None:
+    key = ClientKey.generate()
+    signer = TokenSigner(key)
+    client = build_app(tmp_path, verifier=_verifier(tmp_path, key)).test_client()
+    assert client.open(path, method=method, json=body).status_code == 401
+    good = {"Authorization": f"Bearer {signer.sign(BASE + path)}"}
+    assert client.open(path, method=method, json=body, headers=good).status_code == 200
+    wrong_aud = {"Authorization": f"Bearer {signer.sign(BASE + '/cds-services/other')}"}
+    denied = client.open(path, method=method, json=body, headers=wrong_aud)
+    assert denied.status_code == 401
+    assert denied.json == {"resourceType": "OperationOutcome",
+                           "issue": [{"severity": "error", "code": "login", "diagnostics": "unauthorized"}]}
+
+
+def test_health_routes_need_no_token(tmp_path: Path) -> None:
+    client = build_app(tmp_path, verifier=_verifier(tmp_path, ClientKey.generate())).test_client()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json == {"status": "ready"}
+
+
+def test_feedback_is_stored_and_duplicates_are_idempotent(client: FlaskClient, store: FeedbackStore) -> None:
+    card = client.post(f"/cds-services/{SERVICE}", json=REQUEST).json["cards"][0]
+    item = {"card": card["uuid"], "outcome": "accepted",
+            "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}], "outcomeTimestamp": "2025-03-10T12:01:00Z"}
+    for _ in range(2):
+        response = client.post(f"/cds-services/{SERVICE}/feedback", json={"feedback": [item]})
+        assert response.status_code == 200 and response.json == {}
+    rows = store.feedback_for_card(card["uuid"])
+    assert len(rows) == 1
+    assert rows[0]["unknown_card"] is False
+
+
+def test_feedback_for_an_unknown_card_is_kept_and_flagged(client: FlaskClient, store: FeedbackStore) -> None:
+    item = {"card": "never-issued", "outcome": "overridden", "outcomeTimestamp": "2025-03-10T12:01:00Z"}
+    assert client.post(f"/cds-services/{SERVICE}/feedback", json={"feedback": [item]}).status_code == 200
+    assert store.feedback_for_card("never-issued")[0]["unknown_card"] is True
+
+
+class _DownStore:
+    """A store whose database is unreachable."""
+
+    def save_feedback(self, *args: Any) -> Any:
+        raise ServiceUnavailable("feedback store unavailable")
+
+    def record_cards(self, *args: Any) -> Any:
+        raise ServiceUnavailable("feedback store unavailable")
+
+    def ping(self) -> bool:
+        return False
+
+
+def test_store_down_gives_503_for_feedback_but_cards_are_still_served(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    client = build_app(tmp_path, store=_DownStore()).test_client()
+    caplog.set_level(logging.ERROR)
+    invoke = client.post(f"/cds-services/{SERVICE}", json=REQUEST)
+    assert invoke.status_code == 200 and invoke.json["cards"]
+    assert "could not record 1 card" in caplog.text
+    feedback = client.post(f"/cds-services/{SERVICE}/feedback", json={"feedback": [
+        {"card": "c", "outcome": "overridden", "outcomeTimestamp": "2025-03-10T12:01:00Z"}]})
+    assert feedback.status_code == 503
+    assert feedback.headers["Retry-After"]
+    assert feedback.json["resourceType"] == "OperationOutcome"
+    assert client.get("/readyz").status_code == 503
+
+
+def test_a_bug_in_a_handler_is_a_500_outcome_without_a_stack_trace() -> None:
+    def broken(call: HookCall) -> ServiceResponse:
+        raise KeyError("secret patient value")
+
+    broken_definition = ServiceDefinition(id=SERVICE, hook="patient-view", description="d", handler=broken)
+    app = Flask("broken")
+    app.register_blueprint(create_blueprint(ServiceRegistry([broken_definition]), options=ProtocolOptions(),
+                                            store=_DownStore(), verifier=None))
+    response = app.test_client().post(f"/cds-services/{SERVICE}", json=REQUEST)
+    assert response.status_code == 500
+    assert response.json["issue"][0]["code"] == "exception"
+    assert "secret" not in response.get_data(as_text=True)
+
+
+def test_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    generated = client.get("/healthz", headers={"X-Request-ID": "bad id; drop table"}).headers["X-Request-ID"]
+    assert generated and generated != "bad id; drop table" and " " not in generated

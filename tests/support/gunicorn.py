@@ -1,0 +1,94 @@
+"""Start the real service under gunicorn on loopback for black-box tests, and stop it afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class GunicornServer:
+    """A running gunicorn with the service; its combined output goes to ``log_path``."""
+
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        """Everything gunicorn and the app have written so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the gunicorn workers (children of the arbiter)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+    def stop(self) -> None:
+        """Stop gracefully, then kill if it lingers."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_gunicorn(env: Mapping[str, str], log_path: Path, *, timeout: float = 30.0) -> GunicornServer:
+    """Start ``gunicorn -c gunicorn.conf.py service.app:create_app()`` with ``env`` and wait for /healthz."""
+    port = free_port()
+    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+                "CDS_BIND": f"127.0.0.1:{port}", "CDS_WORKERS": "2", **env}
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    log_file = log_path.open("wb")
+    process = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "service.app:create_app()"],
+                               cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    log_file.close()
+    server = GunicornServer(f"http://127.0.0.1:{port}", process, log_path, full_env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
+        try:
+            if requests.get(server.base_url + "/healthz", timeout=1).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"gunicorn did not become healthy in {timeout} s:\n{server.log()}")
+
+
+@pytest.fixture
+def gunicorn_factory(tmp_path: Path) -> Iterator[object]:
+    """A function ``start(env) -> GunicornServer``; every server it started is stopped at teardown."""
+    started: list[GunicornServer] = []
+
+    def start(env: Mapping[str, str]) -> GunicornServer:
+        server = start_gunicorn(env, tmp_path / f"gunicorn-{len(started)}.log")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
