@@ -1,0 +1,533 @@
+"""Card rendering: templates, finding -> card kind -> indicator, suggestions, settings (design.md §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from cds_hooks.models import SUMMARY_MAX_CHARS, Card, Indicator, LinkType, SelectionBehavior
+from service import card_text, thresholds
+from service.assessment import DEFAULT_POLICY, Anc, AncPoint, Assessment, CodedRef, DataIssue, Fever, Finding
+from service.card_text import CARD_TEMPLATES, FINDING_KINDS
+from service.cards import DEFAULT_CARD_SETTINGS, CardSettings, render
+
+NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
+F = Finding
+CRITICAL, WARNING, INFO = Indicator.CRITICAL, Indicator.WARNING, Indicator.INFO
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+SNOMED = "http://snomed.info/sct"
+HTML_TAG = re.compile(r"<\s*/?\s*[A-Za-z!?]")
+
+
+def anc(value: str | int = 400, grade: int = 4, *, hours_ago: float = 2, **changes: Any) -> Anc:
+    """An ANC observed ``hours_ago`` before NOW."""
+    fields: dict[str, Any] = dict(cells_per_ul=Decimal(value), ctcae_grade=grade, method="measured",
+                                  effective=NOW - timedelta(hours=hours_ago), status="final", preliminary=False,
+                                  stale=False, sources=("Observation/anc-1",))
+    fields.update(changes)
+    return Anc(**fields)
+
+
+def fever(celsius: str = "38.40", criterion: str = "single-reading", **changes: Any) -> Fever:
+    """The highest temperature in the window, one hour before NOW."""
+    fields: dict[str, Any] = dict(max_celsius=Decimal(celsius), criterion=criterion,
+                                  effective=NOW - timedelta(hours=1), sources=("Observation/temp-1",))
+    fields.update(changes)
+    return Fever(**fields)
+
+
+def assessment(*findings: Finding, **fields: Any) -> Assessment:
+    """An assessment at NOW with ``findings`` (already most urgent first) and any other fields."""
+    return Assessment(evaluated_at=NOW, findings=tuple(findings), **fields)
+
+
+CLOZAPINE = CodedRef(RXNORM, "2626", "clozapine", "MedicationRequest/m1")
+LEUKAEMIA = CodedRef(SNOMED, "91855006", "Acute leukemia", "Condition/c1")
+STALE = anc(1200, 2, hours_ago=12 * 24, stale=True)
+
+#: For each finding code: a realistic assessment and the cards (kind -> indicator) it must give.
+SCENARIOS: list[tuple[str, Assessment, Mapping[str, Indicator]]] = [
+    ("febrile-neutropenia",
+     assessment(F.FEBRILE_NEUTROPENIA, F.NEUTROPENIA_SEVERE, anc=anc(400), fever=fever()),
+     {"febrile-neutropenia": CRITICAL, "infection-prevention": CRITICAL}),
+    ("presumed-febrile-neutropenia",
+     assessment(F.PRESUMED_FEBRILE_NEUTROPENIA, fever=fever(), chemotherapy_context=True, context=(LEUKAEMIA,)),
+     {"febrile-neutropenia": CRITICAL, "infection-prevention": CRITICAL}),
+    ("temperature-elevated",
+     assessment(F.TEMPERATURE_ELEVATED, F.NEUTROPENIA_MODERATE, anc=anc(700, 3), fever=fever("38.10", "none")),
+     {"fever-escalation": WARNING, "neutropenia": WARNING, "infection-prevention": WARNING}),
+    ("fever-mild-neutropenia",
+     assessment(F.FEVER_MILD_NEUTROPENIA, anc=anc(1200, 2), fever=fever()),
+     {"fever-escalation": WARNING}),
+    ("fever-no-anc",
+     assessment(F.FEVER_NO_ANC, fever=fever("39.00")),
+     {"fever-escalation": WARNING}),
+    ("fever-normal-anc",
+     assessment(F.FEVER_NORMAL_ANC, anc=anc(4200, 0), fever=fever()),
+     {"fever-escalation": INFO}),
+    ("neutropenia-severe",
+     assessment(F.NEUTROPENIA_SEVERE, anc=anc(300)),
+     {"neutropenia": WARNING, "infection-prevention": WARNING}),
+    ("neutropenia-profound",
+     assessment(F.NEUTROPENIA_SEVERE, F.NEUTROPENIA_PROFOUND, anc=anc(40)),
+     {"neutropenia": WARNING, "infection-prevention": WARNING}),
+    ("neutropenia-moderate",
+     assessment(F.NEUTROPENIA_MODERATE, anc=anc(700, 3)),
+     {"neutropenia": WARNING, "infection-prevention": WARNING}),
+    ("neutropenia-mild",
+     assessment(F.NEUTROPENIA_MILD, anc=anc(1200, 2)),
+     {"neutropenia": INFO}),
+    ("anc-falling",
+     assessment(F.ANC_FALLING, F.NEUTROPENIA_MILD, anc=anc(1200, 2),
+                anc_trend=(AncPoint(Decimal(2100), NOW - timedelta(days=4), "Observation/a"),
+                           AncPoint(Decimal(1600), NOW - timedelta(days=2), "Observation/b"),
+                           AncPoint(Decimal(1200), NOW - timedelta(hours=2), "Observation/anc-1"))),
+     {"neutropenia": WARNING}),
+    ("anc-normal",
+     assessment(F.ANC_NORMAL, anc=anc(3000, 0)),
+     {}),
+    ("anc-stale",
+     assessment(F.ANC_STALE, anc=STALE),
+     {"lab-follow-up": INFO}),
+    ("risk-factor-no-anc",
+     assessment(F.RISK_FACTOR_NO_ANC, risk_factors=(LEUKAEMIA,)),
+     {"lab-follow-up": INFO}),
+    ("medication-review",
+     assessment(F.NEUTROPENIA_MILD, F.MEDICATION_REVIEW, anc=anc(1200, 2), medications=(CLOZAPINE,)),
+     {"neutropenia": INFO, "medication-review": INFO}),
+    ("anc-uninterpretable",
+     assessment(F.ANC_UNINTERPRETABLE,
+                data_issues=(DataIssue("anc-uninterpretable", "Observation/x", "no unit"),)),
+     {"data-quality": INFO}),
+    ("anc-not-computable",
+     assessment(F.ANC_NOT_COMPUTABLE, data_issues=(DataIssue("anc-not-computable", "Observation/y", None),)),
+     {"data-quality": INFO}),
+]
+
+#: Combinations: suppression, add-ons, data issues without a finding.
+COMBINATIONS: list[tuple[str, Assessment, Mapping[str, Indicator]]] = [
+    ("no-findings", assessment(), {}),
+    ("anc-normal-with-preliminary-issue-only",
+     assessment(F.ANC_NORMAL, anc=anc(3000, 0, preliminary=True, status="preliminary"),
+                data_issues=(DataIssue("preliminary-result", "Observation/anc-1", None),)),
+     {}),
+    ("malformed-resource-only",
+     assessment(data_issues=(DataIssue("malformed-resource", "Observation/bad", "invalid date"),)),
+     {"data-quality": INFO}),
+    ("data-unavailable-with-anc-normal",
+     assessment(F.ANC_NORMAL, anc=anc(3000, 0), data_issues=(DataIssue("data-unavailable", None, "medications: timeout"),)),
+     {"data-quality": INFO}),
+    ("fn-suppresses-neutropenia-card",
+     assessment(F.FEBRILE_NEUTROPENIA, F.NEUTROPENIA_SEVERE, F.NEUTROPENIA_PROFOUND, F.ANC_FALLING,
+                F.MEDICATION_REVIEW, anc=anc(50), fever=fever(), medications=(CLOZAPINE,)),
+     {"febrile-neutropenia": CRITICAL, "infection-prevention": CRITICAL, "medication-review": INFO}),
+    ("presumed-fn-suppresses-stale-lab-follow-up",
+     assessment(F.PRESUMED_FEBRILE_NEUTROPENIA, F.ANC_STALE, anc=STALE, fever=fever()),
+     {"febrile-neutropenia": CRITICAL, "infection-prevention": CRITICAL}),
+    ("fever-no-anc-suppresses-stale-lab-follow-up",
+     assessment(F.FEVER_NO_ANC, F.ANC_STALE, anc=STALE, fever=fever()),
+     {"fever-escalation": WARNING}),
+    ("current-anc-below-cut-off-without-band-gets-prevention",  # e.g. an infant graded as mild
+     assessment(F.NEUTROPENIA_MILD, anc=anc(900, 3), age_years=0),
+     {"neutropenia": INFO, "infection-prevention": WARNING}),
+    ("medication-review-without-listed-medicine",
+     assessment(F.NEUTROPENIA_MILD, F.MEDICATION_REVIEW, anc=anc(1300, 2)),
+     {"neutropenia": INFO, "medication-review": INFO}),
+    ("uninterpretable-and-not-computable-share-one-card",
+     assessment(F.ANC_UNINTERPRETABLE, F.ANC_NOT_COMPUTABLE,
+                data_issues=(DataIssue("anc-uninterpretable", "Observation/x", "unit 'g'"),
+                             DataIssue("malformed-resource", "Condition/z", None))),
+     {"data-quality": INFO}),
+]
+
+ALL_FINDINGS = assessment(*Finding, anc=anc(50), fever=fever(), medications=(CLOZAPINE,),
+                          risk_factors=(LEUKAEMIA,), data_issues=(DataIssue("malformed-resource", None, None),))
+
+
+def kinds(cards: list[Card]) -> dict[str, Indicator]:
+    return {card.kind or "": card.indicator for card in cards}
+
+
+def every_card() -> list[tuple[str, Card]]:
+    """Every card of every scenario, with and without suggestions."""
+    out = []
+    for name, a, _ in SCENARIOS + COMBINATIONS:
+        for patient in (None, "p-1"):
+            out += [(f"{name}/{card.kind}", card) for card in render(a, patient_id=patient)]
+    return out
+
+
+# -- templates ----------------------------------------------------------------------------------------------------
+
+#: The longest values each summary field can take (ANC 99999 with every note, 45.55 °C, ...).
+EXTREME_FIELDS = {"anc": "at least 99999/uL (grade 4, preliminary)", "temp": "45.55 °C",
+                  "date": "2025-12-31", "days": "99999", "falling": ", falling", "count": "999",
+                  "medicines": "999 active medicines", "fn_anc": "1500/uL"}
+TEMPLATE_IDS = list(CARD_TEMPLATES)
+
+
+@pytest.mark.parametrize("kind", TEMPLATE_IDS)
+def test_template_summaries_fit_with_extreme_values(kind: str) -> None:
+    for key, summary in CARD_TEMPLATES[kind].summaries.items():
+        text = summary.format(**EXTREME_FIELDS)
+        assert len(text) < 140, (key, len(text), text)
+
+
+@pytest.mark.parametrize("kind", TEMPLATE_IDS)
+def test_template_is_complete(kind: str) -> None:
+    template = CARD_TEMPLATES[kind]
+    assert template.kind == kind and template.title.strip()
+    assert all(isinstance(i, Indicator) for i in template.indicators.values())
+    assert set(template.advice) <= set(template.indicators)
+    summary_keys = set(template.summaries)
+    assert set(template.indicators) <= summary_keys  # every finding of the kind has a summary
+    assert template.override_reasons and all(code and display for code, display in template.override_reasons)
+    for link in template.links:
+        url = getattr(DEFAULT_CARD_SETTINGS, link.setting)
+        assert urlsplit(url).scheme == "https" and urlsplit(url).netloc, url
+
+
+@pytest.mark.parametrize("kind", TEMPLATE_IDS)
+def test_template_text_has_no_html_and_one_unit_spelling(kind: str) -> None:
+    template = CARD_TEMPLATES[kind]
+    texts = [*template.summaries.values(), *template.advice.values(), template.common]
+    for text in texts:
+        assert "<" not in text and ">" not in text, text
+        assert "µL" not in text and "mm3" not in text and "microl" not in text.lower(), text
+        text.format(**EXTREME_FIELDS)  # every field a template names exists
+
+
+def test_findings_map_to_known_kinds() -> None:
+    """Every finding code has a card kind, except anc-normal (R10: no card)."""
+    assert set(FINDING_KINDS) == {f.value for f in Finding} - {"anc-normal"}
+    assert set(FINDING_KINDS.values()) <= set(CARD_TEMPLATES)
+    assert list(CARD_TEMPLATES) == ["febrile-neutropenia", "fever-escalation", "neutropenia",
+                                    "infection-prevention", "medication-review", "lab-follow-up", "data-quality"]
+
+
+def test_text_numbers_match_thresholds() -> None:
+    """The numbers written into the card text are the engine's (service.thresholds)."""
+    fever_text = card_text.FEVER_ESCALATION.advice["temperature-elevated"]
+    prevention = card_text.INFECTION_PREVENTION.common
+    for text in (fever_text, prevention):
+        assert f"{thresholds.FEVER_SINGLE_READING} °C" in text
+        assert f"{thresholds.FEVER_SUSTAINED} °C" in text
+    assert f"{int(thresholds.FEVER_SUSTAINED_DURATION.total_seconds() // 60)} minutes" in fever_text
+    assert f"{thresholds.ANC_PROFOUND_BELOW}/uL" in card_text.PROFOUND_NOTE
+    assert f"{thresholds.ANC_NORMAL_LOWER}/uL" in card_text.FEVER_ESCALATION.advice["fever-normal-anc"]
+    assert f"{thresholds.ANC_NORMAL_LOWER - 1}/uL" in card_text.FEVER_ESCALATION.advice["fever-mild-neutropenia"]
+    assert DEFAULT_CARD_SETTINGS.febrile_neutropenia_anc_below == DEFAULT_POLICY.fn_anc_cutoff
+
+
+# -- finding -> card kind -> indicator ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("assessed", "expected"), [(a, e) for _, a, e in SCENARIOS],
+                         ids=[name for name, _, _ in SCENARIOS])
+def test_finding_gives_card_kinds_and_indicators(assessed: Assessment, expected: Mapping[str, Indicator]) -> None:
+    assert kinds(render(assessed)) == expected
+
+
+def test_every_finding_code_has_a_scenario() -> None:
+    assert {name for name, _, _ in SCENARIOS} == {f.value for f in Finding}
+
+
+@pytest.mark.parametrize(("assessed", "expected"), [(a, e) for _, a, e in COMBINATIONS],
+                         ids=[name for name, _, _ in COMBINATIONS])
+def test_combination_gives_card_kinds_and_indicators(assessed: Assessment,
+                                                     expected: Mapping[str, Indicator]) -> None:
+    assert kinds(render(assessed)) == expected
+
+
+def test_anc_normal_alone_gives_no_cards() -> None:
+    assert render(assessment(F.ANC_NORMAL, anc=anc(2500, 0)), patient_id="p-1") == []
+
+
+@pytest.mark.parametrize(("assessed", "_expected"), [(a, e) for _, a, e in SCENARIOS + COMBINATIONS]
+                         + [(ALL_FINDINGS, None)],
+                         ids=[name for name, _, _ in SCENARIOS + COMBINATIONS] + ["all-findings"])
+def test_one_card_per_kind_most_urgent_first(assessed: Assessment, _expected: object) -> None:
+    cards = render(assessed, patient_id="p-1")
+    order = list(CARD_TEMPLATES)
+    assert len({c.kind for c in cards}) == len(cards)
+    keys = [(-c.indicator.rank, order.index(c.kind or "")) for c in cards]
+    assert keys == sorted(keys)
+
+
+def test_all_findings_at_once() -> None:
+    cards = render(ALL_FINDINGS)
+    assert kinds(cards) == {"febrile-neutropenia": CRITICAL, "infection-prevention": CRITICAL,
+                            "fever-escalation": WARNING, "medication-review": INFO, "data-quality": INFO}
+    assert cards[0].kind == "febrile-neutropenia"
+
+
+def test_render_is_pure_and_leaves_uuids_to_the_blueprint() -> None:
+    a = SCENARIOS[0][1]
+    first, second = render(a, patient_id="p-1"), render(a, patient_id="p-1")
+    assert first == second
+    for card in first:
+        assert card.uuid is None and all(s.uuid is None for s in card.suggestions)
+        assert "uuid" not in str(card.to_json())
+    counter = itertools.count()
+    stamped = first[0].stamped(lambda: f"id-{next(counter)}")
+    assert stamped.uuid and all(s.uuid for s in stamped.suggestions)
+
+
+# -- every rendered card --------------------------------------------------------------------------------------------
+
+CARDS = every_card()
+
+
+@pytest.mark.parametrize("card", [c for _, c in CARDS], ids=[i for i, _ in CARDS])
+def test_rendered_card_follows_the_rules(card: Card) -> None:
+    assert len(card.summary) <= SUMMARY_MAX_CHARS and not card.summary.endswith("…")
+    assert card.indicator in (INFO, WARNING, CRITICAL)
+    assert card.source.label == "Neutropenia CDS" and card.source.url
+    assert card.source.topic is not None
+    assert card.source.topic.system == card_text.CARD_KIND_SYSTEM and card.source.topic.display
+    assert card.detail and not HTML_TAG.search(card.detail)
+    assert "µL" not in card.detail + card.summary and "mm3" not in card.detail
+    assert card.override_reasons and all(r.display for r in card.override_reasons)
+    assert all(r.system == card_text.OVERRIDE_REASON_SYSTEM for r in card.override_reasons)
+    for link in card.links:
+        assert link.type is LinkType.ABSOLUTE and link.app_context is None
+        assert urlsplit(link.url).scheme == "https" and urlsplit(link.url).netloc
+    if card.suggestions:
+        assert card.selection_behavior is SelectionBehavior.ANY
+    card.to_json()
+
+
+# -- extreme values ---------------------------------------------------------------------------------------------------
+
+EXTREMES = [
+    ("anc-0", anc(0, 4)),
+    ("anc-99999", anc(99999, 0)),
+    ("anc-99999-preliminary-upper-bound", anc("99999.99", 4, preliminary=True, comparator=">=")),
+    ("anc-below-0.1-thousand", anc(100, 4, comparator="<", preliminary=True)),
+    ("anc-huge", anc(10 ** 15, 0)),
+    ("anc-stale-huge", anc(99999, 2, hours_ago=99999 * 24, stale=True)),
+]
+TEMPERATURES = [("45.55", "single-reading"), ("38.29", "none"), ("34.00", "none"), ("41.00", "sustained")]
+
+
+@pytest.mark.parametrize("finding", list(Finding), ids=[f.value for f in Finding])
+@pytest.mark.parametrize("measured", [a for _, a in EXTREMES], ids=[i for i, _ in EXTREMES])
+def test_summaries_fit_with_extreme_values(finding: Finding, measured: Anc) -> None:
+    for celsius, criterion in TEMPERATURES:
+        findings = (finding, F.ANC_FALLING) if finding is not F.ANC_FALLING else (finding,)
+        a = assessment(*findings, anc=measured, fever=fever(celsius, criterion), medications=(CLOZAPINE,) * 999,
+                       data_issues=(DataIssue("malformed-resource", None, None),) * 999)
+        for card in render(a, patient_id="p-1"):
+            assert len(card.summary) < 140 and not card.summary.endswith("…"), card.summary
+
+
+def test_summary_states_value_and_grade() -> None:
+    fn = render(SCENARIOS[0][1])[0]
+    assert fn.summary == "Febrile neutropenia: ANC 400/uL (grade 4) with 38.4 °C — emergency"
+    severe = render(assessment(F.NEUTROPENIA_SEVERE, F.ANC_FALLING, anc=anc(300, preliminary=True)))[0]
+    assert severe.summary == "Severe neutropenia: ANC 300/uL (grade 4, preliminary) on 2025-03-10, falling"
+
+
+@pytest.mark.parametrize(("value", "comparator", "shown"),
+                         [("99.96", None, "99/uL"), ("499.5", None, "499/uL"), ("100", "<", "below 100/uL"),
+                          ("0", None, "0/uL"), ("1499.99", None, "1499/uL")],
+                         ids=["99.96-floors", "499.5-floors", "upper-bound", "zero", "1499.99-floors"])
+def test_anc_is_shown_without_crossing_a_band(value: str, comparator: str | None, shown: str) -> None:
+    card = render(assessment(F.NEUTROPENIA_SEVERE, anc=anc(value, comparator=comparator)))[0]
+    assert f"ANC {shown} (grade 4)" in card.summary
+
+
+@pytest.mark.parametrize(("celsius", "shown"), [("38.30", "38.3 °C"), ("38.00", "38.0 °C"), ("45.55", "45.55 °C")],
+                         ids=["38.30", "38.00", "45.55"])
+def test_temperature_is_shown_to_two_decimals_at_most(celsius: str, shown: str) -> None:
+    card = render(assessment(F.FEBRILE_NEUTROPENIA, anc=anc(), fever=fever(celsius)))[0]
+    assert f"with {shown} —" in card.summary
+
+
+# -- card content -------------------------------------------------------------------------------------------------------
+
+def card_of(kind: str, a: Assessment, **kwargs: Any) -> Card:
+    (card,) = [c for c in render(a, **kwargs) if c.kind == kind]
+    return card
+
+
+def test_febrile_neutropenia_detail_lists_results_and_what_to_do() -> None:
+    a = assessment(F.FEBRILE_NEUTROPENIA, F.NEUTROPENIA_SEVERE, F.NEUTROPENIA_PROFOUND,
+                   anc=anc(80, preliminary=True, status="preliminary", method="computed", formula="wbc*total%"),
+                   fever=fever("38.20", "sustained", since=NOW - timedelta(hours=2)))
+    detail = card_of("febrile-neutropenia", a).detail or ""
+    assert "| Result | Value | Time | Status |" in detail
+    assert "| ANC, computed: WBC x total neutrophil % | 80/uL (grade 4, preliminary) | 2025-03-10 10:00 UTC |" in detail
+    assert "**preliminary**" in detail
+    assert "38.2 °C (100.8 °F) | 2025-03-10 10:00 UTC to 2025-03-10 11:00 UTC | 38.0 °C or more for 60 minutes" in detail
+    assert "profound" in detail
+    for must in ("blood cultures", "broad-spectrum antibiotics within 1 hour of triage", "MASCC"):
+        assert must in detail
+
+
+def test_presumed_febrile_neutropenia_says_not_to_wait_for_counts() -> None:
+    a = assessment(F.PRESUMED_FEBRILE_NEUTROPENIA, anc=STALE, fever=fever(), context=(LEUKAEMIA,))
+    card = card_of("febrile-neutropenia", a)
+    assert card.summary.startswith("Presumed febrile neutropenia: 38.4 °C, no current ANC")
+    detail = card.detail or ""
+    assert "do not wait" in detail and "neutropenic sepsis" in detail and "CBC with differential" in detail
+    assert "too old to grade" in detail  # the old count is shown, not graded
+    assert "1200/uL |" in detail and "grade 2" not in detail
+    assert "Acute leukemia (SNOMED CT 91855006)" in detail
+    assert {link.url for link in card.links} >= {DEFAULT_CARD_SETTINGS.neutropenic_sepsis_guideline_url}
+
+
+def test_fever_escalation_states_recheck_and_exact_rule() -> None:
+    card = card_of("fever-escalation", SCENARIOS[2][1])
+    assert card.summary == "Temperature 38.1 °C with ANC 700/uL (grade 3): recheck within 1 hour"
+    detail = card.detail or ""
+    assert "within 1 hour" in detail
+    assert ("below 1000/uL, any single temperature of 38.3 °C (101 °F) or more, or readings that stay at "
+            "38.0 °C (100.4 °F) or more for 60 minutes") in detail
+
+
+def test_escalation_rule_quotes_the_configured_cut_off() -> None:
+    settings = CardSettings(febrile_neutropenia_anc_below=Decimal(500))
+    card = card_of("fever-escalation", SCENARIOS[2][1], settings=settings)
+    assert "ANC below 500/uL" in (card.detail or "")
+
+
+def test_neutropenia_card_shows_method_trend_and_date() -> None:
+    card = card_of("neutropenia", SCENARIOS[10][1])
+    assert card.summary == "Mild neutropenia: ANC 1200/uL (grade 2) on 2025-03-10, falling"
+    detail = card.detail or ""
+    assert "ANC, measured" in detail and "2025-03-10 10:00 UTC" in detail and "| final |" in detail
+    assert "Recent ANCs, oldest first: 2100, 1600, 1200/uL." in detail
+    assert "24 to 48 hours" in detail
+
+
+def test_infection_prevention_is_education_with_when_to_call() -> None:
+    detail = card_of("infection-prevention", SCENARIOS[6][1]).detail or ""
+    assert "not individual medical advice" in detail
+    assert "38.0 °C (100.4 °F) or more lasting over an hour" in detail and "38.3 °C (101 °F) or more even once" in detail
+    for must in ("new cough", "mouth sore", "redness or swelling", "belly", "urine", "diarrhoea", "forgetful",
+                 "electric razor", "soft brush", "crowds", "stool softener", "suppositories", "vaccine"):
+        assert must in detail
+
+
+def test_medication_review_lists_medicines() -> None:
+    methotrexate = CodedRef("http://example.org/local", "MTX", None, "MedicationRequest/m2")
+    card = card_of("medication-review", assessment(F.NEUTROPENIA_MILD, F.MEDICATION_REVIEW, anc=anc(1200, 2),
+                                                   medications=(CLOZAPINE, methotrexate)))
+    assert card.summary == "Medication review: 2 active medicines that can lower the neutrophil count"
+    assert "- clozapine (RxNorm 2626)" in (card.detail or "")
+    assert "- MTX (http://example.org/local MTX)" in (card.detail or "")
+
+
+def test_lab_follow_up_for_stale_anc_is_not_graded() -> None:
+    card = card_of("lab-follow-up", SCENARIOS[12][1])
+    assert card.summary == "Last ANC 1200/uL is 12 days old (2025-02-26): repeat the CBC with differential"
+
+
+def test_lab_follow_up_lists_risk_factors() -> None:
+    card = card_of("lab-follow-up", SCENARIOS[13][1])
+    assert "Acute leukemia (SNOMED CT 91855006)" in (card.detail or "")
+
+
+def test_data_quality_lists_issues() -> None:
+    card = card_of("data-quality", COMBINATIONS[-1][1])
+    detail = card.detail or ""
+    assert card.summary.startswith("ANC not graded")
+    assert "ANC value without a usable unit (Observation/x): unit 'g'" in detail
+    assert "Record could not be read (Condition/z)" in detail
+    assert "absolute neutrophil count" in detail
+
+
+def test_patient_data_cannot_inject_markup() -> None:
+    hostile = CodedRef(RXNORM, "1|2", "<script>alert(1)</script> | **x**", "MedicationRequest/m3")
+    issue = DataIssue("<img src=x>", "Observation/<b>", "<iframe>")
+    a = assessment(F.NEUTROPENIA_MILD, F.MEDICATION_REVIEW, anc=anc(1200, 2), medications=(hostile,),
+                   data_issues=(issue,))
+    for card in render(a):
+        assert not HTML_TAG.search(card.detail or ""), card.detail
+    detail = card_of("medication-review", a).detail or ""
+    assert r"‹script›alert(1)‹/script› \| \*\*x\*\* (RxNorm 1\|2)" in detail
+
+
+# -- suggestions -----------------------------------------------------------------------------------------------------------
+
+SUGGESTING = [
+    ("febrile-neutropenia", SCENARIOS[0][1], {"600-7", "57021-8"}, "stat"),
+    ("presumed-febrile-neutropenia", SCENARIOS[1][1], {"600-7", "57021-8"}, "stat"),
+    ("fever-mild-neutropenia", SCENARIOS[3][1], {"57021-8"}, "urgent"),
+    ("fever-no-anc", SCENARIOS[4][1], {"57021-8"}, "urgent"),
+    ("neutropenia-mild", SCENARIOS[9][1], {"57021-8"}, "routine"),
+    ("anc-stale", SCENARIOS[12][1], {"57021-8"}, "routine"),
+    ("risk-factor-no-anc", SCENARIOS[13][1], {"57021-8"}, "routine"),
+]
+
+
+@pytest.mark.parametrize(("assessed", "codes", "priority"), [(a, c, p) for _, a, c, p in SUGGESTING],
+                         ids=[name for name, *_ in SUGGESTING])
+def test_suggestions_create_valid_draft_service_requests(assessed: Assessment, codes: set[str],
+                                                         priority: str) -> None:
+    card = render(assessed, patient_id="pat-1.A")[0]
+    assert card.selection_behavior is SelectionBehavior.ANY
+    found = set()
+    for suggestion in card.suggestions:
+        assert suggestion.label
+        (action,) = suggestion.actions
+        assert action.type.value == "create" and action.description and action.resource is not None
+        resource = ServiceRequest.model_validate(dict(action.resource))
+        assert resource.status == "draft" and resource.intent == "proposal" and resource.priority == priority
+        assert resource.subject.reference == "Patient/pat-1.A"
+        (coding,) = resource.code.coding
+        assert coding.system == "http://loinc.org" and coding.display
+        found.add(coding.code)
+    assert found == codes
+
+
+@pytest.mark.parametrize("patient_id", [None, "", "has space", "a/b", "x" * 65],
+                         ids=["none", "empty", "space", "slash", "too-long"])
+def test_no_suggestions_without_a_valid_patient_id(patient_id: str | None) -> None:
+    for card in render(SCENARIOS[0][1], patient_id=patient_id):
+        assert card.suggestions == () and card.selection_behavior is None
+
+
+@pytest.mark.parametrize("name", ["temperature-elevated", "fever-normal-anc", "neutropenia-severe"])
+def test_cards_without_an_order_to_propose(name: str) -> None:
+    (a,) = [a for n, a, _ in SCENARIOS if n == name]
+    assert all(card.suggestions == () for card in render(a, patient_id="p-1"))
+
+
+# -- settings ------------------------------------------------------------------------------------------------------------
+
+def test_settings_from_mapping_override_links_and_source() -> None:
+    settings = CardSettings.from_mapping({
+        "SOURCE_LABEL": " Our CDS ", "card_source_url": "https://cds.example.org/about",
+        "infection_prevention_url": "https://intranet.example.org/neutropenia-leaflet",
+        "febrile_neutropenia_anc_below": "500",
+    })
+    assert settings.source_label == "Our CDS" and settings.febrile_neutropenia_anc_below == Decimal(500)
+    assert settings.ctcae_url == DEFAULT_CARD_SETTINGS.ctcae_url
+    card = card_of("infection-prevention", SCENARIOS[6][1], settings=settings)
+    assert card.source.label == "Our CDS" and card.source.url == "https://cds.example.org/about"
+    assert [link.url for link in card.links] == ["https://intranet.example.org/neutropenia-leaflet"]
+
+
+@pytest.mark.parametrize("overrides", [{"nonsense": "x"}, {"ctcae_url": "/relative"}, {"source_url": "ftp://x.org/"},
+                                       {"source_label": " "}, {"febrile_neutropenia_anc_below": "0"},
+                                       {"febrile_neutropenia_anc_below": True}],
+                         ids=["unknown-key", "relative-url", "not-http", "blank-label", "zero-cut-off",
+                              "bool-cut-off"])
+def test_settings_refuse_bad_values(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        CardSettings.from_mapping(overrides)
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT_CARD_SETTINGS.source_label = "x"  # type: ignore[misc]
