@@ -53,7 +53,7 @@ ANC_FORMULAS: Mapping[str, str] = {
 }
 #: `Anc.comparator` -> words before the number ("<" must not reach a detail: no raw HTML, brief).
 ANC_COMPARATORS: Mapping[str, str] = {"<": "below ", ">": "above ", "<=": "at most ", ">=": "at least "}
-ANC_PRELIMINARY = "**preliminary**, confirm"
+PRELIMINARY = "**preliminary**, confirm"
 ANC_STALE = "too old to grade"
 TEMPERATURE_ROW = "Temperature, highest"
 FEVER_CRITERIA: Mapping[str, str] = {

@@ -192,7 +192,8 @@ class _View:
         for key in template.summaries:
             if key in shown:
                 return key
-        return next(iter(template.summaries))  # the kind's fall-back (infection-prevention, data-issues)
+        # No finding of the kind: the add-on or data-issue card, whose summary key is not a finding code.
+        return next(key for key in template.summaries if key not in template.indicators)
 
     # -- detail ------------------------------------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class _View:
         if anc is not None:
             method = card_text.ANC_FORMULAS.get(anc.formula or "") or card_text.ANC_METHODS.get(
                 anc.method, f"ANC, {_md(anc.method)}")
-            notes = [card_text.ANC_PRELIMINARY if anc.preliminary else _md(anc.status)]
+            notes = [card_text.PRELIMINARY if anc.preliminary else _md(anc.status)]
             if anc.stale:
                 notes.append(card_text.ANC_STALE)
             rows.append((method, _anc_text(anc), _time(anc.effective), ", ".join(notes)))
@@ -224,7 +225,7 @@ class _View:
             value = f"{_celsius(fever.max_celsius)} ({_fahrenheit(fever.max_celsius)})"
             notes = [card_text.FEVER_CRITERIA.get(fever.criterion, _md(fever.criterion))]
             if fever.preliminary:
-                notes.append(card_text.ANC_PRELIMINARY)
+                notes.append(card_text.PRELIMINARY)
             when = _time(fever.effective)
             if fever.criterion == "sustained" and fever.since is not None:
                 when = f"{_time(fever.since)} to {when}"

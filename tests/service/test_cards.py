@@ -446,6 +446,19 @@ def test_data_quality_lists_issues() -> None:
     assert "absolute neutrophil count" in detail
 
 
+@pytest.mark.parametrize(("name", "kind", "summary"), [
+    ("malformed-resource-only", "data-quality",
+     "Some data could not be used: 1 problem(s), the assessment may be incomplete"),
+    ("medication-review-without-listed-medicine", "medication-review",
+     "Medication review: look for a medicine that may lower the neutrophil count"),
+    ("current-anc-below-cut-off-without-band-gets-prevention", "infection-prevention",
+     "Infection prevention: advice to give the patient, and when to call"),
+], ids=["data-issues-only", "medicine-unlisted", "add-on-prevention"])
+def test_summary_without_a_finding_of_the_kind(name: str, kind: str, summary: str) -> None:
+    (a,) = [a for n, a, _ in COMBINATIONS if n == name]
+    assert card_of(kind, a).summary == summary
+
+
 def test_patient_data_cannot_inject_markup() -> None:
     hostile = CodedRef(RXNORM, "1|2", "<script>alert(1)</script> | **x**", "MedicationRequest/m3")
     issue = DataIssue("<img src=x>", "Observation/<b>", "<iframe>")
