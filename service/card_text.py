@@ -15,7 +15,7 @@ Details may use the same fields.
 Each template lists the finding codes it renders in ``indicators`` (with the brief's §4 indicator for each);
 a card's indicator is the most urgent of its findings. ``summaries`` is ordered: the first key whose finding
 is present picks the summary; keys that are not finding codes (``infection-prevention``, ``data-issues``)
-are the fall-back when none is.
+are the fall-back when none is, and ``medication-review-unlisted`` is used when no listed medicine is active.
 """
 
 from __future__ import annotations
