@@ -1,0 +1,403 @@
+"""Prefetch resolution: turn a hook request's prefetch into resources, fetching what the client left out.
+
+Every prefetch value means something different (spec §Prefetch, https://cds-hooks.hl7.org/2.0/#prefetch-template
+and cds-hooks/docs#366): an absent key is fetched from `fhirServer`; ``null`` and an empty Bundle mean "no data";
+an OperationOutcome means "unavailable"; a resource or a Bundle is data (a paginated Bundle's ``next`` links are
+followed). Missing keys are fetched in parallel under one deadline; a required key that stays unavailable is a
+412 (spec: "the service SHALL respond with an HTTP 412 Precondition Failed").
+
+Fetching is refused, without any request, when there is no `fhirServer`, when it is not on the allowlist (no
+SSRF through a request field), when there is no `fhirAuthorization` and anonymous access is off, or when the
+access token has expired (never used after `expires_in`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from cds_hooks.errors import PreconditionFailed
+from cds_hooks.fhir_client import (
+    DEFAULT_MAX_PAGE_BYTES,
+    DEFAULT_MAX_PAGES,
+    DEFAULT_MAX_RESOURCES,
+    FetchOutcome,
+    FhirFetcher,
+    bundle_entries,
+    clean_text,
+    has_dot_segments,
+    is_resource,
+    next_link,
+    origin,
+    outcome_diagnostics,
+    redact,
+)
+from cds_hooks.registry import ServiceDefinition, fill_template
+from cds_hooks.schemas import HookRequest
+
+_log = logging.getLogger(__name__)
+
+#: Most threads one call fetches with; further keys queue behind them under the same deadline.
+MAX_PARALLEL_FETCHES = 8
+
+ORIGIN_PREFETCH = "prefetch"
+ORIGIN_FHIR = "fhir"
+
+
+class KeyState(str, Enum):
+    """What one prefetch key yielded."""
+
+    DATA = "data"
+    EMPTY = "empty"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class KeyResult:
+    """One prefetch key: its state, its resources (Bundle entries unwrapped) and where they came from.
+
+    ``origin`` is "prefetch" (the client sent it), "fhir" (fetched from `fhirServer`) or None (neither: the
+    key could not be fetched). ``reason`` says why the key is unavailable, or, with DATA or EMPTY, why the data
+    is incomplete (pagination stopped early, entries dropped). It never contains the access token.
+    """
+
+    key: str
+    state: KeyState
+    resources: tuple[Mapping[str, Any], ...] = ()
+    origin: str | None = None
+    reason: str | None = None
+    dropped_entries: int = 0
+
+
+@dataclass(frozen=True)
+class PrefetchResult:
+    """Every key's result: the template keys in definition order, then keys the client sent unasked."""
+
+    keys: Mapping[str, KeyResult] = field(default_factory=lambda: MappingProxyType({}))
+
+    def resources(self) -> Iterator[Mapping[str, Any]]:
+        """All resources of all keys, each (resourceType, id) once: one resource may arrive under two keys."""
+        seen: set[tuple[str, str]] = set()
+        for result in self.keys.values():
+            for resource in result.resources:
+                resource_id = resource.get("id")
+                if isinstance(resource_id, str) and resource_id:
+                    identity = (str(resource["resourceType"]), resource_id)
+                    if identity in seen:
+                        continue
+                    seen.add(identity)
+                yield resource
+
+    def unavailable(self) -> dict[str, str]:
+        """Keys whose data could be neither prefetched nor fetched, with the reason."""
+        return {key: r.reason or "unavailable" for key, r in self.keys.items() if r.state is KeyState.UNAVAILABLE}
+
+    def incomplete(self) -> dict[str, str]:
+        """Keys that yielded data but not all of it (pagination stopped early, entries dropped), with why."""
+        return {key: r.reason for key, r in self.keys.items()
+                if r.state is not KeyState.UNAVAILABLE and r.reason is not None}
+
+    @property
+    def dropped_entries(self) -> int:
+        """Bundle entries dropped across all keys because they were not objects with a ``resourceType``."""
+        return sum(r.dropped_entries for r in self.keys.values())
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Where and how the fallback fetch may reach a FHIR server.
+
+    ``allowed_bases``: `fhirServer` must lie under one of these (same scheme, host and port; path prefix at a
+    segment boundary). An entry's port may be ``*`` (``http://127.0.0.1:*``) for any port, for local use. An
+    empty tuple disables the fallback fetch. ``allow_anonymous`` permits fetching without `fhirAuthorization`
+    (the Sandbox needs it; a development setting). ``operation_outcome_refetch`` treats an OperationOutcome in
+    prefetch like an absent key (hapi-fhir#6836); by default it means "unavailable" and is not refetched.
+    """
+
+    allowed_bases: tuple[str, ...] = ()
+    deadline_seconds: float = 2.0
+    max_pages: int = DEFAULT_MAX_PAGES
+    max_resources: int = DEFAULT_MAX_RESOURCES
+    max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES
+    allow_anonymous: bool = False
+    operation_outcome_refetch: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_bases, str):
+            raise ValueError("FetchPolicy.allowed_bases must be a tuple of URLs, not a string")
+        for base in self.allowed_bases:
+            if _split_base(base, allow_any_port=True) is None:
+                raise ValueError(f"FetchPolicy.allowed_bases: {base!r} is not an http(s) base URL "
+                                 "(no user info, query, fragment or dot segments)")
+        if not self.deadline_seconds > 0:
+            raise ValueError("FetchPolicy.deadline_seconds must be positive")
+        for name in ("max_pages", "max_resources", "max_page_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FetchPolicy.{name} must be a positive integer")
+
+    def allows(self, fhir_server: str) -> bool:
+        """True when ``fhir_server`` lies under one of the allowed bases."""
+        candidate = _split_base(fhir_server, allow_any_port=False)
+        if candidate is None:
+            return False
+        scheme, host, port, path = candidate
+        for base in self.allowed_bases:
+            allowed = _split_base(base, allow_any_port=True)
+            if allowed is None:
+                continue
+            a_scheme, a_host, a_port, a_path = allowed
+            if (scheme, host) != (a_scheme, a_host) or a_port not in (port, None):
+                continue
+            if not a_path or path == a_path or path.startswith(a_path + "/"):
+                return True
+        return False
+
+
+def _split_base(url: str, *, allow_any_port: bool) -> tuple[str, str, int | None, str] | None:
+    """(scheme, host, port, path without trailing slash) of a base URL; port None means any. None if unsafe."""
+    if not isinstance(url, str) or any(not c.isprintable() or c.isspace() for c in url):
+        return None
+    any_port = False
+    parts = urlsplit(url)
+    if allow_any_port and parts.netloc.endswith(":*"):
+        any_port = True
+        url = url.replace(":*", "", 1)
+        parts = urlsplit(url)
+    base_origin = origin(url)
+    if base_origin is None or parts.query or parts.fragment or "?" in url or "#" in url:
+        return None
+    if has_dot_segments(parts.path):
+        return None
+    scheme, host, port = base_origin
+    return scheme, host, None if any_port else port, parts.path.rstrip("/")
+
+
+def _safe_relative(url: str) -> bool:
+    """True when a filled template is a relative FHIR URL that stays under the base (no scheme, host, dots)."""
+    if not url or url.startswith("/") or any(not c.isprintable() or c.isspace() or c == "\\" for c in url):
+        return False
+    parts = urlsplit(url)
+    return not parts.scheme and not parts.netloc and not has_dot_segments(parts.path)
+
+
+@dataclass(frozen=True)
+class _Access:
+    """Permission to fetch: the base, the token (None when anonymous), and the instant it stops being usable."""
+
+    base: str
+    token: str | None
+    deadline: float
+
+
+def resolve_prefetch(definition: ServiceDefinition, request: HookRequest, *, policy: FetchPolicy,
+                     received_at: float, fetcher: FhirFetcher | None = None) -> PrefetchResult:
+    """Resolve every prefetch key of ``definition`` for ``request``; raise PreconditionFailed (412) when a
+    required key is unavailable.
+
+    ``received_at`` is ``time.monotonic()`` when the request arrived: the overall fetch deadline and the access
+    token's expiry are measured from it. Absent keys are fetched in parallel; the call returns by the deadline
+    even if a FHIR server hangs. Keys the client sent without a template are kept (resources are classified by
+    content, not key) but never fetched.
+    """
+    fetcher = fetcher or default_fetcher()
+    deadline = received_at + policy.deadline_seconds
+    token = request.fhir_authorization.access_token if request.fhir_authorization else None
+    access = _fetch_access(request, policy, received_at, deadline)
+    results: dict[str, KeyResult] = {}
+    jobs: dict[str, tuple[Callable[[], KeyResult], KeyResult]] = {}
+
+    for key, template in definition.prefetch.items():
+        refetch_note: str | None = None
+        if key in request.prefetch:
+            result, bundle = _from_prefetch(key, request.prefetch[key], token)
+            if not (policy.operation_outcome_refetch and _is_outcome(request.prefetch[key])):
+                if bundle is not None:
+                    if isinstance(access, str):
+                        result = _with_note(result, f"its next link was not followed: {access}")
+                    else:
+                        jobs[key] = (_follow_job(fetcher, policy, access, key, bundle), result)
+                results[key] = result
+                continue
+            refetch_note = result.reason  # an OperationOutcome, refetched by policy
+        if isinstance(access, str):
+            reason = f"{refetch_note}; not refetched: {access}" if refetch_note else access
+            results[key] = KeyResult(key, KeyState.UNAVAILABLE, reason=reason)
+            continue
+        relative_url = fill_template(template, request.context)
+        if relative_url is None:
+            results[key] = KeyResult(key, KeyState.UNAVAILABLE, reason="template token has no value")
+        elif not _safe_relative(relative_url):
+            results[key] = KeyResult(key, KeyState.UNAVAILABLE,
+                                     reason="the filled template is not a relative FHIR URL under fhirServer")
+        else:
+            fallback = KeyResult(key, KeyState.UNAVAILABLE, origin=ORIGIN_FHIR, reason="timed out")
+            jobs[key] = (_fetch_job(fetcher, policy, access, key, relative_url), fallback)
+            results[key] = fallback
+
+    results.update(_run(jobs, deadline))
+    for key, value in request.prefetch.items():
+        if key not in definition.prefetch:
+            results[key] = _without_next(_from_prefetch(key, value, token))
+
+    resolved = PrefetchResult(MappingProxyType(results))
+    _log.debug("prefetch resolved: %s", {key: r.state.value for key, r in results.items()})
+    missing = {key: results[key].reason or "unavailable" for key in sorted(definition.required_prefetch)
+               if results[key].state is KeyState.UNAVAILABLE}
+    if missing:
+        _log.info("prefetch: required keys unavailable: %s", ", ".join(missing))
+        raise PreconditionFailed(missing)
+    return resolved
+
+
+def _fetch_access(request: HookRequest, policy: FetchPolicy, received_at: float, deadline: float) -> _Access | str:
+    """Whether the fallback fetch may run for this request: an _Access, or the reason it may not."""
+    if not request.fhir_server:
+        return "no fhirServer in the request"
+    if not policy.allowed_bases:
+        return "the FHIR fallback fetch is disabled"
+    if not policy.allows(request.fhir_server):
+        return "fhirServer not on the allowlist"
+    authorization = request.fhir_authorization
+    if authorization is None:
+        if not policy.allow_anonymous:
+            return "no fhirAuthorization in the request, and anonymous FHIR access is not allowed"
+        return _Access(request.fhir_server, None, deadline)
+    expires_at = received_at + authorization.expires_in
+    if time.monotonic() >= expires_at:
+        return "the fhirAuthorization access token has expired"
+    return _Access(request.fhir_server, authorization.access_token, min(deadline, expires_at))
+
+
+def _is_outcome(value: Any) -> bool:
+    return is_resource(value) and value["resourceType"] == "OperationOutcome"
+
+
+def _from_prefetch(key: str, value: Any, token: str | None) -> tuple[KeyResult, Mapping[str, Any] | None]:
+    """Classify one value the client sent; also return it when it is a Bundle with a next link to follow."""
+    if value is None:
+        return KeyResult(key, KeyState.EMPTY, origin=ORIGIN_PREFETCH), None
+    if not is_resource(value):
+        return KeyResult(key, KeyState.UNAVAILABLE, origin=ORIGIN_PREFETCH,
+                         reason=f"prefetch.{clean_text(key, 60)} is not a FHIR resource"), None
+    resource_type = value["resourceType"]
+    if resource_type == "OperationOutcome":
+        diagnostics = redact(outcome_diagnostics(value), token)
+        return KeyResult(key, KeyState.UNAVAILABLE, origin=ORIGIN_PREFETCH,
+                         reason=f"the client sent an OperationOutcome: {diagnostics}"), None
+    if resource_type != "Bundle":
+        return KeyResult(key, KeyState.DATA, (value,), origin=ORIGIN_PREFETCH), None
+    try:
+        resources, dropped = bundle_entries(value)
+    except ValueError as error:
+        return KeyResult(key, KeyState.UNAVAILABLE, origin=ORIGIN_PREFETCH,
+                         reason=f"prefetch.{clean_text(key, 60)}: {error}"), None
+    result = KeyResult(key, KeyState.DATA if resources else KeyState.EMPTY, resources, ORIGIN_PREFETCH,
+                       reason=_dropped_note(dropped), dropped_entries=dropped)
+    return result, value if next_link(value) else None
+
+
+def _without_next(classified: tuple[KeyResult, Mapping[str, Any] | None]) -> KeyResult:
+    result, bundle = classified
+    return result if bundle is None else _with_note(result, "its next link was not followed (not a template key)")
+
+
+def _with_note(result: KeyResult, note: str) -> KeyResult:
+    reason = f"{result.reason}; {note}" if result.reason else note
+    return KeyResult(result.key, result.state, result.resources, result.origin, reason, result.dropped_entries)
+
+
+def _dropped_note(dropped: int) -> str | None:
+    return f"{dropped} Bundle entries without a resource were dropped" if dropped else None
+
+
+def _from_outcome(key: str, outcome: FetchOutcome, origin_: str, prior_reason: str | None = None) -> KeyResult:
+    """A KeyResult from what the fetcher produced."""
+    if not outcome.ok:
+        return KeyResult(key, KeyState.UNAVAILABLE, origin=origin_, reason=outcome.reason)
+    notes = [n for n in (prior_reason, outcome.note, _dropped_note(outcome.dropped_entries)) if n]
+    unique_notes = list(dict.fromkeys(notes))
+    return KeyResult(key, KeyState.DATA if outcome.resources else KeyState.EMPTY, outcome.resources, origin_,
+                     "; ".join(unique_notes) or None, outcome.dropped_entries)
+
+
+def _fetch_job(fetcher: FhirFetcher, policy: FetchPolicy, access: _Access, key: str,
+               relative_url: str) -> Callable[[], KeyResult]:
+    def job() -> KeyResult:
+        outcome = fetcher.fetch(access.base, relative_url, token=access.token, deadline=access.deadline,
+                                label=key, max_pages=policy.max_pages, max_resources=policy.max_resources,
+                                max_page_bytes=policy.max_page_bytes)
+        return _from_outcome(key, outcome, ORIGIN_FHIR)
+    return job
+
+
+def _follow_job(fetcher: FhirFetcher, policy: FetchPolicy, access: _Access, key: str,
+                bundle: Mapping[str, Any]) -> Callable[[], KeyResult]:
+    def job() -> KeyResult:
+        outcome = fetcher.paginate(access.base, bundle, token=access.token, deadline=access.deadline, label=key,
+                                   max_pages=policy.max_pages, max_resources=policy.max_resources,
+                                   max_page_bytes=policy.max_page_bytes)
+        return _from_outcome(key, outcome, ORIGIN_PREFETCH)
+    return job
+
+
+def _run(jobs: Mapping[str, tuple[Callable[[], KeyResult], KeyResult]], deadline: float) -> dict[str, KeyResult]:
+    """Run the jobs in parallel until ``deadline``; a job not done by then yields its fallback result.
+
+    The pool is per call and shut down without waiting: a thread stuck on a slow server finishes on its own
+    (the fetcher's socket timeouts end it shortly after the deadline) while this call returns on time.
+    """
+    results: dict[str, KeyResult] = {}
+    remaining = deadline - time.monotonic()
+    if not jobs:
+        return results
+    if remaining <= 0:
+        return {key: _timed_out(fallback) for key, (_, fallback) in jobs.items()}
+    executor = ThreadPoolExecutor(max_workers=min(len(jobs), MAX_PARALLEL_FETCHES),
+                                  thread_name_prefix="cds-prefetch")
+    try:
+        futures: dict[Future[KeyResult], str] = {executor.submit(job): key for key, (job, _) in jobs.items()}
+        done, _ = wait(futures, timeout=remaining)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    for future, key in futures.items():
+        fallback = jobs[key][1]
+        if future not in done:
+            results[key] = _timed_out(fallback)
+            continue
+        try:
+            results[key] = future.result()
+        except Exception:  # a bug in the fetch path must not turn into a 500 for one optional key
+            _log.exception("prefetch: fetching key %s failed unexpectedly", key)
+            results[key] = (_with_note(fallback, "following its next link failed unexpectedly")
+                            if fallback.state is not KeyState.UNAVAILABLE else
+                            KeyResult(key, KeyState.UNAVAILABLE, origin=fallback.origin,
+                                      reason="fetch failed unexpectedly"))
+    return results
+
+
+def _timed_out(fallback: KeyResult) -> KeyResult:
+    if fallback.state is KeyState.UNAVAILABLE:
+        return KeyResult(fallback.key, KeyState.UNAVAILABLE, origin=fallback.origin, reason="timed out")
+    return _with_note(fallback, "following its next link timed out")
+
+
+_default_lock = threading.Lock()
+_default: FhirFetcher | None = None
+
+
+def default_fetcher() -> FhirFetcher:
+    """The process-wide fetcher (one connection pool), created on first use, after any gunicorn fork."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = FhirFetcher(pool_size=MAX_PARALLEL_FETCHES * 2)
+        return _default

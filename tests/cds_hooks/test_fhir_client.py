@@ -1,0 +1,331 @@
+"""The FHIR fallback fetch against a real HTTP server: reads, searches, pagination, limits, deadlines, faults."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cds_hooks.fhir_client import (
+    FhirFetcher,
+    clean_text,
+    expected_resource_type,
+    outcome_diagnostics,
+    same_origin,
+)
+from tests.support.fhir_stub_server import (  # noqa: F401  (fixtures)
+    FhirStub,
+    fhir_stub,
+    make_fhir_stub,
+    operation_outcome,
+    searchset,
+)
+
+TOKEN = "tok-5f2b9c-super-secret"
+PATIENT = {"resourceType": "Patient", "id": "123"}
+
+
+def obs(n: int) -> dict[str, object]:
+    """A minimal Observation with id ``o<n>``."""
+    return {"resourceType": "Observation", "id": f"o{n}", "status": "final"}
+
+
+@pytest.fixture
+def fetcher() -> Iterator[FhirFetcher]:
+    with FhirFetcher() as f:
+        yield f
+
+
+def soon(seconds: float = 3.0) -> float:
+    return time.monotonic() + seconds
+
+
+def test_fetch_read_returns_the_resource_with_fhir_accept_and_bearer(fhir_stub: FhirStub,
+                                                                    fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/123", PATIENT)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=soon())
+    assert outcome.ok and outcome.resources == (PATIENT,) and outcome.pages == 1
+    (request,) = fhir_stub.requests
+    assert request.headers["accept"] == "application/fhir+json"
+    assert request.authorization == f"Bearer {TOKEN}"
+
+
+def test_fetch_without_token_sends_no_authorization(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/123", PATIENT)
+    assert fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=None, deadline=soon()).ok
+    assert fhir_stub.requests[0].authorization is None
+
+
+def test_fetch_search_unwraps_entries_and_counts_dropped(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    bundle = searchset([obs(1), obs(2)])
+    bundle["entry"] += [{"fullUrl": "x"}, "not-an-object", {"resource": {"id": "no-type"}},
+                        {"resource": operation_outcome("warning only", severity="warning"),
+                         "search": {"mode": "outcome"}}]
+    fhir_stub.add("/fhir/Observation", bundle, query={"patient": "123", "code": "http://loinc.org|751-8"})
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=123&code=http://loinc.org|751-8",
+                            token=TOKEN, deadline=soon())
+    assert outcome.ok
+    assert [r["id"] for r in outcome.resources] == ["o1", "o2"]
+    assert outcome.dropped_entries == 3
+
+
+def test_fetch_empty_searchset_is_ok_and_empty(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Condition", searchset([]))
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Condition?patient=123", token=TOKEN, deadline=soon())
+    assert outcome.ok and outcome.resources == ()
+
+
+@pytest.mark.parametrize(
+    ("route", "relative_url", "reason_part"),
+    (
+        (dict(status=401, body=operation_outcome("bad token")), "Patient/123", "HTTP 401"),
+        (dict(status=403), "Patient/123", "HTTP 403"),
+        (dict(status=404), "Patient/123", "HTTP 404"),
+        (dict(status=500), "Patient/123", "HTTP 500"),
+        (dict(status=503), "Patient/123", "HTTP 503"),
+        (dict(status=400), "Patient/123", "HTTP 400"),
+        (dict(body=b"<html>not json</html>", content_type="text/html"), "Patient/123", "not JSON"),
+        (dict(body=b'{"resourceType": "Patient", '), "Patient/123", "not JSON"),
+        (dict(body=b'{"resourceType": "Patient", "x": NaN}'), "Patient/123", "not JSON"),
+        (dict(body=[PATIENT]), "Patient/123", "not a FHIR resource"),
+        (dict(body={"id": "123"}), "Patient/123", "not a FHIR resource"),
+        (dict(body=b""), "Patient/123", "not JSON"),
+        (dict(body=obs(1)), "Patient/123", "expected Patient"),
+        (dict(body=PATIENT), "Patient?_id=123", "expected Bundle"),
+        (dict(body=operation_outcome("too many results")), "Patient/123", "too many results"),
+        (dict(body={"resourceType": "Bundle", "entry": {"resource": PATIENT}}), "Patient?_id=123",
+         "not an array"),
+    ),
+    ids=("401", "403", "404", "500", "503", "400", "html", "truncated-json", "nan", "json-array",
+         "no-resourceType", "empty-body", "wrong-type-read", "resource-for-search", "operation-outcome",
+         "bundle-entry-not-array"),
+)
+def test_fetch_failures_have_a_reason(fhir_stub: FhirStub, fetcher: FhirFetcher, route: dict[str, object],
+                                      relative_url: str, reason_part: str) -> None:
+    path = "/fhir/" + relative_url.split("?")[0]
+    fhir_stub.add(path, **route)  # type: ignore[arg-type]
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), relative_url, token=TOKEN, deadline=soon())
+    assert not outcome.ok and outcome.resources == ()
+    assert outcome.reason is not None and reason_part in outcome.reason
+    assert "127.0.0.1" not in outcome.reason and "123" not in outcome.reason.replace("HTTP", "")
+
+
+def test_fetch_does_not_follow_redirects(fhir_stub: FhirStub, make_fhir_stub: object, fetcher: FhirFetcher) -> None:
+    other = make_fhir_stub()  # type: ignore[operator]
+    other.add("/fhir/Patient/123", PATIENT)
+    fhir_stub.add("/fhir/Patient/123", status=302, headers={"Location": other.url("/fhir/Patient/123")})
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=soon())
+    assert not outcome.ok and "redirect" in (outcome.reason or "")
+    assert other.requests == []
+
+
+def test_fetch_unreachable_server_reason_has_no_url(fetcher: FhirFetcher) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outcome = fetcher.fetch(f"http://127.0.0.1:{port}/fhir", "Patient/123", token=TOKEN, deadline=soon())
+    assert not outcome.ok and "could not be reached" in (outcome.reason or "")
+    assert str(port) not in (outcome.reason or "")
+
+
+def test_fetch_decodes_gzip(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/123", gzip.compress(json.dumps(PATIENT).encode()),
+                  headers={"Content-Encoding": "gzip"})
+    assert fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=soon()).resources == (PATIENT,)
+
+
+def test_fetch_keeps_no_cookies(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/123", PATIENT, headers={"Set-Cookie": "session=abc; Path=/"})
+    for _ in range(2):
+        assert fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=None, deadline=soon()).ok
+    assert all("cookie" not in r.headers for r in fhir_stub.requests)
+
+
+# --- pagination --------------------------------------------------------------------------------------------------
+
+
+def chain(stub: FhirStub, pages: int, per_page: int = 2, *, relative: bool = False) -> None:
+    """Register a search at /fhir/Observation whose pages 2..n live at /fhir/page/<n>."""
+    for page in range(1, pages + 1):
+        path = "/fhir/Observation" if page == 1 else f"/fhir/page/{page}"
+        nxt = None
+        if page < pages:
+            nxt = f"page/{page + 1}" if relative else stub.url(f"/fhir/page/{page + 1}")
+        stub.add(path, searchset([obs(page * 100 + i) for i in range(per_page)], next_url=nxt))
+
+
+@pytest.mark.parametrize("relative", (False, True), ids=("absolute-next", "relative-next"))
+def test_fetch_follows_next_links(fhir_stub: FhirStub, fetcher: FhirFetcher, relative: bool) -> None:
+    chain(fhir_stub, 3, relative=relative)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=123", token=TOKEN, deadline=soon())
+    assert outcome.ok and outcome.note is None and outcome.pages == 3
+    assert [r["id"] for r in outcome.resources] == ["o100", "o101", "o200", "o201", "o300", "o301"]
+    assert [r.path for r in fhir_stub.requests] == ["/fhir/Observation", "/fhir/page/2", "/fhir/page/3"]
+    assert all(r.authorization == f"Bearer {TOKEN}" for r in fhir_stub.requests)
+
+
+@pytest.mark.parametrize("loop_to", ("/fhir/page/2", "/fhir/Observation?patient=123"), ids=("self", "first-page"))
+def test_fetch_stops_a_next_link_loop(fhir_stub: FhirStub, fetcher: FhirFetcher, loop_to: str) -> None:
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2")))
+    fhir_stub.add("/fhir/page/2", searchset([obs(2)], next_url=fhir_stub.url(loop_to)))
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=123", token=TOKEN, deadline=soon())
+    assert outcome.ok and [r["id"] for r in outcome.resources] == ["o1", "o2"]
+    assert "repeats" in (outcome.note or "")
+    assert len(fhir_stub.requests) == 2
+
+
+def test_fetch_never_follows_next_to_another_origin(fhir_stub: FhirStub, make_fhir_stub: object,
+                                                     fetcher: FhirFetcher) -> None:
+    other = make_fhir_stub()  # type: ignore[operator]
+    other.add("/fhir/page/2", searchset([obs(2)]))
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url=other.url("/fhir/page/2")))
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=123", token=TOKEN, deadline=soon())
+    assert outcome.ok and [r["id"] for r in outcome.resources] == ["o1"]
+    assert "another origin" in (outcome.note or "")
+    assert other.requests == []
+
+
+def test_fetch_stops_at_max_pages(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    chain(fhir_stub, 5)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon(), max_pages=2)
+    assert outcome.pages == 2 and len(outcome.resources) == 4
+    assert "2 pages" in (outcome.note or "")
+    assert len(fhir_stub.requests) == 2
+
+
+@pytest.mark.parametrize(("limit", "requests", "noted"), ((3, 2, True), (4, 2, True), (6, 3, False)),
+                         ids=("mid-page", "page-boundary-with-more", "exactly-all"))
+def test_fetch_stops_at_max_resources(fhir_stub: FhirStub, fetcher: FhirFetcher, limit: int, requests: int,
+                                      noted: bool) -> None:
+    chain(fhir_stub, 3)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon(), max_resources=limit)
+    assert len(outcome.resources) == limit
+    assert len(fhir_stub.requests) == requests
+    assert (outcome.note is not None) is noted
+
+
+def test_fetch_keeps_earlier_pages_when_a_later_page_fails(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2")))
+    fhir_stub.add("/fhir/page/2", status=500)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon())
+    assert outcome.ok and [r["id"] for r in outcome.resources] == ["o1"]
+    assert "page 2" in (outcome.note or "") and "HTTP 500" in (outcome.note or "")
+
+
+def test_paginate_continues_a_bundle_in_hand(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/page/2", searchset([obs(2)]))
+    first = searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2"))
+    outcome = fetcher.paginate(fhir_stub.url("/fhir"), first, token=TOKEN, deadline=soon())
+    assert [r["id"] for r in outcome.resources] == ["o1", "o2"] and outcome.pages == 2
+
+
+# --- size and time limits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", (False, True), ids=("content-length", "chunked-no-length"))
+def test_fetch_refuses_an_oversized_page(fhir_stub: FhirStub, fetcher: FhirFetcher, chunked: bool) -> None:
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)]), pad_to=300_000, chunked=chunked)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon(),
+                            max_page_bytes=100_000)
+    assert not outcome.ok and "larger than 100000 bytes" in (outcome.reason or "")
+
+
+def test_fetch_under_the_size_limit_is_fine(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)]), pad_to=90_000, chunked=True)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon(),
+                            max_page_bytes=100_000)
+    assert outcome.ok and len(outcome.resources) == 1
+
+
+def test_fetch_gives_up_at_the_deadline_on_a_slow_server(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/123", PATIENT, delay=5.0)
+    started = time.monotonic()
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=started + 0.5)
+    assert time.monotonic() - started < 0.8
+    assert outcome.reason == "timed out"
+
+
+def test_fetch_enforces_the_total_deadline_on_a_trickling_body(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    # 1 KiB every 0.1 s for ~3 s: no single socket read ever times out, only the total does.
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)]), pad_to=30_000, drip=0.1)
+    started = time.monotonic()
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=started + 0.5)
+    assert time.monotonic() - started < 0.8
+    assert outcome.reason == "timed out"
+
+
+def test_fetch_past_the_deadline_makes_no_request(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/123", PATIENT)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=time.monotonic() - 1)
+    assert outcome.reason == "timed out" and fhir_stub.requests == []
+
+
+def test_fetch_never_logs_or_reports_the_token(fhir_stub: FhirStub, fetcher: FhirFetcher,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    fhir_stub.add("/fhir/Patient/1", operation_outcome(f"token {TOKEN} is not valid for this patient"))
+    fhir_stub.add("/fhir/Patient/2", status=401)
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2")))
+    fhir_stub.add("/fhir/page/2", operation_outcome(f"echo {TOKEN}"))
+    outcomes = [fetcher.fetch(fhir_stub.url("/fhir"), url, token=TOKEN, deadline=soon())
+                for url in ("Patient/1", "Patient/2", "Observation?patient=1")]
+    texts = [o.reason or o.note or "" for o in outcomes]
+    assert all(texts) and "[redacted]" in texts[0]
+    assert all(TOKEN not in text for text in texts)
+    assert caplog.records and TOKEN not in caplog.text
+    assert all(r.levelno <= logging.DEBUG for r in caplog.records if r.name.startswith("cds_hooks"))
+
+
+# --- pure helpers ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("relative_url", "expected"),
+    (
+        ("Patient/123", "Patient"),
+        ("Patient/123/_history/2", "Patient"),
+        ("Observation?patient=1&code=http://loinc.org|751-8", "Bundle"),
+        ("Observation", "Bundle"),
+        ("Patient/1/Observation?code=x", "Bundle"),
+        ("Patient/1/$everything", None),
+        ("metadata", None),
+        ("Patient/$match", None),
+    ),
+    ids=("read", "vread", "search", "search-no-params", "compartment", "instance-operation", "metadata",
+         "type-operation"),
+)
+def test_expected_resource_type(relative_url: str, expected: str | None) -> None:
+    assert expected_resource_type(relative_url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "base", "same"),
+    (
+        ("https://ehr.example/fhir/page2", "https://ehr.example/fhir", True),
+        ("https://EHR.example:443/other", "https://ehr.example/fhir", True),
+        ("http://ehr.example/fhir/page2", "https://ehr.example/fhir", False),
+        ("https://ehr.example:8443/fhir", "https://ehr.example/fhir", False),
+        ("https://ehr.example.evil.com/fhir", "https://ehr.example/fhir", False),
+        ("https://user@ehr.example/fhir", "https://ehr.example/fhir", False),
+        ("ftp://ehr.example/fhir", "https://ehr.example/fhir", False),
+        ("https://ehr.example:99999/fhir", "https://ehr.example/fhir", False),
+    ),
+    ids=("same", "case-and-default-port", "scheme", "port", "lookalike-host", "userinfo", "not-http", "bad-port"),
+)
+def test_same_origin(url: str, base: str, same: bool) -> None:
+    assert same_origin(url, base) is same
+
+
+def test_outcome_diagnostics_and_clean_text() -> None:
+    outcome = {"resourceType": "OperationOutcome",
+               "issue": [{"diagnostics": "line one\nline\ttwo"}, {"details": {"text": "from details"}},
+                         {"code": "exception"}, "junk"]}
+    assert outcome_diagnostics(outcome) == "line one line two; from details; exception"
+    assert outcome_diagnostics({"resourceType": "OperationOutcome"}) == "no diagnostics"
+    long = clean_text("x" * 500)
+    assert len(long) == 200 and long.endswith("…")

@@ -1,0 +1,563 @@
+"""Prefetch resolution: every row of the spec's prefetch table, the fallback fetch's gates, parallelism, 412."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cds_hooks.errors import PreconditionFailed
+from cds_hooks.fhir_client import FhirFetcher
+from cds_hooks.models import ServiceResponse
+from cds_hooks.prefetch import FetchPolicy, KeyState, PrefetchResult, resolve_prefetch
+from cds_hooks.registry import HookCall, ServiceDefinition
+from cds_hooks.schemas import FhirAuthorization, HookRequest
+from tests.support.fhir_stub_server import (  # noqa: F401  (fixtures)
+    FhirStub,
+    fhir_stub,
+    make_fhir_stub,
+    operation_outcome,
+    searchset,
+)
+
+TOKEN = "tok-7d1e0a-super-secret"
+LABS_QUERY = {"patient": "123", "code": "http://loinc.org|751-8"}
+VITALS_QUERY = {"patient": "123", "code": "http://loinc.org|8310-5"}
+CONDITIONS_QUERY = {"patient": "123"}
+PATIENT = {"resourceType": "Patient", "id": "123"}
+ANC = {"resourceType": "Observation", "id": "anc1", "code": {"coding": [{"code": "751-8"}]}}
+TEMP = {"resourceType": "Observation", "id": "temp1", "code": {"coding": [{"code": "8310-5"}]}}
+CONDITION = {"resourceType": "Condition", "id": "c1"}
+ABSENT = object()
+
+
+def _handler(call: HookCall) -> ServiceResponse:
+    raise NotImplementedError
+
+
+DEFINITION = ServiceDefinition(
+    id="test-service",
+    hook="patient-view",
+    description="test",
+    handler=_handler,
+    prefetch={
+        "patient": "Patient/{{context.patientId}}",
+        "labs": "Observation?patient={{context.patientId}}&code=http://loinc.org|751-8",
+        "vitals": "Observation?patient={{context.patientId}}&code=http://loinc.org|8310-5",
+        "conditions": "Condition?patient={{context.patientId}}",
+    },
+    required_prefetch=frozenset({"labs", "vitals"}),
+)
+
+
+def make_request(stub: FhirStub | None, prefetch: Mapping[str, Any] | None = None, *, token: str | None = TOKEN,
+                 expires_in: int = 300, fhir_server: str | None = None,
+                 context: Mapping[str, Any] | None = None) -> HookRequest:
+    """A patient-view request; fhirServer defaults to the stub's /fhir base."""
+    authorization = None
+    if token is not None:
+        authorization = FhirAuthorization(access_token=token, token_type="Bearer", expires_in=expires_in,
+                                          scope="user/Patient.read user/Observation.read", subject="cds-service")
+    return HookRequest(
+        hook="patient-view",
+        hook_instance="d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        context=context if context is not None else {"userId": "Practitioner/1", "patientId": "123"},
+        fhir_server=fhir_server if fhir_server is not None else (stub.url("/fhir") if stub else None),
+        fhir_authorization=authorization,
+        prefetch=dict(prefetch or {}),
+    )
+
+
+def serve_all(stub: FhirStub, **faults: Any) -> None:
+    """Register every template's URL on the stub with one resource each (faults apply to all)."""
+    stub.add("/fhir/Patient/123", PATIENT, **faults)
+    stub.add("/fhir/Observation", searchset([ANC]), query=LABS_QUERY, **faults)
+    stub.add("/fhir/Observation", searchset([TEMP]), query=VITALS_QUERY, **faults)
+    stub.add("/fhir/Condition", searchset([CONDITION]), query=CONDITIONS_QUERY, **faults)
+
+
+FULL_PREFETCH = {"patient": PATIENT, "labs": searchset([ANC]), "vitals": searchset([TEMP]),
+                 "conditions": searchset([CONDITION])}
+
+
+@pytest.fixture
+def fetcher() -> Iterator[FhirFetcher]:
+    with FhirFetcher() as f:
+        yield f
+
+
+@pytest.fixture
+def resolve(fhir_stub: FhirStub, fetcher: FhirFetcher) -> Callable[..., PrefetchResult]:
+    """resolve_prefetch with the stub allowlisted, the test fetcher, and received_at = now."""
+
+    def run(request: HookRequest, *, received_at: float | None = None, **policy: Any) -> PrefetchResult:
+        policy.setdefault("allowed_bases", (fhir_stub.url("/fhir"),))
+        return resolve_prefetch(DEFINITION, request, policy=FetchPolicy(**policy),
+                                received_at=time.monotonic() if received_at is None else received_at,
+                                fetcher=fetcher)
+
+    return run
+
+
+# --- the prefetch table ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "state", "origin", "fetched", "ids"),
+    (
+        (ABSENT, KeyState.DATA, "fhir", 1, ["c1"]),
+        (None, KeyState.EMPTY, "prefetch", 0, []),
+        (searchset([]), KeyState.EMPTY, "prefetch", 0, []),
+        ({"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []}, KeyState.EMPTY, "prefetch", 0, []),
+        (operation_outcome("could not search"), KeyState.UNAVAILABLE, "prefetch", 0, []),
+        (CONDITION, KeyState.DATA, "prefetch", 0, ["c1"]),
+        (searchset([CONDITION, {**CONDITION, "id": "c2"}]), KeyState.DATA, "prefetch", 0, ["c1", "c2"]),
+        ([CONDITION], KeyState.UNAVAILABLE, "prefetch", 0, []),
+        ("Condition/c1", KeyState.UNAVAILABLE, "prefetch", 0, []),
+        ({"id": "c1"}, KeyState.UNAVAILABLE, "prefetch", 0, []),
+    ),
+    ids=("absent-fetched", "null-empty-not-fetched", "empty-bundle", "empty-entry-array", "operation-outcome",
+         "resource", "bundle", "json-array", "string", "no-resourceType"),
+)
+def test_prefetch_table_row(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult], value: Any,
+                            state: KeyState, origin: str, fetched: int, ids: list[str]) -> None:
+    serve_all(fhir_stub)
+    prefetch = {k: v for k, v in FULL_PREFETCH.items() if k != "conditions"}
+    if value is not ABSENT:
+        prefetch["conditions"] = value
+    result = resolve(make_request(fhir_stub, prefetch)).keys["conditions"]
+    assert result.state is state and result.origin == origin
+    assert [r["id"] for r in result.resources] == ids
+    assert len(fhir_stub.requests) == fetched
+    assert (result.reason is not None) is (state is KeyState.UNAVAILABLE)
+
+
+@pytest.mark.parametrize("value", ([ANC], {"id": "x"}), ids=("json-array", "no-resourceType"))
+def test_prefetch_not_a_resource_reason_names_the_key(resolve: Callable[..., PrefetchResult], value: Any) -> None:
+    result = resolve(make_request(None, {**FULL_PREFETCH, "conditions": value})).keys["conditions"]
+    assert result.reason == "prefetch.conditions is not a FHIR resource"
+
+
+def test_prefetch_operation_outcome_reason_carries_diagnostics(resolve: Callable[..., PrefetchResult]) -> None:
+    value = operation_outcome("search too broad\nretry later")
+    result = resolve(make_request(None, {**FULL_PREFETCH, "conditions": value}))
+    assert result.unavailable() == {"conditions": "the client sent an OperationOutcome: search too broad retry later"}
+
+
+def test_prefetch_operation_outcome_on_required_key_is_412_and_not_fetched(
+        fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    request = make_request(fhir_stub, {**FULL_PREFETCH, "labs": operation_outcome("lab system down")})
+    with pytest.raises(PreconditionFailed) as raised:
+        resolve(request)
+    assert raised.value.status_code == 412
+    assert set(raised.value.missing) == {"labs"} and "lab system down" in raised.value.missing["labs"]
+    outcome = raised.value.to_outcome()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert [i["expression"] for i in outcome["issue"]] == [["prefetch.labs"]]
+    assert fhir_stub.requests == []
+
+
+def test_prefetch_operation_outcome_refetched_when_policy_says_so(
+        fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    request = make_request(fhir_stub, {**FULL_PREFETCH, "labs": operation_outcome("lab system down")})
+    result = resolve(request, operation_outcome_refetch=True).keys["labs"]
+    assert result.state is KeyState.DATA and result.origin == "fhir" and result.resources == (ANC,)
+    assert [r.params for r in fhir_stub.requests] == [{k: (v,) for k, v in LABS_QUERY.items()}]
+
+
+def test_prefetch_operation_outcome_refetch_refused_keeps_both_reasons(resolve: Callable[..., PrefetchResult]) -> None:
+    request = make_request(None, {**FULL_PREFETCH, "conditions": operation_outcome("down")})
+    reason = resolve(request, operation_outcome_refetch=True).unavailable()["conditions"]
+    assert "OperationOutcome: down" in reason and "no fhirServer" in reason
+
+
+def test_prefetch_bundle_next_link_is_followed_and_merged(fhir_stub: FhirStub,
+                                                          resolve: Callable[..., PrefetchResult]) -> None:
+    second = {**ANC, "id": "anc2"}
+    fhir_stub.add("/fhir/Observation/page2", searchset([second]))
+    labs = searchset([ANC], next_url=fhir_stub.url("/fhir/Observation/page2"))
+    result = resolve(make_request(fhir_stub, {**FULL_PREFETCH, "labs": labs})).keys["labs"]
+    assert result.state is KeyState.DATA and result.origin == "prefetch"
+    assert [r["id"] for r in result.resources] == ["anc1", "anc2"]
+    assert [(r.path, r.authorization) for r in fhir_stub.requests] == [("/fhir/Observation/page2", f"Bearer {TOKEN}")]
+
+
+def test_prefetch_bundle_next_link_not_followed_without_access(resolve: Callable[..., PrefetchResult]) -> None:
+    labs = searchset([ANC], next_url="http://127.0.0.1:9/fhir/Observation/page2")
+    result = resolve(make_request(None, {**FULL_PREFETCH, "labs": labs})).keys["labs"]
+    assert result.state is KeyState.DATA and result.resources == (ANC,)
+    assert "next link was not followed: no fhirServer" in (result.reason or "")
+
+
+def test_prefetch_bundle_next_link_to_other_origin_not_followed(
+        fhir_stub: FhirStub, make_fhir_stub: Any, resolve: Callable[..., PrefetchResult]) -> None:
+    other = make_fhir_stub()
+    other.add("/fhir/Observation/page2", searchset([{**ANC, "id": "evil"}]))
+    labs = searchset([ANC], next_url=other.url("/fhir/Observation/page2"))
+    result = resolve(make_request(fhir_stub, {**FULL_PREFETCH, "labs": labs})).keys["labs"]
+    assert result.resources == (ANC,) and "another origin" in (result.reason or "")
+    assert other.requests == [] and fhir_stub.requests == []
+
+
+def test_prefetch_partial_fetches_only_missing_keys(fhir_stub: FhirStub,
+                                                    resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    result = resolve(make_request(fhir_stub, {"patient": PATIENT, "labs": searchset([ANC])}))
+    assert {k: (r.state, r.origin) for k, r in result.keys.items()} == {
+        "patient": (KeyState.DATA, "prefetch"), "labs": (KeyState.DATA, "prefetch"),
+        "vitals": (KeyState.DATA, "fhir"), "conditions": (KeyState.DATA, "fhir")}
+    assert sorted((r.path, r.params.get("code", ("",))[0]) for r in fhir_stub.requests) == [
+        ("/fhir/Condition", ""), ("/fhir/Observation", "http://loinc.org|8310-5")]
+    assert [r["id"] for r in result.resources()] == ["123", "anc1", "temp1", "c1"]
+
+
+def test_prefetch_fetched_read_and_empty_search(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    fhir_stub.add("/fhir/Condition", searchset([]), query=CONDITIONS_QUERY)
+    result = resolve(make_request(fhir_stub, {"labs": searchset([ANC]), "vitals": None}))
+    assert result.keys["patient"].resources == (PATIENT,) and result.keys["patient"].origin == "fhir"
+    assert result.keys["conditions"].state is KeyState.EMPTY and result.keys["conditions"].origin == "fhir"
+    assert result.keys["vitals"].state is KeyState.EMPTY
+
+
+# --- who may be called, with what --------------------------------------------------------------------------------
+
+
+def test_prefetch_sends_bearer_token_when_authorized(fhir_stub: FhirStub,
+                                                     resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    resolve(make_request(fhir_stub))
+    assert len(fhir_stub.requests) == 4
+    assert {r.authorization for r in fhir_stub.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_prefetch_anonymous_fetch_sends_no_authorization(fhir_stub: FhirStub,
+                                                         resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    result = resolve(make_request(fhir_stub, token=None), allow_anonymous=True)
+    assert all(r.state is KeyState.DATA for r in result.keys.values())
+    assert len(fhir_stub.requests) == 4 and {r.authorization for r in fhir_stub.requests} == {None}
+
+
+def required_412(resolve: Callable[..., PrefetchResult], request: HookRequest, **kwargs: Any) -> dict[str, str]:
+    with pytest.raises(PreconditionFailed) as raised:
+        resolve(request, **kwargs)
+    assert raised.value.status_code == 412
+    return raised.value.missing
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "policy", "reason_part"),
+    (
+        (dict(token=None), {}, "anonymous FHIR access is not allowed"),
+        (dict(expires_in=0), {}, "expired"),
+        (dict(fhir_server=""), {}, "no fhirServer"),
+        (dict(), dict(allowed_bases=()), "disabled"),
+        (dict(), dict(allowed_bases=("https://ehr.example/fhir",)), "not on the allowlist"),
+        (dict(), dict(allowed_bases=("http://127.0.0.1",)), "not on the allowlist"),
+        (dict(), dict(allowed_bases=("http://localhost:*",)), "not on the allowlist"),
+        (dict(), dict(allowed_bases=("https://127.0.0.1:*",)), "not on the allowlist"),
+    ),
+    ids=("no-authorization", "token-expired", "no-fhir-server", "fetch-disabled", "other-host", "default-port-only",
+         "localhost-is-not-127", "other-scheme"),
+)
+def test_prefetch_refused_fetch_is_412_without_any_request(fhir_stub: FhirStub,
+                                                           resolve: Callable[..., PrefetchResult],
+                                                           request_kwargs: dict[str, Any], policy: dict[str, Any],
+                                                           reason_part: str) -> None:
+    serve_all(fhir_stub)
+    missing = required_412(resolve, make_request(fhir_stub, **request_kwargs), **policy)
+    assert set(missing) == {"labs", "vitals"}
+    assert all(reason_part in reason for reason in missing.values())
+    assert fhir_stub.requests == []
+
+
+def test_prefetch_lookalike_path_not_allowlisted(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    request = make_request(fhir_stub, fhir_server=fhir_stub.url("/fhir-evil"))
+    assert required_412(resolve, request)["labs"] == "fhirServer not on the allowlist"
+    assert fhir_stub.requests == []
+
+
+@pytest.mark.parametrize("allowed", ("/fhir", "", "/fhir/"), ids=("exact", "origin-only", "trailing-slash"))
+def test_prefetch_allowlisted_base_forms(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult],
+                                         allowed: str) -> None:
+    serve_all(fhir_stub)
+    result = resolve(make_request(fhir_stub), allowed_bases=(fhir_stub.url(allowed),))
+    assert result.unavailable() == {}
+
+
+def test_prefetch_any_port_allowlist_entry(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    assert resolve(make_request(fhir_stub), allowed_bases=("http://127.0.0.1:*",)).unavailable() == {}
+
+
+def test_prefetch_token_expired_by_the_clock_is_not_used(fhir_stub: FhirStub,
+                                                         resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    received_at = time.monotonic() - 301
+    missing = required_412(resolve, make_request(fhir_stub, expires_in=300), received_at=received_at)
+    assert "expired" in missing["labs"]
+    assert fhir_stub.requests == []
+
+
+def test_prefetch_token_expiry_bounds_the_fetch(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub, delay=3.0)
+    started = time.monotonic()
+    prefetch = {k: v for k, v in FULL_PREFETCH.items() if k != "conditions"}
+    result = resolve(make_request(fhir_stub, prefetch, expires_in=1), deadline_seconds=2.0)
+    assert time.monotonic() - started < 1.4
+    assert result.unavailable() == {"conditions": "timed out"}
+
+
+def test_prefetch_template_token_without_value(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    request = make_request(fhir_stub, {"labs": searchset([ANC]), "vitals": None},
+                           context={"userId": "Practitioner/1"})
+    assert resolve(request).unavailable() == {"patient": "template token has no value",
+                                              "conditions": "template token has no value"}
+    assert fhir_stub.requests == []
+
+
+@pytest.mark.parametrize("patient_id", ("../Practitioner/1", "%2e%2e/Practitioner/1", "1 2", "a\\b"),
+                         ids=("dot-dot", "encoded-dot-dot", "space", "backslash"))
+def test_prefetch_filled_template_must_stay_under_the_base(fhir_stub: FhirStub,
+                                                           resolve: Callable[..., PrefetchResult],
+                                                           patient_id: str) -> None:
+    request = make_request(fhir_stub, {"labs": None, "vitals": None, "conditions": None},
+                           context={"userId": "Practitioner/1", "patientId": patient_id})
+    assert "not a relative FHIR URL" in resolve(request).unavailable()["patient"]
+    assert fhir_stub.requests == []
+
+
+# --- parallelism and the deadline ---------------------------------------------------------------------------------
+
+
+def test_prefetch_fetches_missing_keys_in_parallel(fhir_stub: FhirStub,
+                                                   resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub, delay=0.5)
+    started = time.monotonic()
+    result = resolve(make_request(fhir_stub, {"patient": PATIENT}))
+    elapsed = time.monotonic() - started
+    assert all(r.state is KeyState.DATA for r in result.keys.values())
+    assert len(fhir_stub.requests) == 3
+    assert elapsed < 1.0
+
+
+@pytest.mark.parametrize("required", (False, True), ids=("optional-key", "required-key"))
+def test_prefetch_deadline_returns_promptly(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult],
+                                            required: bool) -> None:
+    serve_all(fhir_stub)
+    fhir_stub.add("/fhir/Observation", searchset([ANC]), query=LABS_QUERY, delay=5.0)
+    fhir_stub.add("/fhir/Condition", searchset([CONDITION]), query=CONDITIONS_QUERY, delay=5.0)
+    prefetch = {"patient": PATIENT, "vitals": None}
+    if not required:
+        prefetch["labs"] = searchset([ANC])
+    started = time.monotonic()
+    if required:
+        missing = required_412(resolve, make_request(fhir_stub, prefetch), deadline_seconds=0.5)
+        assert missing == {"labs": "timed out"}
+    else:
+        result = resolve(make_request(fhir_stub, prefetch), deadline_seconds=0.5)
+        assert result.unavailable() == {"conditions": "timed out"}
+    assert time.monotonic() - started < 0.7
+
+
+def test_prefetch_deadline_already_passed_makes_no_request(fhir_stub: FhirStub,
+                                                           resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub)
+    request = make_request(fhir_stub, {"labs": None, "vitals": None})
+    result = resolve(request, received_at=time.monotonic() - 10)
+    assert result.unavailable() == {"patient": "timed out", "conditions": "timed out"}
+    assert fhir_stub.requests == []
+
+
+def test_prefetch_abandoned_fetch_threads_do_not_pile_up(fhir_stub: FhirStub,
+                                                         resolve: Callable[..., PrefetchResult]) -> None:
+    serve_all(fhir_stub, delay=5.0)
+    for _ in range(5):
+        resolve(make_request(fhir_stub, {"labs": None, "vitals": None}), deadline_seconds=0.2)
+    give_up = time.monotonic() + 3
+    while any(t.name.startswith("cds-prefetch") for t in threading.enumerate()) and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("cds-prefetch") for t in threading.enumerate())
+
+
+# --- FHIR failures ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason_part"),
+    (
+        (dict(status=401), "HTTP 401"),
+        (dict(status=403), "HTTP 403"),
+        (dict(status=404), "HTTP 404"),
+        (dict(status=500), "HTTP 500"),
+        (dict(body=b"not json"), "not JSON"),
+        (dict(body={"resourceType": "Patient", "id": "123"}), "expected Bundle"),
+        (dict(body=operation_outcome("search failed")), "search failed"),
+        (dict(body=searchset([CONDITION]), pad_to=200_000), "larger than"),
+    ),
+    ids=("401", "403", "404", "500", "non-json", "wrong-resource-type", "operation-outcome-body", "oversized"),
+)
+def test_prefetch_fetch_failure_is_unavailable_with_reason(fhir_stub: FhirStub,
+                                                           resolve: Callable[..., PrefetchResult],
+                                                           fault: dict[str, Any], reason_part: str) -> None:
+    fhir_stub.add("/fhir/Condition", query=CONDITIONS_QUERY, **fault)
+    request = make_request(fhir_stub, {k: v for k, v in FULL_PREFETCH.items() if k != "conditions"})
+    result = resolve(request, max_page_bytes=100_000).keys["conditions"]
+    assert result.state is KeyState.UNAVAILABLE and result.origin == "fhir"
+    assert reason_part in (result.reason or "")
+    assert len(fhir_stub.requests) == 1
+
+
+@pytest.mark.parametrize("status", (401, 403, 500), ids=("401", "403", "500"))
+def test_prefetch_fetch_failure_on_required_key_is_412(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult],
+                                                       status: int) -> None:
+    serve_all(fhir_stub)
+    fhir_stub.add("/fhir/Observation", query=VITALS_QUERY, status=status)
+    missing = required_412(resolve, make_request(fhir_stub, {"labs": searchset([ANC])}))
+    assert list(missing) == ["vitals"] and f"HTTP {status}" in missing["vitals"]
+
+
+def test_prefetch_fetch_limits_come_from_the_policy(fhir_stub: FhirStub,
+                                                    resolve: Callable[..., PrefetchResult]) -> None:
+    for page in range(1, 4):
+        path = "/fhir/Condition" if page == 1 else f"/fhir/Condition/p{page}"
+        nxt = fhir_stub.url(f"/fhir/Condition/p{page + 1}") if page < 3 else None
+        fhir_stub.add(path, searchset([{**CONDITION, "id": f"c{page}"}], next_url=nxt))
+    request = make_request(fhir_stub, {k: v for k, v in FULL_PREFETCH.items() if k != "conditions"})
+    result = resolve(request, max_pages=2)
+    assert [r["id"] for r in result.keys["conditions"].resources] == ["c1", "c2"]
+    assert result.incomplete() == {"conditions": "stopped at the limit of 2 pages"}
+    assert len(fhir_stub.requests) == 2
+
+
+# --- result shape ----------------------------------------------------------------------------------------------
+
+
+def test_prefetch_unknown_keys_are_kept_but_never_fetched(fhir_stub: FhirStub,
+                                                          resolve: Callable[..., PrefetchResult]) -> None:
+    extra = searchset([ANC, {**ANC, "id": "anc9"}], next_url=fhir_stub.url("/fhir/Observation/p2"))
+    fhir_stub.add("/fhir/Observation/p2", searchset([{**ANC, "id": "never"}]))
+    result = resolve(make_request(fhir_stub, {**FULL_PREFETCH, "extra": extra, "nothing": None}))
+    assert list(result.keys) == ["patient", "labs", "vitals", "conditions", "extra", "nothing"]
+    assert result.keys["extra"].state is KeyState.DATA and "not a template key" in (result.keys["extra"].reason or "")
+    assert result.keys["nothing"].state is KeyState.EMPTY
+    # anc1 arrives under "labs" and "extra": once in resources().
+    assert [r["id"] for r in result.resources()] == ["123", "anc1", "temp1", "c1", "anc9"]
+    assert fhir_stub.requests == []
+
+
+def test_prefetch_dropped_entries_are_counted(resolve: Callable[..., PrefetchResult]) -> None:
+    labs = searchset([ANC])
+    labs["entry"] += [{"fullUrl": "urn:x"}, 42]
+    result = resolve(make_request(None, {**FULL_PREFETCH, "labs": labs}))
+    assert result.dropped_entries == 2 and result.keys["labs"].dropped_entries == 2
+    assert result.keys["labs"].resources == (ANC,)
+    assert result.incomplete() == {"labs": "2 Bundle entries without a resource were dropped"}
+
+
+def test_prefetch_resources_without_id_are_all_kept(resolve: Callable[..., PrefetchResult]) -> None:
+    anonymous = {"resourceType": "Observation", "status": "final"}
+    result = resolve(make_request(None, {**FULL_PREFETCH, "labs": searchset([anonymous, anonymous])}))
+    assert sum(1 for r in result.resources() if r == anonymous) == 2
+
+
+def test_prefetch_token_never_in_logs_reasons_or_412(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    fhir_stub.add("/fhir/Patient/123", operation_outcome(f"bad token {TOKEN}"))
+    fhir_stub.add("/fhir/Observation", query=LABS_QUERY, status=401)
+    fhir_stub.add("/fhir/Observation", query=VITALS_QUERY, delay=5.0)
+    request = make_request(fhir_stub, {"conditions": operation_outcome(f"client echo {TOKEN}")})
+    with pytest.raises(PreconditionFailed) as raised:
+        resolve(request, deadline_seconds=0.5)
+    assert TOKEN not in json.dumps(raised.value.to_outcome()) and TOKEN not in str(raised.value)
+    assert TOKEN not in json.dumps(raised.value.missing)
+    assert caplog.records and TOKEN not in caplog.text
+    result = resolve(make_request(fhir_stub, {"labs": None, "vitals": None,
+                                              "conditions": operation_outcome(f"client echo {TOKEN}")}))
+    assert "[redacted]" in result.unavailable()["patient"] and "[redacted]" in result.unavailable()["conditions"]
+    assert all(TOKEN not in (r.reason or "") for r in result.keys.values())
+
+
+# --- the policy --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allowed", "fhir_server", "allows"),
+    (
+        ("https://ehr.example", "https://ehr.example", True),
+        ("https://ehr.example", "https://ehr.example/fhir/r4", True),
+        ("https://ehr.example", "https://ehr.example.evil.com", False),
+        ("https://ehr.example", "https://ehr.example:8443", False),
+        ("https://ehr.example", "http://ehr.example", False),
+        ("https://ehr.example:443", "https://EHR.EXAMPLE/fhir", True),
+        ("https://ehr.example/fhir", "https://ehr.example/fhir", True),
+        ("https://ehr.example/fhir/", "https://ehr.example/fhir/r4", True),
+        ("https://ehr.example/fhir", "https://ehr.example/fhirx", False),
+        ("https://ehr.example/fhir", "https://ehr.example/", False),
+        ("https://ehr.example/fhir", "https://ehr.example/fhir/../admin", False),
+        ("https://ehr.example/fhir", "https://ehr.example/fhir/%2e%2e/admin", False),
+        ("https://ehr.example", "https://evil.com@ehr.example", False),
+        ("https://ehr.example", "https://ehr.example@evil.com", False),
+        ("https://ehr.example", "https://ehr.example?x=1", False),
+        ("https://ehr.example", "https://ehr.example\\@evil.com", False),
+        ("http://127.0.0.1:*", "http://127.0.0.1:8081/fhir", True),
+        ("http://127.0.0.1", "http://127.0.0.1:8081/fhir", False),
+        ("https://ehr.example", "ehr.example", False),
+    ),
+    ids=("origin", "path-under-origin", "lookalike-host", "other-port", "other-scheme", "default-port-and-case",
+         "exact-path", "trailing-slash", "lookalike-path", "parent-path", "dot-dot", "encoded-dot-dot",
+         "userinfo", "userinfo-host", "query", "backslash", "any-port", "no-port-means-default", "not-a-url"),
+)
+def test_fetch_policy_allows(allowed: str, fhir_server: str, allows: bool) -> None:
+    assert FetchPolicy(allowed_bases=(allowed,)).allows(fhir_server) is allows
+
+
+_LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
+
+
+@given(host=st.lists(_LABEL, min_size=1, max_size=3).map(".".join), extra=_LABEL,
+       joiner=st.sampled_from([".", "-", "", "_"]))
+def test_fetch_policy_never_matches_a_host_extending_the_allowed_one(host: str, extra: str, joiner: str) -> None:
+    policy = FetchPolicy(allowed_bases=(f"https://{host}/fhir",))
+    assert policy.allows(f"https://{host}/fhir/r4")
+    assert not policy.allows(f"https://{host}{joiner}{extra}/fhir")
+    assert not policy.allows(f"https://{host}/fhir{joiner}{extra}")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    (
+        dict(allowed_bases="https://ehr.example"),
+        dict(allowed_bases=("ftp://ehr.example",)),
+        dict(allowed_bases=("https://ehr.example?x=1",)),
+        dict(allowed_bases=("ehr.example",)),
+        dict(deadline_seconds=0),
+        dict(max_pages=0),
+        dict(max_resources=-1),
+        dict(max_page_bytes=True),
+    ),
+    ids=("string-not-tuple", "ftp", "query", "no-scheme", "zero-deadline", "zero-pages", "negative-resources",
+         "bool-bytes"),
+)
+def test_fetch_policy_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        FetchPolicy(**kwargs)
+
+
+def test_fetch_policy_defaults() -> None:
+    policy = FetchPolicy()
+    assert (policy.allowed_bases, policy.deadline_seconds, policy.max_pages, policy.max_resources,
+            policy.max_page_bytes, policy.allow_anonymous, policy.operation_outcome_refetch) == (
+        (), 2.0, 10, 5000, 8 * 1024 * 1024, False, False)
