@@ -54,7 +54,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.url_map.strict_slashes = False
     app.register_blueprint(create_blueprint(
-        ServiceRegistry([neutropenia_service()]),
+        ServiceRegistry([neutropenia_service(settings.clinical_policy(), settings.card_settings())]),
         options=options,
         store=store,
         verifier=_verifier(settings),

@@ -10,9 +10,14 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from service.cards import CardSettings
+from service.thresholds import ClinicalPolicy
 
 ENV_PREFIX = "CDS_"
 MIB = 1024 * 1024
@@ -95,6 +100,10 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _optional_url(value: str) -> str:
+    return _http_url(value) if value.strip() else ""
+
+
 def _database_url(value: str) -> str:
     url = value.strip()
     if "://" not in url:
@@ -138,6 +147,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("FHIR_DEADLINE_SECONDS", _positive_float, "2.0", "One overall deadline for all fallback fetches."),
     Option("FHIR_MAX_PAGES", _positive_int, "10", "Bundle `next` pages followed per prefetch key."),
     Option("FHIR_MAX_RESOURCES", _positive_int, "5000", "Resources accepted per prefetch key."),
+    Option("ANC_CURRENT_DAYS", _positive_int, "7",
+           "An ANC older than this many days is stale: reported, not graded (clinical brief §2, DESIGN)."),
+    Option("TEMPERATURE_WINDOW_HOURS", _positive_int, "24",
+           "Temperatures from the last this many hours are considered (clinical brief §2, DESIGN)."),
+    Option("FN_ANC_CUTOFF", _positive_int, "1000",
+           "Fever with an ANC below this (cells/uL, at most 1500) is febrile neutropenia (brief §0; CTCAE v5)."),
+    Option("CARD_SOURCE_URL", _optional_url, "", "Card `source.url` (default: the project page)."),
+    Option("CARD_FEBRILE_NEUTROPENIA_GUIDELINE_URL", _optional_url, "",
+           "Link on the febrile-neutropenia card (default: the IDSA guideline)."),
+    Option("CARD_NEUTROPENIC_SEPSIS_GUIDELINE_URL", _optional_url, "",
+           "Link on the presumed febrile-neutropenia card (default: NICE CG151)."),
+    Option("CARD_CTCAE_URL", _optional_url, "", "Link to the CTCAE grading (default: NCI CTEP)."),
+    Option("CARD_INFECTION_PREVENTION_URL", _optional_url, "",
+           "Link on the infection-prevention card (default: CDC patient page)."),
     Option("LOG_LEVEL", _log_level, "INFO", "Log level; no level logs tokens or patient data."),
     Option("BIND", _text, "127.0.0.1:8080", "gunicorn bind address (the Docker image binds 0.0.0.0:8080)."),
     Option("WORKERS", _positive_int, "2", "gunicorn worker processes."),
@@ -162,6 +185,14 @@ class Settings:
     fhir_deadline_seconds: float
     fhir_max_pages: int
     fhir_max_resources: int
+    anc_current_days: int
+    temperature_window_hours: int
+    fn_anc_cutoff: int
+    card_source_url: str
+    card_febrile_neutropenia_guideline_url: str
+    card_neutropenic_sepsis_guideline_url: str
+    card_ctcae_url: str
+    card_infection_prevention_url: str
     log_level: str
     bind: str
     workers: int
@@ -170,6 +201,22 @@ class Settings:
     def auth_enabled(self) -> bool:
         """True unless auth was explicitly disabled."""
         return self.auth != "disabled"
+
+    def clinical_policy(self) -> ClinicalPolicy:
+        """The clinical numbers a deployment may set (windows and the febrile-neutropenia ANC cut-off)."""
+        return ClinicalPolicy(anc_current_window=timedelta(days=self.anc_current_days),
+                              temperature_window=timedelta(hours=self.temperature_window_hours),
+                              fn_anc_cutoff=Decimal(self.fn_anc_cutoff))
+
+    def card_settings(self) -> CardSettings:
+        """Card source and link URLs; the cards quote the same febrile-neutropenia cut-off as the rules."""
+        overrides: dict[str, Any] = {name: getattr(self, f"card_{name}") for name in _CARD_URLS
+                                     if getattr(self, f"card_{name}")}
+        return CardSettings.from_mapping({**overrides, "febrile_neutropenia_anc_below": Decimal(self.fn_anc_cutoff)})
+
+
+_CARD_URLS = ("source_url", "febrile_neutropenia_guideline_url", "neutropenic_sepsis_guideline_url", "ctcae_url",
+              "infection_prevention_url")
 
 
 
@@ -211,6 +258,10 @@ def _check_consistency(settings: Settings) -> None:
             raise ConfigError("CDS_TRUSTED_ISSUERS_FILE is required when CDS_AUTH=required")
         if not Path(settings.trusted_issuers_file).is_file():
             raise ConfigError(f"CDS_TRUSTED_ISSUERS_FILE={settings.trusted_issuers_file!r} is not a readable file")
+    try:
+        settings.clinical_policy()
+    except ValueError as error:
+        raise ConfigError(f"CDS_FN_ANC_CUTOFF={settings.fn_anc_cutoff} is invalid: {error}") from None
     if settings.public_base_url:
         try:
             _http_url(settings.public_base_url)

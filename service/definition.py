@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from cds_hooks.models import ServiceResponse
-from cds_hooks.registry import HookCall, ServiceDefinition
+from cds_hooks.registry import Handler, HookCall, ServiceDefinition
 from service.assessment import assess, assessment_extension
-from service.cards import render
+from service.cards import DEFAULT_CARD_SETTINGS, CardSettings, render
+from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
 
 SERVICE_ID = "neutropenia-patient-view"
 EXTENSION_KEY = "org.neutropenia-cds.assessment"
@@ -44,19 +43,20 @@ DESCRIPTION = (
 )
 
 
-def handle(call: HookCall) -> ServiceResponse:
-    """Assess the patient's resources and render the cards (pure apart from what `call` carries)."""
-    assessment = assess(call.data.resources(), now=call.now, **_unavailable(call))
-    cards = render(assessment)
-    return ServiceResponse(cards=cards, extension={EXTENSION_KEY: assessment_extension(assessment)})
+def make_handler(policy: ClinicalPolicy, card_settings: CardSettings) -> Handler:
+    """The hook handler: assess the patient's resources and render the cards (pure apart from ``call``)."""
+
+    def handle(call: HookCall) -> ServiceResponse:
+        assessment = assess(call.data.resources(), now=call.now, policy=policy,
+                            unavailable=call.data.unavailable())
+        cards = render(assessment, settings=card_settings, patient_id=call.request.context.get("patientId"))
+        return ServiceResponse(cards=cards, extension={EXTENSION_KEY: assessment_extension(assessment)})
+
+    return handle
 
 
-def _unavailable(call: HookCall) -> dict[str, Any]:
-    unavailable = call.data.unavailable()
-    return {"unavailable": unavailable} if unavailable else {}
-
-
-def neutropenia_service() -> ServiceDefinition:
+def neutropenia_service(policy: ClinicalPolicy = DEFAULT_POLICY,
+                        card_settings: CardSettings = DEFAULT_CARD_SETTINGS) -> ServiceDefinition:
     """The service definition registered in discovery."""
     return ServiceDefinition(
         id=SERVICE_ID,
@@ -66,5 +66,5 @@ def neutropenia_service() -> ServiceDefinition:
         prefetch=PREFETCH,
         required_prefetch=frozenset({"labs", "vitals"}),
         required_context=frozenset({"patientId", "userId"}),
-        handler=handle,
+        handler=make_handler(policy, card_settings),
     )

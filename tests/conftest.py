@@ -11,6 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
+from tests.support.fhir_stub_server import fhir_stub, make_fhir_stub  # noqa: F401
 from tests.support.gunicorn import gunicorn_factory  # noqa: F401
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401
 

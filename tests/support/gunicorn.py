@@ -57,23 +57,26 @@ class GunicornServer:
 def start_gunicorn(env: Mapping[str, str], log_path: Path, *, timeout: float = 30.0) -> GunicornServer:
     """Start ``gunicorn -c gunicorn.conf.py service.app:create_app()`` with ``env`` and wait for /healthz."""
     port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
     full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-                "CDS_BIND": f"127.0.0.1:{port}", "CDS_WORKERS": "2", **env}
+                "CDS_BIND": f"127.0.0.1:{port}", "CDS_WORKERS": "2",
+                # "{base_url}" in a value (e.g. CDS_PUBLIC_BASE_URL) becomes this server's URL.
+                **{name: value.replace("{base_url}", base_url) for name, value in env.items()}}
     gunicorn = Path(sys.executable).with_name("gunicorn")
     log_file = log_path.open("wb")
     process = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "service.app:create_app()"],
                                cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
-    server = GunicornServer(f"http://127.0.0.1:{port}", process, log_path, full_env)
+    server = GunicornServer(base_url, process, log_path, full_env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
         try:
-            if requests.get(server.base_url + "/healthz", timeout=1).status_code == 200:
+            if requests.get(server.base_url + "/healthz", timeout=2).status_code == 200:
                 return server
-        except requests.ConnectionError:
-            pass
+        except requests.RequestException:
+            pass  # not listening yet, or the workers are still booting
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"gunicorn did not become healthy in {timeout} s:\n{server.log()}")
