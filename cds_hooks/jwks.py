@@ -16,7 +16,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt
 import requests
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 #: JWK members that only a private (or symmetric) key has (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
@@ -31,6 +33,10 @@ ALGORITHM_KEYS: Mapping[str, tuple[str, str | None]] = MappingProxyType({
 #: JWK Sets are a few kilobytes; anything near this is not a key set.
 DEFAULT_MAX_JWKS_BYTES = 1024 * 1024
 
+#: NIST SP 800-131A; PyJWT warns below this, we refuse.
+MIN_RSA_BITS = 2048
+
+_CURVES = ("P-256", "P-384", "P-521")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 JwkDict = Mapping[str, Any]
@@ -101,11 +107,20 @@ def _check_public_jwk(jwk: Any) -> str:
         raise InvalidJwks("has no 'kid'")
     if jwk.get("kty") not in ("EC", "RSA"):
         raise InvalidJwks(f"kid {kid!r}: kty must be EC or RSA, got {jwk.get('kty')!r}")
+    if jwk.get("kty") == "EC" and jwk.get("crv") not in _CURVES:
+        raise InvalidJwks(f"kid {kid!r}: crv must be one of {', '.join(_CURVES)}, got {jwk.get('crv')!r}")
     if jwk.get("use", "sig") != "sig":
         raise InvalidJwks(f"kid {kid!r}: 'use' is {jwk.get('use')!r}, not 'sig'")
     alg = jwk.get("alg")
     if alg is not None and (alg not in ALGORITHM_KEYS or key_mismatch(jwk, alg)):
         raise InvalidJwks(f"kid {kid!r}: alg {alg!r} is not an allowed algorithm for this key")
+    # Parse the key material now, so a typo in x/y/n/e fails at load time rather than on the first request.
+    try:
+        key = jwt.PyJWK(dict(jwk)).key
+    except jwt.PyJWTError as exc:
+        raise InvalidJwks(f"kid {kid!r}: unusable key material: {exc}") from None
+    if isinstance(key, RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise InvalidJwks(f"kid {kid!r}: RSA key is {key.key_size} bits, below {MIN_RSA_BITS}")
     return kid
 
 
@@ -120,7 +135,7 @@ def key_mismatch(jwk: JwkDict, alg: str) -> str | None:
         return f"alg {alg!r} is not an asymmetric signature algorithm"
     kty, crv = wanted
     if jwk.get("kty") != kty:
-        return f"alg {alg} needs a {kty} key, the kid resolves to kty {jwk.get('kty')!r}"
+        return f"alg {alg} needs kty {kty}, the kid resolves to kty {jwk.get('kty')!r}"
     if crv is not None and jwk.get("crv") != crv:
         return f"alg {alg} needs curve {crv}, the key is on {jwk.get('crv')!r}"
     if jwk.get("alg") not in (None, alg):
@@ -184,9 +199,13 @@ class JwksFetcher:
             self._last_attempt[url] = now
             keys = self._fetch_set(url)
             self._cache[url] = _CachedSet(keys, now)
-        if kid not in keys:
-            raise UnknownKid("kid not in the JWK Set, even after a refetch")
-        return keys[kid]
+            if kid not in keys:
+                raise UnknownKid("kid not in the JWK Set, even after a refetch")
+            return keys[kid]
+
+    def close(self) -> None:
+        """Close the HTTP session's pooled connections."""
+        self._session.close()
 
     def _lock_for(self, url: str) -> threading.Lock:
         with self._locks_guard:

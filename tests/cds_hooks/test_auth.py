@@ -1,0 +1,721 @@
+"""Client JWT verification (cds_hooks.auth), the JWKS fetcher (cds_hooks.jwks) and the trusted-issuer config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cds_hooks.auth import (
+    AuthFailure,
+    AuthPolicy,
+    ConfigError,
+    ReplayCache,
+    TokenVerifier,
+    TrustedIssuer,
+    load_trusted_issuers,
+    parse_trusted_issuers,
+)
+from cds_hooks.errors import Unauthorized
+from cds_hooks.jwks import JwksFetcher, JwksFetchError, UnknownKid, index_jwks, key_mismatch
+from cds_hooks.testing.tokens import SANDBOX_ISS, ClientKey, TokenSigner, tamper_payload, write_issuer_config
+
+NOW = 1_800_000_000.0
+ENDPOINT = "https://cds.example.org/cds-services/neutropenia-patient-view"
+EPIC_ISS = "https://ehr.example.org/api/FHIR/R4"
+EPIC_AUD = "https://example.com/savecdshooksrequest"
+CERNER_ISS = "https://cds-hooks.cerner.example"
+
+
+class Clock:
+    """A settable clock, for the verifier (epoch seconds) and the fetcher (monotonic seconds)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Kit:
+    """The clients of one test: the Sandbox (ES384), an Epic-like EHR (RS384) and a tenant-restricted Cerner."""
+
+    sandbox: TokenSigner
+    epic: TokenSigner
+    cerner: TokenSigner
+    rs_key: ClientKey
+    fetches: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def es_key() -> ClientKey:
+    return ClientKey.generate("ES384")
+
+
+@pytest.fixture(scope="module")
+def rs_key() -> ClientKey:
+    return ClientKey.generate("RS384")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(NOW)
+
+
+@pytest.fixture
+def kit(es_key: ClientKey, rs_key: ClientKey, clock: Clock) -> Kit:
+    return Kit(sandbox=TokenSigner(es_key, clock=clock), epic=TokenSigner(rs_key, iss=EPIC_ISS, clock=clock),
+               cerner=TokenSigner(es_key, iss=CERNER_ISS, clock=clock), rs_key=rs_key)
+
+
+@pytest.fixture
+def verifier(kit: Kit, clock: Clock) -> Iterator[TokenVerifier]:
+    issuers = parse_trusted_issuers({"issuers": [
+        kit.sandbox.issuer_entry(),
+        kit.epic.issuer_entry(audiences=[EPIC_AUD]),
+        kit.cerner.issuer_entry(tenants=["tenant-a", "tenant-b"]),
+    ]}, Path("."))
+
+    def no_network(url: str) -> Any:
+        kit.fetches.append(url)
+        raise AssertionError("these issuers are pinned; nothing may be fetched")
+
+    fetcher = JwksFetcher(fetch=no_network, clock=clock)
+    yield TokenVerifier(AuthPolicy(issuers), jwks_fetcher=fetcher, clock=clock)
+    fetcher.close()
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+# --- accepted tokens -------------------------------------------------------------------------------------------
+
+
+def test_verify_accepts_sandbox_es384_token(kit: Kit, verifier: TokenVerifier) -> None:
+    token = kit.sandbox.sign(ENDPOINT)
+    claims = verifier.verify(bearer(token), ENDPOINT)
+    assert (claims.iss, claims.aud, claims.kid, claims.sub, claims.tenant) == (
+        SANDBOX_ISS, (ENDPOINT,), kit.sandbox.key.kid, None, None)
+    assert (claims.iat, claims.exp) == (NOW, NOW + 300)
+    assert claims.jti == claims.raw["jti"]
+
+
+def test_verify_accepts_epic_rs384_with_nbf_and_sub(kit: Kit, verifier: TokenVerifier) -> None:
+    token = kit.epic.sign(ENDPOINT, extra_claims={"nbf": NOW - 300, "sub": "epic-client-id"})
+    claims = verifier.verify(bearer(token), ENDPOINT)
+    assert (claims.iss, claims.sub, claims.raw["nbf"]) == (EPIC_ISS, "epic-client-id", NOW - 300)
+
+
+@pytest.mark.parametrize(
+    ("signer", "aud", "header"),
+    (("sandbox", [ENDPOINT, "https://other.example"], "Bearer {}"),
+     ("epic", EPIC_AUD, "Bearer {}"),
+     ("epic", ["https://other.example", EPIC_AUD], "Bearer {}"),
+     ("sandbox", ENDPOINT, "bearer   {}  "),
+     ("sandbox", ENDPOINT, "BEARER\t{}")),
+    ids=("aud-array-with-ours", "issuer-extra-audience", "aud-array-with-extra", "lowercase-scheme", "tab-separated"),
+)
+def test_verify_accepts_audience_and_header_variants(kit: Kit, verifier: TokenVerifier, signer: str,
+                                                     aud: str | list[str], header: str) -> None:
+    token = getattr(kit, signer).sign(aud)
+    assert verifier.verify(header.format(token), ENDPOINT).aud == ((aud,) if isinstance(aud, str) else tuple(aud))
+
+
+@pytest.mark.parametrize(
+    ("now_offset", "extra_claims", "headers"),
+    ((-300 - 59, None, None), (59, None, None), (0, {"nbf": NOW + 59}, None), (0, None, {"typ": "jwt"}),
+     (0, {"tenant": "anything"}, None)),
+    ids=("exp-within-skew", "iat-within-skew", "nbf-within-skew", "typ-lowercase", "unrestricted-tenant"),
+)
+def test_verify_accepts_within_tolerances(kit: Kit, verifier: TokenVerifier, now_offset: int,
+                                          extra_claims: dict[str, Any] | None, headers: dict[str, Any] | None) -> None:
+    token = kit.sandbox.sign(ENDPOINT, now=NOW + now_offset, extra_claims=extra_claims, headers=headers)
+    verifier.verify(bearer(token), ENDPOINT)
+
+
+def test_verify_accepts_allowed_tenant(kit: Kit, verifier: TokenVerifier) -> None:
+    token = kit.cerner.sign(ENDPOINT, extra_claims={"tenant": "tenant-b"})
+    assert verifier.verify(bearer(token), ENDPOINT).tenant == "tenant-b"
+
+
+# --- refused tokens: every case has its own reason -------------------------------------------------------------
+
+Case = Callable[[Kit], "str | None"]
+_REFUSALS: tuple[tuple[str, Case, AuthFailure], ...] = (
+    ("no-header", lambda k: None, AuthFailure.MISSING_AUTHORIZATION),
+    ("wrong-scheme", lambda k: "Basic dXNlcjpwYXNzd29yZA==", AuthFailure.BAD_SCHEME),
+    ("token-without-scheme", lambda k: k.sandbox.sign(ENDPOINT), AuthFailure.BAD_SCHEME),
+    ("two-tokens", lambda k: bearer(k.sandbox.sign(ENDPOINT) + " extra"), AuthFailure.BAD_SCHEME),
+    ("not-a-jws", lambda k: bearer("not-a-jwt"), AuthFailure.MALFORMED),
+    ("garbage-header-json", lambda k: bearer("bm90IGpzb24.e30.c2ln"), AuthFailure.MALFORMED),
+    ("oversized-token", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"pad": "x" * 20_000})),
+     AuthFailure.TOKEN_TOO_LARGE),
+    ("alg-none", lambda k: bearer(k.sandbox.unsigned(ENDPOINT)), AuthFailure.ALG_NOT_ALLOWED),
+    ("hs256-public-key-as-secret", lambda k: bearer(k.sandbox.hs256_with_public_key(ENDPOINT)),
+     AuthFailure.ALG_NOT_ALLOWED),
+    ("alg-not-in-policy", lambda k: bearer(TokenSigner(ClientKey.generate("ES256")).sign(ENDPOINT)),
+     AuthFailure.ALG_NOT_ALLOWED),
+    ("alg-key-type-mismatch", lambda k: bearer(TokenSigner(k.rs_key).sign(ENDPOINT, kid=k.sandbox.key.kid)),
+     AuthFailure.ALG_KEY_MISMATCH),
+    ("missing-typ", lambda k: bearer(k.sandbox.sign(ENDPOINT, headers={"typ": None})), AuthFailure.BAD_TYP),
+    ("wrong-typ", lambda k: bearer(k.sandbox.sign(ENDPOINT, headers={"typ": "at+jwt"})), AuthFailure.BAD_TYP),
+    ("missing-kid", lambda k: bearer(k.sandbox.sign(ENDPOINT, headers={"kid": None})), AuthFailure.MISSING_KID),
+    ("missing-iss", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"iss": None})),
+     AuthFailure.MISSING_CLAIM),
+    ("missing-aud", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"aud": None})),
+     AuthFailure.MISSING_CLAIM),
+    ("missing-exp", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"exp": None})),
+     AuthFailure.MISSING_CLAIM),
+    ("missing-iat", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"iat": None})),
+     AuthFailure.MISSING_CLAIM),
+    ("missing-jti", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"jti": None})),
+     AuthFailure.MISSING_CLAIM),
+    ("unknown-iss", lambda k: bearer(k.sandbox.sign(ENDPOINT, iss="https://evil.example")),
+     AuthFailure.UNTRUSTED_ISSUER),
+    ("jku-not-allowlisted", lambda k: bearer(k.sandbox.sign(ENDPOINT, jku="https://evil.example/jwks.json")),
+     AuthFailure.JKU_NOT_ALLOWLISTED),
+    ("unknown-kid-pinned-only", lambda k: bearer(k.sandbox.sign(ENDPOINT, kid="rotated-away")),
+     AuthFailure.UNKNOWN_KID),
+    ("tampered-payload", lambda k: bearer(tamper_payload(k.sandbox.sign("https://other.example"), {"aud": ENDPOINT})),
+     AuthFailure.BAD_SIGNATURE),
+    ("same-kid-other-key", lambda k: bearer(TokenSigner(ClientKey.generate("ES384", kid=k.sandbox.key.kid))
+                                            .sign(ENDPOINT)), AuthFailure.BAD_SIGNATURE),
+    ("wrong-aud", lambda k: bearer(k.sandbox.sign("https://cds.example.org/cds-services")), AuthFailure.AUD_MISMATCH),
+    ("aud-array-without-ours", lambda k: bearer(k.sandbox.sign(["https://a.example", "https://b.example"])),
+     AuthFailure.AUD_MISMATCH),
+    ("extra-audience-of-other-issuer", lambda k: bearer(k.sandbox.sign(EPIC_AUD)), AuthFailure.AUD_MISMATCH),
+    ("aud-not-string", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"aud": 42})),
+     AuthFailure.INVALID_CLAIM),
+    ("exp-not-number", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"exp": "soon"})),
+     AuthFailure.INVALID_CLAIM),
+    ("expired", lambda k: bearer(k.sandbox.sign(ENDPOINT, now=NOW - 1000)), AuthFailure.EXPIRED),
+    ("iat-in-future", lambda k: bearer(k.sandbox.sign(ENDPOINT, now=NOW + 120)), AuthFailure.IAT_IN_FUTURE),
+    ("nbf-in-future", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"nbf": NOW + 300})),
+     AuthFailure.NOT_YET_VALID),
+    ("exp-before-iat", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"exp": NOW + 40, "iat": NOW + 50})),
+     AuthFailure.INVALID_CLAIM),
+    ("lifetime-over-maximum", lambda k: bearer(k.sandbox.sign(ENDPOINT, lifetime=7200)),
+     AuthFailure.LIFETIME_TOO_LONG),
+    ("jti-not-string", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"jti": 7})),
+     AuthFailure.INVALID_CLAIM),
+    ("tenant-not-allowed", lambda k: bearer(k.cerner.sign(ENDPOINT, extra_claims={"tenant": "tenant-z"})),
+     AuthFailure.TENANT_NOT_ALLOWED),
+    ("tenant-missing", lambda k: bearer(k.cerner.sign(ENDPOINT)), AuthFailure.TENANT_NOT_ALLOWED),
+)
+
+
+def _refusal(kit: Kit, verifier: TokenVerifier, case: Case) -> tuple[str | None, Unauthorized]:
+    header = case(kit)
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(header, ENDPOINT)
+    return header, caught.value
+
+
+@pytest.mark.parametrize(("case", "failure"), [c[1:] for c in _REFUSALS], ids=[c[0] for c in _REFUSALS])
+def test_verify_refuses(kit: Kit, verifier: TokenVerifier, caplog: pytest.LogCaptureFixture,
+                        case: Case, failure: AuthFailure) -> None:
+    caplog.set_level(logging.DEBUG, logger="cds_hooks.auth")
+    header, refused = _refusal(kit, verifier, case)
+    assert refused.reason.startswith(f"{failure}: ")
+    # The caller learns nothing; the log learns the reason, and never the token.
+    assert (refused.status_code, refused.message) == (401, "unauthorized")
+    assert refused.reason not in json.dumps(refused.to_outcome())
+    [record] = [r for r in caplog.records if r.name == "cds_hooks.auth"]
+    assert record.levelno == logging.WARNING and refused.reason in record.getMessage()
+    for secret in filter(None, [header, header and header.split()[-1]]):
+        assert secret not in caplog.text
+    assert kit.fetches == []
+
+
+def test_verify_refusal_reasons_are_distinct(kit: Kit, verifier: TokenVerifier) -> None:
+    # A token signed by a stranger's key is, to the verifier, the same failure as a tampered one.
+    reasons = [_refusal(kit, verifier, case)[1].reason for name, case, _ in _REFUSALS if name != "same-kid-other-key"]
+    assert len(set(reasons)) == len(reasons), reasons
+
+
+def test_verify_log_names_iss_kid_jti_tenant(kit: Kit, verifier: TokenVerifier,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    token = kit.cerner.sign(ENDPOINT, extra_claims={"tenant": "tenant-z", "jti": "jti-123"})
+    with pytest.raises(Unauthorized):
+        verifier.verify(bearer(token), ENDPOINT)
+    message = caplog.records[-1].getMessage()
+    for value in (CERNER_ISS, kit.cerner.key.kid, "jti-123", "tenant-z"):
+        assert repr(value) in message
+
+
+@pytest.mark.parametrize("claim", ("kid", "typ", "iss", "aud", "exp", "iat", "jti"))
+def test_verify_refuses_each_missing_required_field(kit: Kit, verifier: TokenVerifier, claim: str) -> None:
+    in_header = claim in ("kid", "typ")
+    token = kit.sandbox.sign(ENDPOINT, headers={claim: None} if in_header else None,
+                             extra_claims=None if in_header else {claim: None})
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(bearer(token), ENDPOINT)
+    assert caught.value.reason in {f"missing-claim: {claim}", "missing-kid: header kid is missing or empty",
+                                   "bad-typ: header typ is missing"}
+    assert claim in caught.value.reason
+
+
+def test_verify_hs256_attack_fails_even_if_alg_check_were_bypassed(kit: Kit) -> None:
+    # Defence in depth: the key lookup also refuses to pair an HMAC alg with the client's public key.
+    jwk = kit.sandbox.key.public_jwk()
+    assert key_mismatch(jwk, "HS256") is not None
+    assert key_mismatch(jwk, "RS384") is not None
+    assert key_mismatch(jwk, "ES384") is None
+
+
+# --- replay ----------------------------------------------------------------------------------------------------
+
+
+def test_verify_refuses_replayed_jti(kit: Kit, verifier: TokenVerifier) -> None:
+    token = kit.sandbox.sign(ENDPOINT)
+    verifier.verify(bearer(token), ENDPOINT)
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(bearer(token), ENDPOINT)
+    assert caught.value.reason.startswith(f"{AuthFailure.REPLAYED}: ")
+
+
+def test_verify_failed_token_does_not_burn_its_jti(kit: Kit, verifier: TokenVerifier) -> None:
+    with pytest.raises(Unauthorized):
+        verifier.verify(bearer(kit.sandbox.sign("https://wrong.example", extra_claims={"jti": "j-1"})), ENDPOINT)
+    verifier.verify(bearer(kit.sandbox.sign(ENDPOINT, extra_claims={"jti": "j-1"})), ENDPOINT)
+
+
+def test_verify_jti_is_scoped_per_issuer(kit: Kit, verifier: TokenVerifier) -> None:
+    verifier.verify(bearer(kit.sandbox.sign(ENDPOINT, extra_claims={"jti": "shared"})), ENDPOINT)
+    verifier.verify(bearer(kit.epic.sign(ENDPOINT, extra_claims={"jti": "shared"})), ENDPOINT)
+
+
+def test_replay_cache_forgets_after_expiry(clock: Clock) -> None:
+    cache = ReplayCache(clock=clock)
+    assert cache.add_if_new(("iss", "a"), NOW + 10)
+    assert not cache.add_if_new(("iss", "a"), NOW + 10)
+    clock.advance(10)
+    assert len(cache) == 1 and cache.add_if_new(("iss", "b"), NOW + 20) and len(cache) == 1
+    assert cache.add_if_new(("iss", "a"), NOW + 30)
+
+
+def test_replay_cache_is_bounded_and_evicts_soonest_expiring(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    cache = ReplayCache(max_entries=3, clock=clock)
+    for jti, ttl in (("a", 30), ("b", 10), ("c", 20)):
+        assert cache.add_if_new(("iss", jti), NOW + ttl)
+    assert cache.add_if_new(("iss", "d"), NOW + 40)
+    assert len(cache) == 3
+    assert cache.add_if_new(("iss", "b"), NOW + 10)  # evicted, so accepted again
+    assert not cache.add_if_new(("iss", "d"), NOW + 40)
+    assert "replay cache full" in caplog.text
+
+
+def test_replay_cache_admits_a_key_once_across_threads(clock: Clock) -> None:
+    cache = ReplayCache(clock=clock)
+    results: list[bool] = []
+    barrier = threading.Barrier(16)
+
+    def add() -> None:
+        barrier.wait()
+        results.append(cache.add_if_new(("iss", "race"), NOW + 60))
+
+    threads = [threading.Thread(target=add) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 15 + [True]
+
+
+# --- jku over real HTTP ----------------------------------------------------------------------------------------
+
+
+class JwksServer:
+    """A loopback HTTP server publishing JWK Sets by path, counting every request it receives."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, bytes]] = {}
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                owner.requests.append(self.path)
+                if self.path == "/slow":
+                    time.sleep(1.0)
+                status, body = owner.routes.get(self.path, (404, b"{}"))
+                self.send_response(status)
+                if status in (301, 302):
+                    self.send_header("Location", body.decode())
+                    body = b""
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up early on purpose (size cap, timeout)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def publish(self, path: str, jwks: Any, status: int = 200) -> str:
+        self.routes[path] = (status, jwks if isinstance(jwks, bytes) else json.dumps(jwks).encode())
+        return self.url(path)
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer()
+    server.thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@dataclass
+class JkuSetup:
+    server: JwksServer
+    url: str
+    signer: TokenSigner
+    verifier: TokenVerifier
+    fetch_clock: Clock
+
+
+@pytest.fixture
+def jku(jwks_server: JwksServer, es_key: ClientKey, clock: Clock) -> Iterator[JkuSetup]:
+    """An issuer that publishes its JWKS only at an allowlisted loopback jku (nothing pinned)."""
+    url = jwks_server.publish("/jwks.json", es_key.jwks())
+    iss = "https://ehr.loopback.example"
+    signer = TokenSigner(es_key, iss=iss, jku=url, clock=clock)
+    policy = AuthPolicy({iss: TrustedIssuer(iss, jku_allowlist=(url,))}, jwks_refetch_interval_seconds=30,
+                        jwks_cache_seconds=600)
+    fetch_clock = Clock(1000.0)
+    fetcher = JwksFetcher(cache_seconds=600, refetch_interval_seconds=30, timeout_seconds=0.5, clock=fetch_clock)
+    yield JkuSetup(jwks_server, url, signer, TokenVerifier(policy, jwks_fetcher=fetcher, clock=clock), fetch_clock)
+    fetcher.close()
+
+
+def _reason(verifier: TokenVerifier, token: str) -> str:
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(bearer(token), ENDPOINT)
+    return caught.value.reason
+
+
+def test_jku_fetches_once_then_serves_from_cache(jku: JkuSetup) -> None:
+    for _ in range(3):
+        jku.verifier.verify(bearer(jku.signer.sign(ENDPOINT)), ENDPOINT)
+    assert jku.server.requests == ["/jwks.json"]
+
+
+def test_jku_not_allowlisted_makes_no_request(jku: JkuSetup, kit: Kit) -> None:
+    # The unlisted URL is on the same server and would serve the right key; it must still never be asked.
+    unlisted = jku.server.publish("/other.json", kit.sandbox.key.jwks())
+    reason = _reason(jku.verifier, jku.signer.sign(ENDPOINT, jku=unlisted))
+    assert reason.startswith(f"{AuthFailure.JKU_NOT_ALLOWLISTED}: ")
+    assert jku.server.requests == []
+
+
+def test_jku_not_allowlisted_refused_even_when_kid_is_pinned(kit: Kit, verifier: TokenVerifier,
+                                                           jwks_server: JwksServer) -> None:
+    unlisted = jwks_server.publish("/jwks.json", kit.sandbox.key.jwks())
+    reason = _reason(verifier, kit.sandbox.sign(ENDPOINT, jku=unlisted))
+    assert reason.startswith(f"{AuthFailure.JKU_NOT_ALLOWLISTED}: ")
+    assert jwks_server.requests == [] and kit.fetches == []
+
+
+def test_jku_allowlisted_but_kid_pinned_needs_no_request(jwks_server: JwksServer, es_key: ClientKey,
+                                                         clock: Clock) -> None:
+    url = jwks_server.publish("/jwks.json", es_key.jwks())
+    signer = TokenSigner(es_key, jku=url, clock=clock)
+    issuers = parse_trusted_issuers({"issuers": [signer.issuer_entry()]}, Path("."))
+    assert issuers[SANDBOX_ISS].jku_allowlist == (url,) and issuers[SANDBOX_ISS].pinned_keys
+    TokenVerifier(AuthPolicy(issuers), clock=clock).verify(bearer(signer.sign(ENDPOINT)), ENDPOINT)
+    assert jwks_server.requests == []
+
+
+def test_jku_unknown_kid_refetches_once_then_is_rate_limited(jku: JkuSetup, kit: Kit) -> None:
+    jku.verifier.verify(bearer(jku.signer.sign(ENDPOINT)), ENDPOINT)
+    assert len(jku.server.requests) == 1
+
+    jku.fetch_clock.advance(31)
+    first = _reason(jku.verifier, jku.signer.sign(ENDPOINT, kid="unknown-1"))
+    assert first.startswith(f"{AuthFailure.UNKNOWN_KID}: ") and "after a refetch" in first
+    assert len(jku.server.requests) == 2  # exactly one refetch
+
+    jku.fetch_clock.advance(10)  # still inside the 30 s interval
+    second = _reason(jku.verifier, jku.signer.sign(ENDPOINT, kid="unknown-2"))
+    assert second.startswith(f"{AuthFailure.UNKNOWN_KID}: ") and "rate-limited" in second
+    assert len(jku.server.requests) == 2  # no request at all
+
+    # Known kids are still served from the cache while the refetch is rate-limited.
+    jku.verifier.verify(bearer(jku.signer.sign(ENDPOINT)), ENDPOINT)
+    assert len(jku.server.requests) == 2
+
+
+def test_jku_rotated_key_is_found_after_interval(jku: JkuSetup, rs_key: ClientKey) -> None:
+    jku.verifier.verify(bearer(jku.signer.sign(ENDPOINT)), ENDPOINT)
+    new_key = ClientKey.generate("ES384")
+    jku.server.publish("/jwks.json", {"keys": [jku.signer.key.public_jwk(), new_key.public_jwk()]})
+    rotated = TokenSigner(new_key, iss=jku.signer.iss, jku=jku.url, clock=jku.signer.clock)
+    jku.fetch_clock.advance(30)
+    jku.verifier.verify(bearer(rotated.sign(ENDPOINT)), ENDPOINT)
+    assert len(jku.server.requests) == 2
+
+
+def test_jku_cache_expires(jku: JkuSetup) -> None:
+    jku.verifier.verify(bearer(jku.signer.sign(ENDPOINT)), ENDPOINT)
+    jku.fetch_clock.advance(599)
+    jku.verifier.verify(bearer(jku.signer.sign(ENDPOINT)), ENDPOINT)
+    assert len(jku.server.requests) == 1
+    jku.fetch_clock.advance(1)
+    jku.verifier.verify(bearer(jku.signer.sign(ENDPOINT)), ENDPOINT)
+    assert len(jku.server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "body", "detail"),
+    (("/jwks.json", 500, b"{}", "HTTP 500"),
+     ("/jwks.json", 200, b"<html>", "not JSON"),
+     ("/jwks.json", 200, b'{"keys": []}', "not a usable JWK Set"),
+     ("/jwks.json", 200, b'{"kid": "x"}', "not a usable JWK Set"),
+     ("/jwks.json", 200, b'{"keys": [' + b" " * (1024 * 1024) + b"]}", "over 1048576 bytes"),
+     ("/slow", 200, b"{}", "request failed: ReadTimeout"),
+     ("/jwks.json", 302, b"/elsewhere.json", "HTTP 302")),
+    ids=("http-500", "not-json", "no-keys", "not-a-set", "over-1-mib", "timeout", "redirect-not-followed"),
+)
+def test_jku_unusable_responses(jwks_server: JwksServer, es_key: ClientKey, clock: Clock,
+                                path: str, status: int, body: bytes, detail: str) -> None:
+    url = jwks_server.publish(path, body, status)
+    jwks_server.publish("/elsewhere.json", es_key.jwks())
+    iss = "https://ehr.loopback.example"
+    fetcher = JwksFetcher(timeout_seconds=0.3, clock=Clock(0))
+    verifier = TokenVerifier(AuthPolicy({iss: TrustedIssuer(iss, jku_allowlist=(url,))}),
+                             jwks_fetcher=fetcher, clock=clock)
+    signer = TokenSigner(es_key, iss=iss, jku=url, clock=clock)
+    first = _reason(verifier, signer.sign(ENDPOINT))
+    assert first.startswith(f"{AuthFailure.JWKS_UNAVAILABLE}: ") and detail in first
+    # A failed fetch counts towards the rate limit too: the next token within the interval asks nobody.
+    second = _reason(verifier, signer.sign(ENDPOINT))
+    assert second.startswith(f"{AuthFailure.JWKS_UNAVAILABLE}: ") and "rate-limited" in second
+    assert jwks_server.requests == [path]
+    fetcher.close()
+
+
+def test_jku_unreachable_is_unavailable(es_key: ClientKey, clock: Clock) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/jwks.json"
+    fetcher = JwksFetcher(timeout_seconds=0.5)
+    with pytest.raises(JwksFetchError, match="request failed: ConnectionError"):
+        fetcher.get_key(url, es_key.kid, allowlist=(url,))
+    fetcher.close()
+
+
+def test_jwks_fetcher_single_flight_under_concurrency(jwks_server: JwksServer, es_key: ClientKey) -> None:
+    url = jwks_server.publish("/jwks.json", es_key.jwks())
+    fetcher = JwksFetcher(clock=Clock(0))
+    barrier = threading.Barrier(8)
+    found: list[str] = []
+
+    def lookup() -> None:
+        barrier.wait()
+        found.append(fetcher.get_key(url, es_key.kid, allowlist=(url,))["kid"])
+
+    threads = [threading.Thread(target=lookup) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == [es_key.kid] * 8 and jwks_server.requests == ["/jwks.json"]
+    fetcher.close()
+
+
+def test_jwks_fetcher_injected_fetch_and_allowlist(es_key: ClientKey) -> None:
+    calls: list[str] = []
+
+    def fetch(url: str) -> Any:
+        calls.append(url)
+        return es_key.jwks()
+
+    fetcher = JwksFetcher(fetch=fetch, clock=Clock(0))
+    with pytest.raises(JwksFetchError, match="allowlist"):
+        fetcher.get_key("https://a.example/jwks", es_key.kid, allowlist=("https://b.example/jwks",))
+    assert calls == []
+    assert fetcher.get_key("https://b.example/jwks", es_key.kid, allowlist=("https://b.example/jwks",))["kid"]
+    with pytest.raises(UnknownKid):
+        fetcher.get_key("https://b.example/jwks", "nope", allowlist=("https://b.example/jwks",))
+    assert calls == ["https://b.example/jwks"]
+
+
+def test_index_jwks_lenient_skips_unusable_and_ambiguous_keys(es_key: ClientKey, rs_key: ClientKey) -> None:
+    twin = {**rs_key.public_jwk(), "kid": "twin"}
+    data = {"keys": [es_key.public_jwk(), {**es_key.public_jwk(), "kid": "priv", "d": "AAAA"},
+                     {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+                     {**es_key.public_jwk(), "kid": "enc", "use": "enc"},
+                     {k: v for k, v in rs_key.public_jwk().items() if k != "kid"}, twin, {**twin}]}
+    assert list(index_jwks(data, strict=False)) == [es_key.kid]
+
+
+# --- trusted-issuer config ---------------------------------------------------------------------------------------
+
+
+def test_load_trusted_issuers_reads_full_entry(tmp_path: Path, es_key: ClientKey) -> None:
+    path = write_issuer_config(tmp_path / "issuers.json", [{
+        "iss": SANDBOX_ISS, "jwks": es_key.jwks(), "jku": ["https://sandbox.cds-hooks.org/.well-known/jwks.json"],
+        "audiences": ["sand_man"], "tenants": ["t1", "t2"]}])
+    issuer = load_trusted_issuers(path)[SANDBOX_ISS]
+    assert issuer.jku_allowlist == ("https://sandbox.cds-hooks.org/.well-known/jwks.json",)
+    assert (issuer.audiences, issuer.tenants, list(issuer.pinned_keys)) == (("sand_man",), ("t1", "t2"), [es_key.kid])
+
+
+@pytest.mark.parametrize("absolute", (False, True), ids=("relative", "absolute"))
+def test_load_trusted_issuers_jwks_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, es_key: ClientKey,
+                                        absolute: bool) -> None:
+    (tmp_path / "conf" / "keys").mkdir(parents=True)
+    keys = tmp_path / "conf" / "keys" / "sandbox.json"
+    keys.write_text(json.dumps(es_key.jwks()))
+    path = write_issuer_config(tmp_path / "conf" / "issuers.json",
+                               [{"iss": SANDBOX_ISS, "jwks_file": str(keys) if absolute else "keys/sandbox.json"}])
+    monkeypatch.chdir(tmp_path)  # relative to the config file, not to the working directory
+    assert list(load_trusted_issuers(path)[SANDBOX_ISS].pinned_keys) == [es_key.kid]
+
+
+def _jwks(key: ClientKey, **changes: Any) -> dict[str, Any]:
+    return {"keys": [{**key.public_jwk(), **changes}]}
+
+
+_BAD_CONFIGS: tuple[tuple[str, Callable[[ClientKey], Any], tuple[str, ...]], ...] = (
+    ("not-an-object", lambda k: [], ("issuers:",)),
+    ("no-issuers", lambda k: {}, ("issuers:",)),
+    ("empty-issuers", lambda k: {"issuers": []}, ("issuers: empty",)),
+    ("unknown-top-level", lambda k: {"issuers": [{"iss": "a", "jwks": k.jwks()}], "extra": 1}, ("extra:",)),
+    ("entry-not-object", lambda k: {"issuers": ["https://a"]}, ("issuers[0]:",)),
+    ("missing-iss", lambda k: {"issuers": [{"jwks": k.jwks()}]}, ("issuers[0]: iss:",)),
+    ("iss-not-string", lambda k: {"issuers": [{"iss": 5, "jwks": k.jwks()}]}, ("issuers[0]: iss:",)),
+    ("no-key-source", lambda k: {"issuers": [{"iss": "https://a"}]}, ("'https://a'", "jwks:", "jku")),
+    ("jwks-not-a-set", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.public_jwk()}]},
+     ("'https://a'", "jwks:", "'keys' array")),
+    ("jwks-without-keys", lambda k: {"issuers": [{"iss": "https://a", "jwks": {"keys": []}}]},
+     ("'https://a'", "jwks:", "no usable")),
+    ("private-key-material", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, d="AAAA")}]},
+     ("'https://a'", "jwks:", "private")),
+    ("symmetric-key", lambda k: {"issuers": [{"iss": "https://a", "jwks": {"keys": [
+        {"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}}]}, ("'https://a'", "jwks:", "symmetric")),
+    ("key-without-kid", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, kid="")}]},
+     ("'https://a'", "jwks:", "kid")),
+    ("duplicate-kid", lambda k: {"issuers": [{"iss": "https://a", "jwks": {"keys": [k.public_jwk()] * 2}}]},
+     ("'https://a'", "jwks:", "duplicate kid")),
+    ("bad-key-material", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, x="AAAA")}]},
+     ("'https://a'", "jwks:", "unusable key material")),
+    ("alg-does-not-fit-key", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, alg="RS384")}]},
+     ("'https://a'", "jwks:", "alg")),
+    ("encryption-key", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, use="enc")}]},
+     ("'https://a'", "jwks:", "use")),
+    ("unsupported-curve", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, crv="secp256k1")}]},
+     ("'https://a'", "jwks:", "crv")),
+    ("duplicate-iss", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks()}] * 2},
+     ("issuers[1]", "'https://a'", "iss: duplicate")),
+    ("jwks-and-jwks-file", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "jwks_file": "k.json"}]},
+     ("'https://a'", "jwks_file:",)),
+    ("jwks-file-missing", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "missing.json"}]},
+     ("'https://a'", "jwks_file:", "cannot read")),
+    ("jwks-file-not-json", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "notjson.json"}]},
+     ("'https://a'", "jwks_file:", "not valid JSON")),
+    ("jwks-file-private", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "private.json"}]},
+     ("'https://a'", "jwks_file:", "private")),
+    ("jku-not-list", lambda k: {"issuers": [{"iss": "https://a", "jku": "https://a/jwks"}]}, ("'https://a'", "jku:")),
+    ("jku-plain-http", lambda k: {"issuers": [{"iss": "https://a", "jku": ["http://a.example/jwks"]}]},
+     ("'https://a'", "jku:", "https")),
+    ("audiences-not-strings", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "audiences": [1]}]},
+     ("'https://a'", "audiences:")),
+    ("tenants-empty", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "tenants": []}]},
+     ("'https://a'", "tenants:")),
+    ("unknown-field", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "jwks_url": "x"}]},
+     ("'https://a'", "jwks_url: unknown field")),
+)
+
+
+@pytest.mark.parametrize(("make", "expected"), [c[1:] for c in _BAD_CONFIGS], ids=[c[0] for c in _BAD_CONFIGS])
+def test_load_trusted_issuers_refuses_bad_config(tmp_path: Path, es_key: ClientKey,
+                                                 make: Callable[[ClientKey], Any], expected: tuple[str, ...]) -> None:
+    (tmp_path / "notjson.json").write_text("{not json")
+    (tmp_path / "private.json").write_text(json.dumps(_jwks(es_key, d="AAAA")))
+    path = tmp_path / "issuers.json"
+    path.write_text(json.dumps(make(es_key)))
+    with pytest.raises(ConfigError) as caught:
+        load_trusted_issuers(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    for fragment in expected:
+        assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), (("{not json", "not valid JSON"), (None, "cannot read")),
+                         ids=("bad-json", "missing-file"))
+def test_load_trusted_issuers_refuses_unreadable_file(tmp_path: Path, text: str | None, expected: str) -> None:
+    path = tmp_path / "issuers.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_trusted_issuers(path)
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- policy ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "algorithms",
+    (("none",), ("HS256",), ("RS384", "HS512"), ("EdDSA",), (), "ES384"),
+    ids=("none", "hs256", "mixed-with-hs512", "eddsa", "empty", "bare-string"),
+)
+def test_auth_policy_refuses_algorithms(es_key: ClientKey, algorithms: Any) -> None:
+    with pytest.raises(ConfigError, match="algorithms"):
+        AuthPolicy({}, algorithms=algorithms)
+
+
+def test_auth_policy_accepts_every_asymmetric_algorithm() -> None:
+    algorithms = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+    assert AuthPolicy({}, algorithms=list(algorithms)).algorithms == algorithms  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    (({"clock_skew_seconds": -1}, "clock_skew_seconds"), ({"max_lifetime_seconds": 0}, "max_lifetime_seconds"),
+     ({"max_token_bytes": 0}, "max_token_bytes"), ({"jwks_fetch_timeout_seconds": 0}, "jwks_fetch_timeout_seconds")),
+    ids=("negative-skew", "zero-lifetime", "zero-token-bytes", "zero-timeout"),
+)
+def test_auth_policy_refuses_bad_limits(changes: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        AuthPolicy({}, **changes)
+
+
+def test_auth_policy_issuer_key_must_match_iss(es_key: ClientKey) -> None:
+    with pytest.raises(ConfigError, match="issuers"):
+        AuthPolicy({"https://a": TrustedIssuer("https://b", jwks=es_key.jwks())})
+
+
+def test_auth_policy_max_lifetime_is_configurable(kit: Kit, clock: Clock) -> None:
+    issuers = parse_trusted_issuers({"issuers": [kit.sandbox.issuer_entry()]}, Path("."))
+    verifier = TokenVerifier(AuthPolicy(issuers, max_lifetime_seconds=120), clock=clock)
+    assert _reason(verifier, kit.sandbox.sign(ENDPOINT)).startswith(f"{AuthFailure.LIFETIME_TOO_LONG}: ")
+    verifier.verify(bearer(kit.sandbox.sign(ENDPOINT, lifetime=120)), ENDPOINT)
