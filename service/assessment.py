@@ -11,6 +11,11 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+from service import anc as anc_module
+from service import timing
+from service.codes import ConditionRole, MedicationRole
+from service.extract import Facts, MedicationFact, extract
+from service.fever import assess_fever
 from service.model import Anc as Anc
 from service.model import AncPoint as AncPoint
 from service.model import Assessment as Assessment
@@ -18,6 +23,7 @@ from service.model import CodedRef as CodedRef
 from service.model import DataIssue as DataIssue
 from service.model import Fever as Fever
 from service.model import Finding as Finding
+from service.rules import RuleInput, ctcae_grade, evaluate
 from service.thresholds import DEFAULT_POLICY as DEFAULT_POLICY
 from service.thresholds import ClinicalPolicy as ClinicalPolicy
 
@@ -34,10 +40,114 @@ def assess(
 ) -> Assessment:
     """Evaluate a patient's FHIR ``resources`` at ``now`` (tz-aware) under ``policy``; never raises on bad data."""
     now = _utc(now)
-    issues = tuple(
-        DataIssue("data-unavailable", None, f"{key}: {reason}") for key, reason in sorted(unavailable.items())
+    facts = extract(resources, now=now, policy=policy)
+    series = anc_module.compute(facts.labs, facts.links)
+    current_from = now - policy.anc_current_window
+    newest = series.values[-1] if series.values else None
+    current = [value for value in series.values if value.latest >= current_from]
+    fever = assess_fever(facts.temperatures, now=now, policy=policy)
+    since = newest.effective if newest is not None else current_from
+    anc_issues = [timed.issue for timed in series.issues if timed.latest >= since]
+    context = _context(facts, now, policy)
+    risk_factors = tuple(
+        sorted({c.ref for c in facts.conditions if ConditionRole.RISK_FACTOR in c.roles}, key=_ref_key)
     )
-    return Assessment(evaluated_at=now, data_issues=issues)
+    medications = _current_medications(facts.medications)
+    years, days = _age(facts, now)
+    findings = evaluate(
+        RuleInput(
+            anc=newest,
+            anc_current=newest is not None and newest.latest >= current_from,
+            trend=tuple(value.cells_per_ul for value in current),
+            fever=fever,
+            chemotherapy_context=bool(context),
+            risk_factor=bool(risk_factors or medications or context),
+            drug_induced=any(ConditionRole.DRUG_INDUCED in c.roles for c in facts.conditions),
+            uninterpretable=any(i.code == "anc-uninterpretable" for i in anc_issues),
+            not_computable=any(i.code == "anc-not-computable" for i in anc_issues),
+            age_years=years,
+            age_days=days,
+        ),
+        policy=policy,
+    )
+    issues = {*facts.issues, *anc_issues, *_preliminary_issues(newest, fever)}
+    issues |= {DataIssue("data-unavailable", None, f"{key}: {reason}") for key, reason in unavailable.items()}
+    return Assessment(
+        evaluated_at=now,
+        findings=findings,
+        anc=None if newest is None else _anc(newest, stale=newest.latest < current_from),
+        fever=fever,
+        anc_trend=tuple(AncPoint(tidy(v.cells_per_ul), v.effective, v.sources[0]) for v in current),
+        risk_factors=risk_factors,
+        medications=medications,
+        chemotherapy_context=bool(context),
+        age_years=years,
+        data_issues=tuple(sorted(issues, key=lambda i: (i.code, i.source or "", i.detail or ""))),
+        context=context,
+    )
+
+
+def _anc(value: anc_module.AncValue, *, stale: bool) -> Anc:
+    return Anc(
+        cells_per_ul=tidy(value.cells_per_ul),
+        ctcae_grade=ctcae_grade(value),
+        method=value.method,
+        effective=value.effective,
+        status=value.status,
+        preliminary=value.preliminary,
+        stale=stale,
+        sources=value.sources,
+        comparator=value.comparator,
+        formula=value.formula,
+    )
+
+
+def tidy(value: Decimal) -> Decimal:
+    """``value`` without trailing zeros (400.0 -> 400, 520.50 -> 520.5), never in exponent form."""
+    return Decimal(int(value)) if value == value.to_integral_value() else value.normalize()
+
+
+def _ref_key(ref: CodedRef) -> tuple[str, str, str]:
+    return (ref.source, ref.system, ref.code)
+
+
+def _context(facts: Facts, now: datetime, policy: ClinicalPolicy) -> tuple[CodedRef, ...]:
+    """What makes this a chemotherapy / high-risk context (brief §4 R2): conditions, chemotherapy, G-CSF."""
+    lookback = {MedicationRole.GCSF: policy.gcsf_lookback, MedicationRole.CHEMOTHERAPY: policy.chemotherapy_lookback}
+
+    def recent(fact: MedicationFact) -> bool:
+        window = lookback.get(fact.role)
+        return window is not None and (fact.current or (fact.last is not None and fact.last >= now - window))
+
+    refs = {c.ref for c in facts.conditions if ConditionRole.CHEMOTHERAPY_CONTEXT in c.roles}
+    refs |= {m.ref for m in facts.medications if recent(m)}
+    return tuple(sorted(refs, key=_ref_key))
+
+
+def _current_medications(medications: Iterable[MedicationFact]) -> tuple[CodedRef, ...]:
+    """Current orders for medicines that can cause neutropenia (chemotherapy included), one per order."""
+    causes = (MedicationRole.CAUSE, MedicationRole.CHEMOTHERAPY)
+    by_order: dict[str, CodedRef] = {}
+    for fact in sorted(medications, key=lambda m: (_ref_key(m.ref), m.role.value)):
+        if fact.current and fact.role in causes:
+            by_order.setdefault(fact.ref.source, fact.ref)
+    return tuple(sorted(by_order.values(), key=_ref_key))
+
+
+def _age(facts: Facts, now: datetime) -> tuple[int | None, int | None]:
+    if facts.birth_date is None:
+        return None, None
+    years, days = timing.age(facts.birth_date, now.date())
+    return (years, days) if days >= 0 else (None, None)
+
+
+def _preliminary_issues(anc: anc_module.AncValue | None, fever: Fever | None) -> set[DataIssue]:
+    issues = set()
+    if anc is not None and anc.preliminary:
+        issues.add(DataIssue("preliminary-result", anc.sources[0], "the ANC comes from a preliminary result"))
+    if fever is not None and fever.preliminary:
+        issues.add(DataIssue("preliminary-result", fever.sources[0], "a temperature used is preliminary"))
+    return issues
 
 
 def assessment_extension(assessment: Assessment) -> dict[str, Any]:

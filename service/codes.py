@@ -1,0 +1,359 @@
+"""Code tables as data: (system, code) pairs by role, matched by set membership, never by display text.
+
+Every code here is VERIFIED in clinical-brief.md §3 or was confirmed in a public terminology source before use:
+
+- ATC: A07EC01, J01CE01, J01CE02, J01EE01, J05AF01, L04AX01, N02BA01, N03AF01, N05AH02, H03BA02, H03BB01,
+  H03BB02, N02BB02 (metamizole), J04BA02 (dapsone), the classes L01, L03AA, J01C, J01D, H03B and L03AA09
+  (sargramostim): a complete public WHO ATC index (SubjectRaw/SubjectRaw subject/data/eng/atc.md).
+- RxNorm 68442 filgrastim, 338036 pegfilgrastim and the other G-CSF ingredients/products below: CIBMTR reporting
+  IG value set "med-mobilizing-agents-vs" (nmdp-ig/cibmtr-reporting-ig).
+- ICD-10-CM D51.x, D52.x, E53.8, E61.0, D72.819 and D70.x names: medtrack-io/icd_code (ICD-10-CM tables).
+- LOINC 8311-3/8312-1/8313-9/8314-7/8315-4 (1/8/10/12/24 h maximum temperature): OHDSI PhenotypeLibrary
+  inst/cohorts/208.json; 33256-9 name: several public LOINC maps.
+- Code-system OIDs (urn:oid:2.16.840.1.113883.6.1/.96/.88/.90): public FHIR CodeSystem resources and OID maps.
+- SNOMED 91855006: public sources disagree on its name (acute leukaemia / ALL / AML); every reading is an acute
+  leukaemia, which is the role it has here.
+
+LEFT OUT, because they could not be confirmed: RxNorm 6835 (methimazole) and 8794 (propylthiouracil) and any
+RxNorm code for carbimazole (the ATC class H03B covers all three); ATC L01FA01 (rituximab; the public index lists
+rituximab as L01XC02, an older code - the L01 class covers both); any SNOMED CT code for cyclic neutropenia
+(ICD-10-CM D70.4 is used), for Duffy-null associated neutrophil count / benign ethnic neutropenia (so the DANC
+rule of brief §1.5 cannot be applied), and for vitamin B12, folate or copper deficiency (ICD-10-CM codes used);
+the ATC OID. RxNorm product-level codes for chemotherapy are not listed: chemotherapy is matched by RxNorm
+ingredient or ATC class only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import Enum
+
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+ATC = "http://www.whocc.no/atc"
+UCUM = "http://unitsofmeasure.org"
+
+#: Other spellings of the same code systems (HL7 OIDs).
+SYSTEM_ALIASES: Mapping[str, str] = {
+    "urn:oid:2.16.840.1.113883.6.1": LOINC,
+    "urn:oid:2.16.840.1.113883.6.96": SNOMED,
+    "urn:oid:2.16.840.1.113883.6.88": RXNORM,
+    "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
+}
+
+Code = tuple[str, str]
+
+
+def canonical(system: object, code: object) -> Code | None:
+    """The (system, code) pair of a coding, with system aliases resolved; None unless both are strings."""
+    if not isinstance(system, str) or not isinstance(code, str):
+        return None
+    return (SYSTEM_ALIASES.get(system.strip(), system.strip()), code.strip())
+
+
+def _rows(system: str, rows: str) -> dict[Code, str]:
+    table: dict[Code, str] = {}
+    for line in rows.strip().splitlines():
+        code, _, display = line.partition("|")
+        table[(system, code.strip())] = display.strip()
+    return table
+
+
+# --- Observations (brief §3.1) ----------------------------------------------------------------------------------
+
+
+class LabRole(str, Enum):
+    """What a lab code measures, for the ANC computation (brief §2)."""
+
+    ANC = "anc"  # absolute neutrophils
+    SEGS_ABS = "segs-abs"  # absolute segmented neutrophils
+    BANDS_ABS = "bands-abs"  # absolute band neutrophils
+    TOTAL_PCT = "total-pct"  # neutrophils / 100 leukocytes (automated totals include bands)
+    SEGS_PCT = "segs-pct"  # segmented neutrophils / 100 leukocytes
+    BANDS_PCT = "bands-pct"  # band neutrophils / 100 leukocytes
+    FRACTION = "fraction"  # neutrophils / leukocytes, pure number 0-1
+    WBC = "wbc"  # leukocytes
+
+
+LAB_ROLES: Mapping[Code, LabRole] = {
+    **{(LOINC, c): LabRole.ANC for c in ("751-8", "753-4", "26499-4")},
+    **{(LOINC, c): LabRole.SEGS_ABS for c in ("30451-9", "768-2")},
+    **{(LOINC, c): LabRole.BANDS_ABS for c in ("26507-4", "763-3", "30229-9")},
+    **{(LOINC, c): LabRole.TOTAL_PCT for c in ("770-8", "26511-6", "23761-0")},
+    **{(LOINC, c): LabRole.SEGS_PCT for c in ("769-0", "26505-8", "32200-8")},
+    **{(LOINC, c): LabRole.BANDS_PCT for c in ("764-1", "26508-2", "35332-6")},
+    (LOINC, "71676-1"): LabRole.FRACTION,
+    **{(LOINC, c): LabRole.WBC for c in ("6690-2", "26464-8", "804-5", "33256-9")},
+}
+
+#: Body temperature codes (FHIR bodytemp, OHDSI FN cohort); maxima over 1/8/10/12/24 h count as single readings.
+TEMPERATURE: frozenset[Code] = frozenset(
+    (LOINC, c)
+    for c in (
+        "8310-5", "8331-1", "8332-9", "8328-7", "8333-7", "76011-6", "8329-5", "8334-5", "61008-9",
+        "60836-4", "60838-0", "76278-1", "75539-7", "8311-3", "8312-1", "8313-9", "8314-7", "8315-4",
+    )
+)  # fmt: skip
+
+#: Every Observation code the engine reads; anything else is dropped before validation.
+OBSERVATION_CODES: frozenset[Code] = frozenset(LAB_ROLES) | TEMPERATURE
+
+# --- Conditions (brief §3.2, §3.3) ------------------------------------------------------------------------------
+
+
+class ConditionRole(str, Enum):
+    """Why a condition matters to the rules."""
+
+    RISK_FACTOR = "risk-factor"  # R12: a seed risk factor (brief §0) or documented neutropenia
+    CHEMOTHERAPY_CONTEXT = "chemotherapy-context"  # R2: chemotherapy / high-risk context
+    DRUG_INDUCED = "drug-induced"  # R15: drug-induced neutropenia
+
+
+_NEUTROPENIA_SCT = _rows(SNOMED, """
+165517008|Neutropenia
+303011007|Neutropenic disorder
+17182001|Agranulocytosis
+89655007|Congenital neutropenia
+721303001|Refractory neutropenia
+703148008|Periodontitis associated with chronic familial neutropenia
+84828003|Leukopenia
+127034005|Pancytopenia
+""")
+_DRUG_INDUCED_SCT = _rows(SNOMED, """
+47318007|Drug-induced neutropenia
+56918001|Dose-related drug-induced neutropenia
+3902000|Non dose-related drug-induced neutropenia
+276628009|Chloramphenicol-induced neutropenia
+32092008|Toxic neutropenia
+""")
+_CHEMO_CONTEXT_SCT = _rows(SNOMED, """
+425229001|Chemotherapy-induced neutropenia
+328301000119102|Pancytopenia due to antineoplastic chemotherapy
+409089005|Febrile neutropenia
+91855006|Acute leukemia
+91861009|Acute myeloid leukemia
+234336002|Hemopoietic stem cell transplant
+367336001|Chemotherapy
+""")
+_SEED_RISK_SCT = _rows(SNOMED, """
+306058006|Aplastic anemia
+93143009|Leukemia
+109995007|Myelodysplastic syndrome
+127035006|Bone marrow disorder
+55464009|Systemic lupus erythematosus
+69896004|Rheumatoid arthritis
+34486009|Hyperthyroidism
+353295004|Graves' disease
+86406008|HIV infection
+40468003|Viral hepatitis, type A
+66071002|Type B viral hepatitis
+6142004|Influenza
+28944009|Cytomegalovirus infection
+55735004|Respiratory syncytial virus infection
+271558008|Infectious mononucleosis
+57160007|Felty's syndrome
+363346000|Malignant neoplastic disease
+108290001|Radiation oncology AND/OR radiotherapy
+""")
+_NEUTROPENIA_ICD = _rows(ICD10CM, """
+D70.0|Congenital agranulocytosis
+D70.3|Neutropenia due to infection
+D70.4|Cyclic neutropenia
+D70.8|Other neutropenia
+D70.9|Neutropenia, unspecified
+D72.819|Decreased white blood cell count, unspecified
+""")
+_DRUG_INDUCED_ICD = _rows(ICD10CM, "D70.2|Other drug-induced agranulocytosis")
+_CHEMO_CONTEXT_ICD = _rows(ICD10CM, "D70.1|Agranulocytosis secondary to cancer chemotherapy")
+_DEFICIENCY_ICD = _rows(ICD10CM, """
+D51.0|Vitamin B12 deficiency anemia due to intrinsic factor deficiency
+D51.1|Vitamin B12 deficiency anemia due to selective vitamin B12 malabsorption with proteinuria
+D51.2|Transcobalamin II deficiency
+D51.3|Other dietary vitamin B12 deficiency anemia
+D51.8|Other vitamin B12 deficiency anemias
+D51.9|Vitamin B12 deficiency anemia, unspecified
+D52.0|Dietary folate deficiency anemia
+D52.1|Drug-induced folate deficiency anemia
+D52.8|Other folate deficiency anemias
+D52.9|Folate deficiency anemia, unspecified
+E53.8|Deficiency of other specified B group vitamins
+E61.0|Copper deficiency
+""")
+
+
+def _roles(*parts: tuple[Mapping[Code, str], Iterable[ConditionRole]]) -> dict[Code, frozenset[ConditionRole]]:
+    merged: dict[Code, frozenset[ConditionRole]] = {}
+    for table, roles in parts:
+        for code in table:
+            merged[code] = merged.get(code, frozenset()) | frozenset(roles)
+    return merged
+
+
+_RISK = (ConditionRole.RISK_FACTOR,)
+CONDITION_ROLES: Mapping[Code, frozenset[ConditionRole]] = _roles(
+    (_NEUTROPENIA_SCT, _RISK),
+    (_NEUTROPENIA_ICD, _RISK),
+    (_SEED_RISK_SCT, _RISK),
+    (_DEFICIENCY_ICD, _RISK),
+    (_DRUG_INDUCED_SCT, (*_RISK, ConditionRole.DRUG_INDUCED)),
+    (_DRUG_INDUCED_ICD, (*_RISK, ConditionRole.DRUG_INDUCED)),
+    (_CHEMO_CONTEXT_SCT, (*_RISK, ConditionRole.CHEMOTHERAPY_CONTEXT)),
+    (_CHEMO_CONTEXT_ICD, (*_RISK, ConditionRole.CHEMOTHERAPY_CONTEXT)),
+)
+#: Our display for each condition code (used when the record has none).
+CONDITION_DISPLAY: Mapping[Code, str] = {
+    **_NEUTROPENIA_SCT, **_DRUG_INDUCED_SCT, **_CHEMO_CONTEXT_SCT, **_SEED_RISK_SCT,
+    **_NEUTROPENIA_ICD, **_DRUG_INDUCED_ICD, **_CHEMO_CONTEXT_ICD, **_DEFICIENCY_ICD,
+}  # fmt: skip
+
+# --- Medicines (brief §3.4) -------------------------------------------------------------------------------------
+
+
+class MedicationRole(str, Enum):
+    """Why a medicine matters to the rules."""
+
+    CHEMOTHERAPY = "chemotherapy"  # myelosuppressive chemotherapy: context for R2, and a cause
+    CAUSE = "cause"  # a non-chemotherapy medicine that can cause neutropenia (R15 review list)
+    GCSF = "g-csf"  # colony-stimulating factor: recent chemotherapy context (R2), not a cause
+
+
+_CHEMO_RXN = _rows(RXNORM, """
+6851|methotrexate
+3002|cyclophosphamide
+40048|carboplatin
+2555|cisplatin
+72962|docetaxel
+56946|paclitaxel
+3639|doxorubicin
+12574|gemcitabine
+""")
+_CAUSE_RXN = _rows(RXNORM, """
+2626|clozapine
+9524|sulfasalazine
+10180|sulfamethoxazole
+10829|trimethoprim
+7980|penicillin G
+7984|penicillin V
+1191|aspirin
+121191|rituximab
+2002|carbamazepine
+40254|valproate
+11413|zidovudine
+1256|azathioprine
+""")
+_GCSF_RXN = _rows(RXNORM, """
+68442|filgrastim
+338036|pegfilgrastim
+70167|lenograstim
+1440046|lipegfilgrastim
+1433764|tbo-filgrastim
+1605064|filgrastim-sndz
+2057198|filgrastim-aafi
+2595942|filgrastim-ayow
+2048018|pegfilgrastim-jmdb
+2102692|pegfilgrastim-cbqv
+2260702|pegfilgrastim-bmez
+2469333|pegfilgrastim-apgf
+2602779|pegfilgrastim-pbbk
+227304|Neupogen
+353501|Neulasta
+1442677|Granix
+1605067|Zarxio
+2048021|Fulphila
+2057201|Nivestym
+2102695|Udenyca
+2260705|Ziextenzo
+2469336|Nyvepria
+2595946|Releuko
+2602783|Fylnetra
+1159651|filgrastim Injectable Product
+1161380|pegfilgrastim Injectable Product
+1162571|lenograstim Injectable Product
+1182279|Neulasta Injectable Product
+1182281|Neupogen Injectable Product
+315932|filgrastim 0.3 MG/ML
+331527|filgrastim 0.6 MG/ML
+350977|pegfilgrastim 10 MG/ML
+567845|filgrastim 0.3 MG/ML [Neupogen]
+574887|filgrastim 0.6 MG/ML [Neupogen]
+575870|pegfilgrastim 10 MG/ML [Neulasta]
+727534|filgrastim Prefilled Syringe
+727535|0.5 ML filgrastim 0.6 MG/ML Prefilled Syringe
+727536|filgrastim Prefilled Syringe [Neupogen]
+727537|0.5 ML filgrastim 0.6 MG/ML Prefilled Syringe [Neupogen]
+727538|pegfilgrastim Prefilled Syringe
+727539|0.6 ML pegfilgrastim 10 MG/ML Prefilled Syringe
+727541|pegfilgrastim Prefilled Syringe [Neulasta]
+727542|0.6 ML pegfilgrastim 10 MG/ML Prefilled Syringe [Neulasta]
+727544|0.8 ML filgrastim 0.6 MG/ML Prefilled Syringe
+727545|0.8 ML filgrastim 0.6 MG/ML Prefilled Syringe [Neupogen]
+1649943|filgrastim Injection
+1649944|1 ML filgrastim 0.3 MG/ML Injection
+1649945|filgrastim Injection [Neupogen]
+1649946|1 ML filgrastim 0.3 MG/ML Injection [Neupogen]
+1649963|1.6 ML filgrastim 0.3 MG/ML Injection
+1649964|1.6 ML filgrastim 0.3 MG/ML Injection [Neupogen]
+2549330|pegfilgrastim Injection
+2549331|0.6 ML pegfilgrastim 10 MG/ML Injection
+2549332|pegfilgrastim Injection [Neulasta]
+2549333|0.6 ML pegfilgrastim 10 MG/ML Injection [Neulasta]
+""")
+#: ATC codes and classes; a code matches when it equals a key or starts with a class key (ATC is hierarchical).
+_ATC_ROLES: Mapping[str, tuple[MedicationRole, str]] = {
+    "L01": (MedicationRole.CHEMOTHERAPY, "antineoplastic agent"),
+    "L03AA": (MedicationRole.GCSF, "colony stimulating factor"),
+    "N05AH02": (MedicationRole.CAUSE, "clozapine"),
+    "A07EC01": (MedicationRole.CAUSE, "sulfasalazine"),
+    "J01EE01": (MedicationRole.CAUSE, "sulfamethoxazole and trimethoprim"),
+    "J01C": (MedicationRole.CAUSE, "beta-lactam antibacterial, penicillin"),
+    "J01D": (MedicationRole.CAUSE, "other beta-lactam antibacterial"),
+    "N02BA01": (MedicationRole.CAUSE, "acetylsalicylic acid"),
+    "N02BB02": (MedicationRole.CAUSE, "metamizole sodium"),
+    "N03AF01": (MedicationRole.CAUSE, "carbamazepine"),
+    "N03AG01": (MedicationRole.CAUSE, "valproic acid"),
+    "J05AF01": (MedicationRole.CAUSE, "zidovudine"),
+    "L04AX01": (MedicationRole.CAUSE, "azathioprine"),
+    "H03B": (MedicationRole.CAUSE, "antithyroid preparation (thionamide)"),
+    "J04BA02": (MedicationRole.CAUSE, "dapsone"),
+}
+_RXNORM_ROLES: Mapping[Code, MedicationRole] = {
+    **{code: MedicationRole.CHEMOTHERAPY for code in _CHEMO_RXN},
+    **{code: MedicationRole.CAUSE for code in _CAUSE_RXN},
+    **{code: MedicationRole.GCSF for code in _GCSF_RXN},
+}
+MEDICATION_DISPLAY: Mapping[Code, str] = {**_CHEMO_RXN, **_CAUSE_RXN, **_GCSF_RXN}
+
+
+def medication_role(code: Code) -> MedicationRole | None:
+    """The role of a medication code: RxNorm by exact code, ATC by code or class prefix."""
+    system, value = code
+    if system == ATC:
+        for length in (7, 5, 4, 3):
+            hit = _ATC_ROLES.get(value[:length]) if len(value) >= length else None
+            if hit is not None:
+                return hit[0]
+        return None
+    return _RXNORM_ROLES.get(code)
+
+
+def medication_display(code: Code) -> str | None:
+    """Our display for a medication code, if we have one."""
+    system, value = code
+    if system == ATC:
+        for length in (7, 5, 4, 3):
+            hit = _ATC_ROLES.get(value[:length]) if len(value) >= length else None
+            if hit is not None:
+                return hit[1]
+        return None
+    return MEDICATION_DISPLAY.get(code)
+
+
+#: Every code system a MedicationRequest may be matched in.
+MEDICATION_SYSTEMS = frozenset({RXNORM, ATC})
+
+# --- Orderables for card suggestions (brief §3.1b) --------------------------------------------------------------
+
+CBC_WITH_DIFFERENTIAL: Code = (LOINC, "57021-8")  # CBC W Auto Differential panel - Blood
+BLOOD_CULTURE: Code = (LOINC, "600-7")  # Bacteria identified in Blood by Culture

@@ -1,0 +1,84 @@
+"""The fever rule, exactly as brief §0 states it, over the temperatures of the window.
+
+Fever = any single reading >= 38.3 C, OR consecutive readings all >= 38.0 C whose first and last effective times
+are at least 60 minutes apart with no reading < 38.0 C between them. Temperatures are already in degrees Celsius
+rounded to 2 decimals (``service.units``). Readings at the same instant count as one reading, the highest
+(conservative); only readings timed to an instant can form a sustained run (a date-only reading has no place in a
+sequence), but any reading counts as a single reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+
+from service.extract import Temperature
+from service.model import Fever
+from service.thresholds import (
+    DEFAULT_POLICY,
+    FEVER_SINGLE_READING,
+    FEVER_SUSTAINED,
+    FEVER_SUSTAINED_DURATION,
+    ClinicalPolicy,
+)
+
+SINGLE_READING, SUSTAINED, NONE = "single-reading", "sustained", "none"
+
+
+def in_window(
+    temperatures: Iterable[Temperature], *, now: datetime, policy: ClinicalPolicy = DEFAULT_POLICY
+) -> list[Temperature]:
+    """The readings that may fall inside the temperature window ending at ``now`` (future ones excluded)."""
+    start, end = now - policy.temperature_window, now + policy.future_tolerance
+    return sorted({t for t in temperatures if t.latest >= start and t.effective <= end}, key=repr)
+
+
+def assess_fever(
+    temperatures: Iterable[Temperature], *, now: datetime, policy: ClinicalPolicy = DEFAULT_POLICY
+) -> Fever | None:
+    """The fever finding for the window ending at ``now``; None when there is no temperature in the window."""
+    readings = in_window(temperatures, now=now, policy=policy)
+    if not readings:
+        return None
+    maximum = max(t.celsius for t in readings)
+    hottest = _at_latest_time([t for t in readings if t.celsius == maximum])
+    if maximum >= FEVER_SINGLE_READING:
+        return _fever(maximum, SINGLE_READING, hottest, None)
+    run = _latest_sustained_run([t for t in readings if t.precise])
+    if run is not None:
+        return _fever(maximum, SUSTAINED, run, run[0].effective)
+    return _fever(maximum, NONE, hottest, None)
+
+
+def _at_latest_time(readings: list[Temperature]) -> list[Temperature]:
+    latest = max(t.effective for t in readings)
+    return [t for t in readings if t.effective == latest]
+
+
+def _latest_sustained_run(readings: list[Temperature]) -> list[Temperature] | None:
+    """The most recent run of consecutive instants all >= 38.0 C spanning >= 60 minutes, if any."""
+    by_time: dict[datetime, list[Temperature]] = {}
+    for reading in readings:
+        by_time.setdefault(reading.effective, []).append(reading)
+    found: list[Temperature] | None = None
+    run: list[datetime] = []
+    for moment in sorted(by_time):
+        if max(t.celsius for t in by_time[moment]) >= FEVER_SUSTAINED:
+            run.append(moment)
+            if run[-1] - run[0] >= FEVER_SUSTAINED_DURATION:
+                found = [t for m in run for t in by_time[m] if t.celsius >= FEVER_SUSTAINED]
+        else:
+            run = []
+    return found
+
+
+def _fever(maximum: Decimal, criterion: str, used: list[Temperature], since: datetime | None) -> Fever:
+    return Fever(
+        max_celsius=maximum,
+        criterion=criterion,
+        effective=max(t.effective for t in used),
+        sources=tuple(sorted({t.source for t in used})),
+        since=since,
+        preliminary=any(t.preliminary for t in used),
+    )

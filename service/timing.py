@@ -1,0 +1,103 @@
+"""FHIR date, dateTime, instant and Period values as UTC intervals (pure, no clock).
+
+A value with less than full precision covers an interval: "2025-03-10" is the whole day (in UTC - DESIGN, a date
+has no zone), "2025-03" the whole month. ``Timing.effective`` is the start of that interval (so a date-only
+result of today is not "in the future") and ``Timing.latest`` its end (so it still counts as recent).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+
+_PATTERN = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d+)?)?(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$"
+)
+_TICK = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When a result applies: ``effective`` is the representative instant, ``latest`` the latest it may be."""
+
+    effective: datetime
+    latest: datetime
+
+    @property
+    def precise(self) -> bool:
+        """Whether the time is a single instant (not a date, month or period)."""
+        return self.effective == self.latest
+
+
+def parse(value: object) -> Timing | None:
+    """A FHIR date/dateTime/instant string as a UTC ``Timing``; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    match = _PATTERN.match(value.strip())
+    if match is None:
+        return None
+    g = match.groupdict()
+    try:
+        year, month, day = int(g["y"]), int(g["m"] or 1), int(g["d"] or 1)
+        if g["H"] is not None:
+            fraction = (g["f"] or ".0")[1:7].ljust(6, "0")
+            moment = datetime(
+                year, month, day, int(g["H"]), int(g["M"]), int(g["S"] or 0), int(fraction), tzinfo=_offset(g["tz"])
+            ).astimezone(timezone.utc)
+            return Timing(moment, moment)
+        start = datetime(year, month, day, tzinfo=timezone.utc)
+        if g["d"] is not None:
+            end = start + timedelta(days=1)
+        elif g["m"] is not None:
+            end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+        else:
+            end = datetime(year + 1, 1, 1, tzinfo=timezone.utc)
+    except (ValueError, OverflowError):
+        return None
+    return Timing(start, end - _TICK)
+
+
+def _offset(text: str) -> timezone:
+    if text == "Z":
+        return timezone.utc
+    sign = -1 if text[0] == "-" else 1
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def period(value: object) -> Timing | None:
+    """A FHIR Period: effective at its end (or start when open), latest at the end of its end (or start)."""
+    if not isinstance(value, Mapping):
+        return None
+    start, end = parse(value.get("start")), parse(value.get("end"))
+    if end is not None:
+        return Timing(end.effective, end.latest)
+    return start
+
+
+def observation_timing(resource: Mapping[str, object]) -> Timing | None:
+    """The time an Observation applies: effectiveDateTime, effectiveInstant, effectivePeriod, else issued."""
+    for key in ("effectiveDateTime", "effectiveInstant"):
+        if key in resource:
+            return parse(resource[key])
+    if "effectivePeriod" in resource:
+        return period(resource["effectivePeriod"])
+    if "issued" in resource:
+        return parse(resource["issued"])
+    return None
+
+
+def birth_date(value: object) -> date | None:
+    """A FHIR date as a ``date`` (the first day of a partial date); None if it is not one."""
+    timing = parse(value)
+    return None if timing is None else timing.effective.date()
+
+
+def age(born: date, today: date) -> tuple[int, int]:
+    """Completed years and days of age on ``today``; negative days for a birth date in the future."""
+    days = (today - born).days
+    years = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+    return years, days
