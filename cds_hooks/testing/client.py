@@ -117,7 +117,8 @@ class SandboxClient:
 
     def _call(self, method: str, url: str, body: Any, token_options: Mapping[str, Any]) -> requests.Response:
         self.preflight(url, method)
-        headers = {"Accept": "application/json"}
+        # A browser sends its Origin on the actual request too, not only on the preflight.
+        headers = {"Accept": "application/json", "Origin": self.origin}
         token = self.token(url, **token_options)
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
