@@ -30,8 +30,7 @@ ANC_FALLING_LATEST_BELOW = Decimal(1500)
 
 # --- Paediatric neutropenia cut-offs by age (brief §1.5, [S15]) -------------------------------------------------
 
-#: First week of life: neutropenia below 5000/uL [S15].
-NEONATE_MAX_AGE_DAYS = 7
+#: First week of life: neutropenia below 5000/uL [S15] (applied up to day 13, see below).
 NEONATE_NEUTROPENIA_BELOW = Decimal(5000)
 #: Infants 2 weeks to 1 year: neutropenia below 1000/uL [S15].
 INFANT_MIN_AGE_DAYS = 14

@@ -1,0 +1,163 @@
+"""The ANC computation (brief §2): measured first, then absolute segs + bands, then WBC x percentage."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from service.anc import AncSeries, AncValue, compute
+from service.extract import extract
+from tests.service.factories import (
+    ANC_MANUAL,
+    BANDS_ABS,
+    BANDS_PCT,
+    NEUTROPHIL_FRACTION,
+    NEUTROPHILS_PCT,
+    NOW,
+    SEGS_ABS,
+    SEGS_PCT,
+    ago,
+    anc,
+    diagnostic_report,
+    observation,
+    percent,
+    wbc,
+)
+
+D = Decimal
+T0 = ago(hours=2)
+
+
+def series(*resources: Any) -> AncSeries:
+    found = extract(list(resources), now=NOW)
+    return compute(found.labs, found.links)
+
+
+def only(*resources: Any) -> AncValue:
+    (value,) = series(*resources).values
+    return value
+
+
+@pytest.mark.parametrize(
+    ("resources", "cells", "method", "formula"),
+    [
+        ([anc(400, "/uL", T0)], "400", "measured", None),
+        ([anc("0.4", "10*9/L", T0)], "400", "measured", None),
+        ([anc(400, "/uL", T0), wbc(9, effective=T0), percent(NEUTROPHILS_PCT, 80, T0)], "400", "measured", None),
+        ([observation(SEGS_ABS, "0.30", "10*9/L", T0), observation(BANDS_ABS, 50, "/uL", T0)], "350", "computed",
+         "segs+bands"),
+        ([observation(SEGS_ABS, 300, "/uL", T0)], "300", "computed", "segs"),
+        # brief §2 worked example: WBC 2.0 x10^3/uL, segs 22 %, bands 4 % -> 520; segs alone 440
+        ([wbc("2.0", effective=T0), percent(SEGS_PCT, 22, T0), percent(BANDS_PCT, 4, T0)], "520", "computed",
+         "wbc*(segs%+bands%)"),
+        ([wbc("2.0", effective=T0), percent(SEGS_PCT, 22, T0)], "440", "computed", "wbc*segs%"),
+        ([wbc(2000, "/uL", T0), percent(SEGS_PCT, 22, T0), percent(BANDS_PCT, 4, T0)], "520", "computed",
+         "wbc*(segs%+bands%)"),
+        # total % is used alone: automated totals already include bands
+        ([wbc("2.0", effective=T0), percent(NEUTROPHILS_PCT, 25, T0), percent(BANDS_PCT, 4, T0)], "500", "computed",
+         "wbc*total%"),
+        ([wbc("2.0", effective=T0), observation(NEUTROPHIL_FRACTION, "0.25", None, T0)], "500", "computed",
+         "wbc*total%"),
+        ([anc(900, "/uL", T0, code=ANC_MANUAL), anc(950, "/uL", T0)], "900", "measured", None),  # lowest of two
+    ],
+    ids=["measured", "measured-si", "measured-wins", "segs+bands", "segs-alone", "brief-example", "brief-segs-alone",
+         "wbc-per-ul", "total-pct-alone", "fraction", "lowest-measured"],
+)
+def test_anc_priority_and_formula(resources: list[Any], cells: str, method: str, formula: str | None) -> None:
+    value = only(*resources)
+    assert (value.cells_per_ul, value.method, value.formula) == (D(cells), method, formula)
+
+
+def test_sources_are_recorded() -> None:
+    w, s, b = wbc(2, effective=T0, id="w"), percent(SEGS_PCT, 22, T0, id="s"), percent(BANDS_PCT, 4, T0, id="b")
+    assert only(w, s, b).sources == ("Observation/b", "Observation/s", "Observation/w")
+
+
+@pytest.mark.parametrize(
+    "link",
+    ["specimen", "report"],
+)
+def test_results_of_one_specimen_or_report_combine_across_times(link: str) -> None:
+    w = wbc(2, effective=ago(hours=3), id="w", **({"specimen": "Specimen/s1"} if link == "specimen" else {}))
+    p = percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="p", **({"specimen": "Specimen/s1"} if link == "specimen" else {}))
+    extra = [diagnostic_report([w, p])] if link == "report" else []
+    value = only(w, p, *extra)
+    assert value.cells_per_ul == D(600)
+    assert value.effective.isoformat() == "2025-03-10T10:00:00+00:00"
+
+
+def test_panel_has_member_links_results() -> None:
+    w, p = wbc(2, effective=ago(hours=3), id="w"), percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="p")
+    panel = observation("57021-8", None, None, T0, id="cbc",
+                        hasMember=[{"reference": "Observation/w"}, {"reference": "Observation/p"}])
+    assert only(w, p, panel).cells_per_ul == D(600)
+
+
+def test_results_at_different_times_do_not_combine() -> None:
+    found = series(wbc(2, effective=ago(hours=3), id="w"), percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="p"))
+    assert found.values == ()
+    assert sorted((t.issue.code, t.issue.source, t.issue.detail) for t in found.issues) == [
+        ("anc-not-computable", "Observation/p", "neutrophil percentage without a white cell count"),
+        ("anc-not-computable", "Observation/w", "white cell count without a neutrophil differential"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("resources", "detail"),
+    [
+        ([percent(SEGS_PCT, 40, T0)], "neutrophil percentage without a white cell count"),
+        ([wbc(3, effective=T0)], "white cell count without a neutrophil differential"),
+        ([wbc(3, effective=T0), percent(BANDS_PCT, 4, T0)], "band percentage without a segmented or total neutrophil percentage"),
+        ([observation(BANDS_ABS, 50, "/uL", T0)], "band count without a segmented neutrophil count"),
+        ([wbc(3, effective=T0), percent(SEGS_PCT, 90, T0), percent(BANDS_PCT, 20, T0)], "neutrophil percentages add up to 110%"),
+    ],
+    ids=["pct-only", "wbc-only", "bands-pct-only", "bands-abs-only", "over-100"],
+)
+def test_not_computable(resources: list[Any], detail: str) -> None:
+    found = series(*resources)
+    assert found.values == ()
+    assert [t.issue.detail for t in found.issues] == [detail]
+
+
+def test_uninterpretable_results_are_reported_and_skipped() -> None:
+    found = series(anc(400, None, T0, id="n"), wbc(2, effective=T0), percent(NEUTROPHILS_PCT, 30, T0))
+    (value,) = found.values
+    assert value.method == "computed"
+    assert [(t.issue.code, t.issue.source) for t in found.issues] == [("anc-uninterpretable", "Observation/n")]
+
+
+def test_percentage_without_percent_unit_is_uninterpretable() -> None:
+    found = series(wbc(2, effective=T0), observation(NEUTROPHILS_PCT, 30, None, T0, id="p"))
+    assert found.values == ()
+    assert {t.issue.code for t in found.issues} == {"anc-uninterpretable", "anc-not-computable"}
+
+
+def test_comparators() -> None:
+    upper = only(anc("0.1", "10*9/L", T0, comparator="<"))
+    assert upper.comparator == "<" and upper.below(D(100)) and not upper.below(D(99))
+    computed = only(wbc("0.2", effective=T0, comparator="<"), percent(NEUTROPHILS_PCT, 50, T0))
+    assert (computed.cells_per_ul, computed.comparator) == (D(100), "<")
+    mixed = series(wbc("0.2", effective=T0, comparator="<"), percent(NEUTROPHILS_PCT, 50, T0, comparator=">"))
+    assert mixed.values == () and "opposite" in (mixed.issues[0].issue.detail or "")
+
+
+def test_preliminary_and_status() -> None:
+    value = only(wbc(2, effective=T0, status="preliminary"), percent(NEUTROPHILS_PCT, 30, T0, status="corrected"))
+    assert (value.status, value.preliminary) == ("preliminary", True)
+    assert only(anc(400, "/uL", T0, status="amended")).status == "amended"
+
+
+def test_series_is_oldest_first() -> None:
+    found = series(anc(900, effective=ago(days=1)), anc(400, effective=ago(days=3)), anc(600, effective=ago(days=2)))
+    assert [v.cells_per_ul for v in found.values] == [D(400), D(600), D(900)]
+
+
+@pytest.mark.parametrize(
+    ("cells", "cut", "below"),
+    [(499, 500, True), (500, 500, False), (501, 500, False)],
+    ids=["just-below", "at", "just-above"],
+)
+def test_below_is_strict(cells: int, cut: int, below: bool) -> None:
+    assert only(anc(cells, "/uL", T0)).below(D(cut)) is below

@@ -1,0 +1,351 @@
+"""Extraction: raw FHIR -> facts, with status, time, value and validation handling (brief §2)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from service.codes import ATC, ConditionRole, LabRole, MedicationRole
+from service.extract import extract, reference
+from service.model import DataIssue
+from service.thresholds import ClinicalPolicy
+from tests.service.factories import (
+    ICD10CM,
+    NOW,
+    RXNORM,
+    SNOMED,
+    ago,
+    anc,
+    bundle,
+    component,
+    condition,
+    diagnostic_report,
+    medication_request,
+    observation,
+    patient,
+    temperature,
+    vital_signs_panel,
+)
+
+D = Decimal
+
+
+def facts(*resources: Any, **kw: Any):  # type: ignore[no-untyped-def]
+    return extract(list(resources), now=NOW, **kw)
+
+
+@pytest.mark.parametrize(
+    ("status", "used", "preliminary"),
+    [
+        ("final", True, False),
+        ("amended", True, False),
+        ("corrected", True, False),
+        ("preliminary", True, True),
+        ("registered", False, False),
+        ("cancelled", False, False),
+        ("entered-in-error", False, False),
+        ("unknown", False, False),
+    ],
+    ids=lambda v: str(v),
+)
+def test_observation_status(status: str, used: bool, preliminary: bool) -> None:
+    found = facts(anc(400, status=status))
+    assert bool(found.labs) is used
+    assert not found.issues
+    if used:
+        assert found.labs[0].preliminary is preliminary
+
+
+def test_unknown_status_value_is_malformed_not_used() -> None:
+    found = facts(anc(400, status="F", id="x"))
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "Observation/x", "status: unknown value 'F'"),)
+
+
+@pytest.mark.parametrize(
+    ("minutes_ahead", "used"),
+    [(0, True), (5, True), (5.5, False), (60 * 24, False)],
+    ids=["now", "at-tolerance", "beyond-tolerance", "tomorrow"],
+)
+def test_future_dated_results_are_ignored(minutes_ahead: float, used: bool) -> None:
+    found = facts(anc(400, effective=ago(minutes=-minutes_ahead), id="f"))
+    assert bool(found.labs) is used
+    assert bool(found.issues) is not used
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "effective"),
+    [
+        ("effectiveDateTime", "2025-03-10T08:00:00+01:00", "2025-03-10T07:00:00+00:00"),
+        ("effectiveInstant", "2025-03-10T08:00:00Z", "2025-03-10T08:00:00+00:00"),
+        ("effectivePeriod", {"start": "2025-03-10T07:00:00Z", "end": "2025-03-10T08:00:00Z"}, "2025-03-10T08:00:00+00:00"),
+        ("issued", "2025-03-10T09:00:00Z", "2025-03-10T09:00:00+00:00"),
+        ("effectiveDateTime", "2025-03-09", "2025-03-09T00:00:00+00:00"),
+    ],
+    ids=["dateTime", "instant", "period", "issued", "date-only"],
+)
+def test_effective_time_variants(key: str, value: Any, effective: str) -> None:
+    resource = anc(400, effective_key="", **{key: value})
+    (lab,) = facts(resource).labs
+    assert lab.effective.isoformat() == effective
+
+
+def test_missing_time_is_a_data_issue() -> None:
+    found = facts(anc(400, effective_key="", id="t"))
+    assert not found.labs and found.issues[0].code == "missing-effective-time"
+
+
+def test_count_units_are_normalised_to_cells_per_ul() -> None:
+    per_ul, si = facts(anc(400, "/uL", id="a"), anc("0.4", "10*9/L", id="b", effective=ago(days=1))).labs
+    assert {per_ul.value, si.value} == {D(400), D("400.0")}
+
+
+def test_missing_unit_keeps_the_result_as_uninterpretable() -> None:
+    (lab,) = facts(anc(400, None, id="u")).labs
+    assert lab.value is None and lab.problem == "no unit"
+
+
+@pytest.mark.parametrize(
+    ("value_key", "value", "problem"),
+    [
+        ("valueString", "0.4", "value is not a Quantity"),
+        ("valueInteger", 400, "value is not a Quantity"),
+        ("valueCodeableConcept", {"text": "low"}, "value is not a Quantity"),
+    ],
+    ids=["string", "integer", "concept"],
+)
+def test_value_must_be_a_quantity(value_key: str, value: Any, problem: str) -> None:
+    (lab,) = facts(anc(None, **{value_key: value})).labs
+    assert lab.value is None and lab.problem == problem
+
+
+def test_no_value_is_ignored() -> None:
+    absent = anc(None, dataAbsentReason={"text": "error"})
+    assert facts(absent) == facts()
+
+
+def test_negative_count_is_uninterpretable() -> None:
+    (lab,) = facts(anc(-5, "/uL")).labs
+    assert lab.value is None and lab.problem == "negative value"
+
+
+def test_comparator_is_kept() -> None:
+    (lab,) = facts(anc("0.1", "10*9/L", comparator="<")).labs
+    assert (lab.value, lab.comparator) == (D("100.0"), "<")
+
+
+def test_reference_range_low_is_converted() -> None:
+    (lab,) = facts(anc("1.6", "10*9/L", reference_low=1.8)).labs
+    assert lab.reference_low == D("1800.0")
+
+
+def test_vital_signs_panel_components_are_read() -> None:
+    panel = vital_signs_panel([component("8310-5", 38.6, "Cel"), component("8867-4", 110, "/min")], id="vs")
+    (reading,) = facts(panel).temperatures
+    assert (reading.source, reading.celsius) == ("Observation/vs", D("38.60"))
+
+
+def test_temperature_in_fahrenheit_is_converted() -> None:
+    (reading,) = facts(temperature(101, "[degF]")).temperatures
+    assert reading.celsius == D("38.33")
+
+
+def test_temperature_without_unit_is_a_data_issue() -> None:
+    found = facts(temperature(39, None, id="t"))
+    assert not found.temperatures
+    assert found.issues == (DataIssue("temperature-uninterpretable", "Observation/t", "no unit"),)
+
+
+def test_old_temperatures_are_not_even_validated() -> None:
+    old_and_broken = temperature(39, effective=ago(hours=25), note="not a list")
+    assert facts(old_and_broken) == facts()
+
+
+def test_malformed_relevant_resource_is_a_data_issue() -> None:
+    found = facts(anc(400, id="m", note="not a list"))
+    assert not found.labs
+    (issue,) = found.issues
+    assert (issue.code, issue.source) == ("malformed-resource", "Observation/m")
+    assert issue.detail is not None and issue.detail.startswith("note")
+
+
+def test_malformed_irrelevant_resource_is_ignored_silently() -> None:
+    assert facts(observation("8867-4", 80, "/min", note="bad"), {"resourceType": "Encounter", "x": 1}) == facts()
+
+
+def test_conflicting_codings_are_malformed() -> None:
+    resource = anc(400, id="c")
+    resource["code"]["coding"].append({"system": "http://loinc.org", "code": "770-8"})
+    found = facts(resource)
+    assert not found.labs and found.issues[0].detail == "code: codings with different meanings"
+
+
+def test_loinc_oid_system_is_accepted() -> None:
+    (lab,) = facts(anc(400, system="urn:oid:2.16.840.1.113883.6.1")).labs
+    assert lab.role is LabRole.ANC
+
+
+def test_display_text_is_never_matched() -> None:
+    resource = observation(None, 400, "/uL")
+    resource["code"] = {"coding": [{"display": "Neutrophils [#/volume] in Blood"}], "text": "ANC"}
+    assert facts(resource).labs == ()
+
+
+@pytest.mark.parametrize(
+    ("clinical", "verification", "extra", "counted"),
+    [
+        ("active", "confirmed", {}, True),
+        ("recurrence", "confirmed", {}, True),
+        ("relapse", "provisional", {}, True),
+        ("active", "unconfirmed", {}, True),
+        ("inactive", "confirmed", {}, False),
+        ("resolved", "confirmed", {}, False),
+        ("remission", "confirmed", {}, False),
+        ("active", "refuted", {}, False),
+        ("active", "entered-in-error", {}, False),
+        (None, None, {}, True),  # DESIGN: no clinicalStatus counts unless abated
+        (None, "confirmed", {"abatementDateTime": "2025-01-01"}, False),
+    ],
+    ids=["active", "recurrence", "relapse", "unconfirmed", "inactive", "resolved", "remission", "refuted", "eie",
+         "no-status", "abated"],
+)
+def test_condition_status(clinical: str | None, verification: str | None, extra: dict[str, Any], counted: bool) -> None:
+    found = facts(condition("425229001", clinical=clinical, verification=verification, **extra))
+    assert bool(found.conditions) is counted
+
+
+def test_condition_roles_and_display() -> None:
+    (fact,) = facts(condition("D70.1", ICD10CM, id="c1")).conditions
+    assert fact.roles == {ConditionRole.RISK_FACTOR, ConditionRole.CHEMOTHERAPY_CONTEXT}
+    assert (fact.ref.code, fact.ref.display, fact.ref.source) == (
+        "D70.1", "Agranulocytosis secondary to cancer chemotherapy", "Condition/c1"
+    )
+
+
+def test_irrelevant_condition_is_ignored() -> None:
+    assert facts(condition("38341003")) == facts()  # hypertension
+
+
+@pytest.mark.parametrize(
+    ("status", "authored", "expected"),
+    [
+        ("active", ago(days=400), (True, True)),
+        ("on-hold", ago(days=3), (True, True)),
+        ("completed", ago(days=3), (True, False)),
+        ("stopped", ago(days=3), (True, False)),
+        ("cancelled", ago(days=3), (False, False)),
+        ("entered-in-error", ago(days=3), (False, False)),
+        ("draft", ago(days=3), (False, False)),
+    ],
+    ids=lambda v: str(v),
+)
+def test_medication_request_status(status: str, authored: str, expected: tuple[bool, bool]) -> None:
+    found = facts(medication_request("338036", status=status, authored=authored))
+    assert bool(found.medications) is expected[0]
+    if found.medications:
+        assert found.medications[0].current is expected[1]
+
+
+def test_medication_do_not_perform_is_ignored() -> None:
+    assert facts(medication_request("3002", doNotPerform=True)).medications == ()
+
+
+def test_ended_order_without_date_is_ignored() -> None:
+    order = medication_request("338036", status="completed")
+    del order["authoredOn"]
+    assert facts(order).medications == ()
+
+
+def test_medication_reference_to_contained_and_bundled_medication() -> None:
+    contained = medication_request("0", id="r1")
+    del contained["medicationCodeableConcept"]
+    contained["medicationReference"] = {"reference": "#m"}
+    contained["contained"] = [
+        {"resourceType": "Medication", "id": "m", "code": {"coding": [{"system": RXNORM, "code": "2626"}]}}
+    ]
+    referenced = medication_request("0", id="r2")
+    del referenced["medicationCodeableConcept"]
+    referenced["medicationReference"] = {"reference": "Medication/peg"}
+    medication = {"resourceType": "Medication", "id": "peg", "code": {"coding": [{"system": ATC, "code": "L03AA13"}]}}
+    roles = {(m.ref.source, m.role) for m in facts(contained, referenced, medication).medications}
+    assert roles == {("MedicationRequest/r1", MedicationRole.CAUSE), ("MedicationRequest/r2", MedicationRole.GCSF)}
+
+
+def test_medication_with_two_roles_gives_two_facts() -> None:
+    order = medication_request("121191", id="ritux")  # rituximab: RxNorm cause + ATC antineoplastic
+    order["medicationCodeableConcept"]["coding"].append({"system": ATC, "code": "L01XC02"})
+    assert {m.role for m in facts(order).medications} == {MedicationRole.CAUSE, MedicationRole.CHEMOTHERAPY}
+
+
+def test_completed_order_date_from_dosage_bounds() -> None:
+    order = medication_request(
+        "338036",
+        status="completed",
+        authored=ago(days=30),
+        dosageInstruction=[{"timing": {"repeat": {"boundsPeriod": {"start": ago(days=3), "end": ago(days=2)}}}}],
+    )
+    (fact,) = facts(order).medications
+    assert fact.last is not None and NOW - fact.last == timedelta(days=2)
+
+
+def test_patient_birth_date() -> None:
+    assert facts(patient("2024-12-01")).birth_date is not None
+    assert facts(patient(None)).birth_date is None
+
+
+def test_bundles_are_flattened_and_reports_link_results() -> None:
+    a, b = anc(400, id="a"), temperature(38, id="t")
+    report = diagnostic_report([a, {"id": "z"}], id="r")
+    found = facts(bundle([a, bundle([b]), report]))
+    assert (len(found.labs), len(found.temperatures)) == (1, 1)
+    assert found.links == (frozenset({"Observation/a", "Observation/z"}),)
+
+
+def test_entered_in_error_report_links_nothing() -> None:
+    report = diagnostic_report([{"id": "a"}, {"id": "b"}], status="entered-in-error")
+    assert facts(report).links == ()
+
+
+def test_newer_version_of_the_same_resource_wins() -> None:
+    old = anc(400, id="v", meta={"versionId": "1"})
+    new = anc(400, id="v", status="entered-in-error", meta={"versionId": "2"})
+    assert facts(old, new).labs == ()
+    assert len(facts(old, anc(900, id="v", meta={"versionId": "2"})).labs) == 1
+
+
+def test_same_id_without_versions_keeps_both() -> None:
+    assert len(facts(anc(400, id="v"), anc(400, id="v", status="entered-in-error")).labs) == 1
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [None, 1, "x", [], {}, {"resourceType": 5}, {"resourceType": ["Observation"]}, {"resourceType": "Observation"},
+     {"resourceType": "Observation", "status": ["final"], "code": {"coding": [{"system": "http://loinc.org", "code": "751-8"}]}},
+     {"resourceType": "Bundle", "entry": "x"}, {"resourceType": "Condition", "code": {"coding": "x"}}],
+    ids=lambda v: repr(v)[:40],
+)
+def test_junk_never_raises(junk: Any) -> None:
+    extract([junk], now=NOW)
+
+
+def test_policy_windows_are_used() -> None:
+    tight = ClinicalPolicy(temperature_window=timedelta(hours=1))
+    assert facts(temperature(39, effective=ago(hours=2)), policy=tight).temperatures == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Observation/1", "Observation/1"),
+        ("https://ehr/fhir/Observation/1/_history/3", "Observation/1"),
+        ("Observation/", None),
+        ("1", None),
+        (None, None),
+    ],
+    ids=["relative", "absolute-history", "no-id", "bare", "none"],
+)
+def test_reference_normalisation(value: object, expected: str | None) -> None:
+    assert reference(value) == expected

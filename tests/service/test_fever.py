@@ -1,0 +1,136 @@
+"""The fever rule of brief §0, at, just below and just above each boundary, in both unit systems."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from service.extract import extract
+from service.fever import assess_fever
+from service.model import Fever
+from tests.service.factories import NOW, ago, temperature, vital_signs_panel, component
+
+D = Decimal
+
+
+def fever_of(*resources: Any) -> Fever | None:
+    return assess_fever(extract(list(resources), now=NOW).temperatures, now=NOW)
+
+
+def criterion(*resources: Any) -> str | None:
+    found = fever_of(*resources)
+    return None if found is None else found.criterion
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        ("38.29", "Cel", "none"),
+        ("38.3", "Cel", "single-reading"),
+        ("38.31", "Cel", "single-reading"),
+        ("38.295", "Cel", "single-reading"),  # rounds half up to 38.30
+        ("100.9", "[degF]", "none"),  # 38.28
+        ("100.93", "[degF]", "none"),  # 38.29
+        ("100.94", "[degF]", "single-reading"),  # 38.30
+        ("101.0", "[degF]", "single-reading"),  # 38.33
+        ("40", "Cel", "single-reading"),
+        ("36.5", "Cel", "none"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_single_reading_threshold(value: str, unit: str, expected: str) -> None:
+    assert criterion(temperature(value, unit, ago(minutes=10))) == expected
+
+
+@pytest.mark.parametrize(
+    ("readings", "expected"),
+    [
+        ([("38.0", 60), ("38.0", 0)], "sustained"),
+        ([("38.0", 59), ("38.0", 0)], "none"),
+        ([("38.0", 61), ("38.0", 0)], "sustained"),
+        ([("37.99", 60), ("38.0", 0)], "none"),
+        ([("38.0", 60), ("37.99", 30), ("38.2", 0)], "none"),  # a reading < 38.0 in between breaks the run
+        ([("38.0", 90), ("37.9", 70), ("38.1", 60), ("38.2", 0)], "sustained"),  # a later run qualifies
+        ([("38.1", 120), ("38.2", 60), ("38.0", 0)], "sustained"),
+        ([("38.2", 60)], "none"),  # one reading cannot be sustained
+    ],
+    ids=["60-min", "59-min", "61-min", "start-below", "broken", "second-run", "three", "single"],
+)
+def test_sustained_run(readings: list[tuple[str, int]], expected: str) -> None:
+    resources = [temperature(v, "Cel", ago(minutes=m)) for v, m in readings]
+    assert criterion(*resources) == expected
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "expected"),
+    [
+        ("100.4", "100.4", "sustained"),  # 38.00 exactly
+        ("100.3", "100.4", "none"),  # 37.94
+        ("100.4", "101.0", "single-reading"),
+    ],
+    ids=["100.4F", "100.3F", "101F"],
+)
+def test_sustained_in_fahrenheit(first: str, last: str, expected: str) -> None:
+    readings = [temperature(first, "[degF]", ago(minutes=70)), temperature(last, "[degF]", ago(minutes=5))]
+    assert criterion(*readings) == expected
+
+
+def test_mixed_units_form_one_run() -> None:
+    assert criterion(temperature("100.4", "[degF]", ago(minutes=65)), temperature("38.1", "Cel", ago(minutes=1))) == "sustained"
+
+
+@pytest.mark.parametrize(
+    ("hours", "present"),
+    [(23.99, True), (24, True), (24.01, False)],
+    ids=["inside", "at-edge", "outside"],
+)
+def test_temperature_window(hours: float, present: bool) -> None:
+    assert (fever_of(temperature(39, "Cel", ago(hours=hours))) is not None) is present
+
+
+def test_no_temperature_gives_none() -> None:
+    assert fever_of() is None
+
+
+def test_same_instant_takes_the_highest() -> None:
+    at_start = [temperature("37.5", "Cel", ago(minutes=60)), temperature("38.1", "Cel", ago(minutes=60))]
+    assert criterion(*at_start, temperature("38.1", "Cel", ago(minutes=0))) == "sustained"
+
+
+def test_date_only_reading_counts_once_but_not_in_a_run() -> None:
+    today = NOW.date().isoformat()
+    assert criterion(temperature("38.4", "Cel", today)) == "single-reading"
+    assert criterion(temperature("38.1", "Cel", today), temperature("38.1", "Cel", ago(minutes=1))) == "none"
+
+
+def test_fever_details() -> None:
+    found = fever_of(
+        temperature("38.1", "Cel", ago(minutes=90), id="a"),
+        temperature("38.2", "Cel", ago(minutes=20), id="b", status="preliminary"),
+        temperature("37.0", "Cel", ago(hours=5), id="c"),
+    )
+    assert found == Fever(
+        max_celsius=D("38.20"),
+        criterion="sustained",
+        effective=NOW.replace(minute=0, hour=11, second=0) .replace(minute=40),
+        sources=("Observation/a", "Observation/b"),
+        since=NOW.replace(hour=10, minute=30),
+        preliminary=True,
+    )
+
+
+def test_single_reading_reports_the_hottest() -> None:
+    found = fever_of(temperature("38.5", "Cel", ago(hours=3), id="x"), temperature("39.1", "Cel", ago(hours=5), id="y"))
+    assert found is not None
+    assert (found.max_celsius, found.sources, found.effective) == (D("39.10"), ("Observation/y",), NOW.replace(hour=7))
+
+
+def test_afebrile_reports_the_maximum() -> None:
+    found = fever_of(temperature("37.2", "Cel", ago(hours=1), id="x"), temperature("36.8", "Cel", ago(hours=2)))
+    assert found is not None and (found.criterion, found.max_celsius, found.sources) == ("none", D("37.20"), ("Observation/x",))
+
+
+def test_panel_component_temperature_counts() -> None:
+    assert criterion(vital_signs_panel([component("8310-5", 38.5, "Cel")], ago(minutes=5))) == "single-reading"

@@ -1,0 +1,143 @@
+"""Units to cells/uL, percentages and degrees Celsius (brief §2)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from service.units import COUNT_FACTORS, celsius, count_per_ul, fahrenheit_to_celsius, percent, round_celsius
+
+D = Decimal
+
+
+@pytest.mark.parametrize(
+    ("unit", "value", "expected"),
+    [
+        ("10*3/uL", "0.5", "500"),
+        ("10*3/mm3", "0.5", "500"),
+        ("10*9/L", "0.5", "500"),
+        ("10*6/mL", "0.5", "500"),
+        ("K/uL", "1.2", "1200"),
+        ("k/µL", "1.2", "1200"),
+        ("10^3/µL", "1.2", "1200"),
+        ("x10E3/uL", "1.2", "1200"),
+        ("thou/uL", "1.2", "1200"),
+        ("10^9/L", "0.099", "99"),
+        ("G/L", "1.5", "1500"),
+        ("/uL", "499", "499"),
+        ("/mm3", "499", "499"),
+        ("{cells}/uL", "499", "499"),
+        ("cells/uL", "499", "499"),
+        ("/µL", "499", "499"),
+        ("/μL", "499", "499"),  # Greek mu, not the micro sign
+        ("cells/mm3", "499", "499"),
+        ("/cumm", "499", "499"),
+        (" 10*9 / L ", "1", "1000"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_count_per_ul_converts_every_listed_unit(unit: str, value: str, expected: str) -> None:
+    assert count_per_ul(D(value), {"unit": unit}) == (D(expected), None)
+
+
+@pytest.mark.parametrize("unit", sorted(COUNT_FACTORS), ids=str)
+def test_count_per_ul_accepts_ucum_code_alone(unit: str) -> None:
+    converted, problem = count_per_ul(D(1), {"code": unit, "system": "http://unitsofmeasure.org"})
+    assert problem is None and converted == COUNT_FACTORS[unit]
+
+
+@pytest.mark.parametrize(
+    ("quantity", "problem"),
+    [
+        ({}, "no unit"),
+        ({"unit": ""}, "no unit"),
+        ({"unit": "g/L"}, "unknown unit 'g/L'"),  # grams per litre, not giga
+        ({"unit": "mg/dL"}, "unknown unit 'mg/dL'"),
+        ({"unit": "%"}, "unknown unit '%'"),
+        ({"code": "/uL", "unit": "10*9/L"}, "conflicting units '/uL' and '10*9/L'"),
+    ],
+    ids=["missing", "empty", "grams-per-litre", "mass", "percent", "conflict"],
+)
+def test_count_per_ul_never_guesses(quantity: dict[str, str], problem: str) -> None:
+    assert count_per_ul(D(1), quantity) == (None, problem)
+
+
+def test_count_per_ul_code_and_matching_unit_agree() -> None:
+    assert count_per_ul(D("0.4"), {"code": "10*3/uL", "unit": "K/uL"}) == (D("400.0"), None)
+
+
+@pytest.mark.parametrize(
+    ("value", "quantity", "fraction", "expected"),
+    [
+        ("45", {"unit": "%"}, False, ("45", None)),
+        ("0", {"unit": "%"}, False, ("0", None)),
+        ("100", {"unit": "%"}, False, ("100", None)),
+        ("100.1", {"unit": "%"}, False, (None, "percentage 100.1 is above 100")),
+        ("45", {}, False, (None, "no unit")),
+        ("45", {"unit": "10*9/L"}, False, (None, "unknown unit '10*9/L'")),
+        ("0.45", {}, True, ("45", None)),
+        ("0.45", {"unit": "1", "code": "1"}, True, ("45", None)),
+        ("45", {"unit": "%"}, True, ("45", None)),
+        ("1", {}, True, ("100", None)),
+        ("1.2", {}, True, (None, "fraction 1.2 is above 1")),
+    ],
+    ids=["pct", "zero", "hundred", "over-100", "pct-no-unit", "pct-count-unit", "fraction", "fraction-unit-1",
+         "fraction-as-pct", "fraction-one", "fraction-over-1"],
+)
+def test_percent(value: str, quantity: dict[str, str], fraction: bool, expected: tuple[str | None, str | None]) -> None:
+    result, problem = percent(D(value), quantity, fraction=fraction)
+    assert (result, problem) == (None if expected[0] is None else D(expected[0]), expected[1])
+
+
+@pytest.mark.parametrize(
+    ("fahrenheit", "expected"),
+    [
+        ("100.4", "38.00"),  # brief: 100.4 F = 38.0 C exactly
+        ("101.0", "38.33"),  # 101 F = 38.33 C -> fever on a single reading
+        ("100.9", "38.28"),  # just below the single-reading threshold
+        ("100.94", "38.30"),  # 38.3000 after rounding
+        ("100.93", "38.29"),
+        ("100.3", "37.94"),
+        ("98.6", "37.00"),
+        ("32", "0.00"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_fahrenheit_to_celsius_rounds_to_two_decimals(fahrenheit: str, expected: str) -> None:
+    assert fahrenheit_to_celsius(D(fahrenheit)) == D(expected)
+    assert str(celsius(D(fahrenheit), {"code": "[degF]"})[0]) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        ("38.3", "Cel", "38.30"),
+        ("38.295", "Cel", "38.30"),  # half up
+        ("38.294", "Cel", "38.29"),
+        ("37.9999", "Cel", "38.00"),
+        ("38", "°C", "38.00"),
+        ("38", "degC", "38.00"),
+        ("101", "°F", "38.33"),
+        ("101", "degF", "38.33"),
+        ("101", "F", "38.33"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_celsius_accepts_ucum_and_printed_units(value: str, unit: str, expected: str) -> None:
+    assert celsius(D(value), {"unit": unit}) == (D(expected), None)
+
+
+@pytest.mark.parametrize(
+    "quantity",
+    [{}, {"unit": "K"}, {"code": "Cel", "unit": "[degF]"}, {"unit": "mmHg"}],
+    ids=["missing", "kelvin", "conflict", "pressure"],
+)
+def test_celsius_never_guesses(quantity: dict[str, str]) -> None:
+    result, problem = celsius(D("38.5"), quantity)
+    assert result is None and problem
+
+
+def test_round_celsius_is_half_up() -> None:
+    assert round_celsius(D("38.285")) == D("38.29")
+    assert round_celsius(D("38.2849")) == D("38.28")
