@@ -1,12 +1,40 @@
-"""The engine's entry points: ``assess`` and the design.md §3 extension."""
+"""The engine's entry points: ``assess`` and the design.md §3 assessment extension, exactly."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
 
-from service.assessment import assess, assessment_extension
+import pytest
 
-NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
+from service.assessment import (
+    Anc,
+    AncPoint,
+    Assessment,
+    CodedRef,
+    DataIssue,
+    Fever,
+    Finding,
+    assess,
+    assessment_extension,
+    rfc3339,
+    tidy,
+)
+from tests.service.factories import (
+    NOW,
+    SNOMED,
+    ago,
+    anc,
+    condition,
+    medication_request,
+    patient,
+    temperature,
+    wbc,
+)
+
+D = Decimal
+EXTENSION_KEYS = {"evaluatedAt", "findings", "anc", "fever", "riskFactors", "dataIssues"}
 
 
 def test_assess_no_data_gives_only_evaluation_time() -> None:
@@ -16,3 +44,165 @@ def test_assess_no_data_gives_only_evaluation_time() -> None:
 def test_assess_unavailable_key_is_a_data_issue() -> None:
     ext = assessment_extension(assess([], now=NOW, unavailable={"labs": "timeout"}))
     assert ext["dataIssues"] == [{"code": "data-unavailable", "detail": "labs: timeout"}]
+
+
+def test_febrile_neutropenia_extension_matches_design() -> None:
+    resources = [
+        anc("0.4", "10*9/L", "2025-03-10T08:00:00Z", id="abc"),
+        temperature("38.4", "Cel", "2025-03-10T11:30:00Z", id="t1"),
+        condition("425229001", id="c1"),
+        medication_request("2626", id="m1"),
+    ]
+    assert assessment_extension(assess(resources, now=NOW)) == {
+        "evaluatedAt": "2025-03-10T12:00:00Z",
+        "findings": ["febrile-neutropenia", "neutropenia-severe"],
+        "anc": {
+            "cellsPerMicroliter": 400,
+            "ctcaeGrade": 4,
+            "method": "measured",
+            "effective": "2025-03-10T08:00:00Z",
+            "status": "final",
+            "stale": False,
+            "sources": ["Observation/abc"],
+        },
+        "fever": {
+            "maxCelsius": 38.4,
+            "criterion": "single-reading",
+            "effective": "2025-03-10T11:30:00Z",
+            "sources": ["Observation/t1"],
+        },
+        "riskFactors": [
+            {"system": SNOMED, "code": "425229001", "display": "Chemotherapy-induced neutropenia",
+             "source": "Condition/c1"},
+            {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "2626", "display": "clozapine",
+             "source": "MedicationRequest/m1"},
+        ],
+    }
+
+
+def test_anc_omitted_without_usable_anc_and_fever_omitted_without_temperature() -> None:
+    ext = assessment_extension(assess([anc(400, None, ago(hours=1), id="n")], now=NOW))
+    assert set(ext) == {"evaluatedAt", "findings", "dataIssues"}
+    assert ext["dataIssues"] == [{"code": "anc-uninterpretable", "source": "Observation/n", "detail": "no unit"}]
+
+
+def test_fever_present_when_afebrile_temperature_in_window() -> None:
+    ext = assessment_extension(assess([temperature("36.9", "Cel", ago(hours=2), id="t")], now=NOW))
+    assert ext["fever"] == {"maxCelsius": 36.9, "criterion": "none", "effective": "2025-03-10T10:00:00Z",
+                            "sources": ["Observation/t"]}
+    assert "findings" not in ext
+
+
+def test_fever_omitted_when_temperature_outside_window() -> None:
+    assert "fever" not in assessment_extension(assess([temperature("39", "Cel", ago(hours=25))], now=NOW))
+
+
+def test_computed_stale_anc_in_extension() -> None:
+    when = ago(days=9)
+    ext = assessment_extension(assess(
+        [wbc("2.15", effective=when, id="w"), anc(None, id="x"),
+         {**wbc(0, effective=when, id="p"), "code": {"coding": [{"system": "http://loinc.org", "code": "770-8"}]},
+          "valueQuantity": {"value": 23.3, "unit": "%"}}],
+        now=NOW,
+    ))
+    assert ext["anc"] == {"cellsPerMicroliter": 500.95, "ctcaeGrade": 3, "method": "computed",
+                          "effective": "2025-03-01T12:00:00Z", "status": "final", "stale": True,
+                          "sources": ["Observation/p", "Observation/w"]}
+    assert ext["findings"] == ["anc-stale"]
+
+
+def test_findings_are_most_urgent_first_and_all_codes_valid() -> None:
+    result = assess([anc(90, "/uL", ago(hours=1)), *[temperature("38.1", "Cel", ago(minutes=m)) for m in (70, 5)]],
+                    now=NOW)
+    assert result.findings == (Finding.FEBRILE_NEUTROPENIA, Finding.NEUTROPENIA_SEVERE,
+                               Finding.NEUTROPENIA_PROFOUND, Finding.MEDICATION_REVIEW)
+    assert list(result.findings) == sorted(result.findings, key=lambda f: f.rank)
+
+
+def test_timestamps_are_utc_z() -> None:
+    ext = assessment_extension(assess([anc(400, "/uL", "2025-03-10T09:00:00+02:00")],
+                                      now=datetime(2025, 3, 10, 13, 0, tzinfo=timezone(timedelta(hours=1)))))
+    assert ext["evaluatedAt"] == "2025-03-10T12:00:00Z"
+    assert ext["anc"]["effective"] == "2025-03-10T07:00:00Z"
+
+
+def test_naive_now_is_refused() -> None:
+    with pytest.raises(ValueError):
+        assess([], now=datetime(2025, 3, 10, 12))
+
+
+def test_extension_omits_empty_fields() -> None:
+    assessment = Assessment(
+        evaluated_at=NOW,
+        risk_factors=(CodedRef("s", "c", None, "Condition/x"),),
+        data_issues=(DataIssue("malformed-resource", None, None),),
+    )
+    assert assessment_extension(assessment) == {
+        "evaluatedAt": "2025-03-10T12:00:00Z",
+        "riskFactors": [{"system": "s", "code": "c", "source": "Condition/x"}],
+        "dataIssues": [{"code": "malformed-resource"}],
+    }
+
+
+def test_extension_serialises_every_field_of_the_interface() -> None:
+    assessment = Assessment(
+        evaluated_at=NOW,
+        findings=(Finding.ANC_FALLING, Finding.NEUTROPENIA_MILD),
+        anc=Anc(D("1200.5"), 2, "computed", NOW, "preliminary", True, False, ("Observation/a",)),
+        fever=Fever(D("37.50"), "none", NOW, ("Observation/t",)),
+        anc_trend=(AncPoint(D(1400), NOW, "Observation/b"),),
+    )
+    ext = assessment_extension(assessment)
+    assert set(ext) <= EXTENSION_KEYS
+    assert ext["anc"]["cellsPerMicroliter"] == 1200.5 and ext["anc"]["status"] == "preliminary"
+    assert ext["fever"]["maxCelsius"] == 37.5
+    assert ext["findings"] == ["anc-falling", "neutropenia-mild"]
+
+
+def test_assessment_carries_trend_context_age_and_medications() -> None:
+    resources = [
+        patient("1980-06-01"),
+        anc(1400, "/uL", ago(days=3), id="a"),
+        anc(1100, "/uL", ago(days=1), id="b"),
+        anc(2000, "/uL", ago(days=9), id="old"),
+        medication_request("338036", id="peg", status="completed", authored=ago(days=5)),
+        medication_request("2626", id="cloz"),
+        medication_request("3002", id="cyc"),
+    ]
+    result = assess(resources, now=NOW)
+    assert result.age_years == 44
+    assert [p.source for p in result.anc_trend] == ["Observation/a", "Observation/b"]
+    assert result.chemotherapy_context
+    assert {r.source for r in result.context} == {"MedicationRequest/peg", "MedicationRequest/cyc"}
+    assert [r.source for r in result.medications] == ["MedicationRequest/cloz", "MedicationRequest/cyc"]
+    assert result.findings == (Finding.ANC_FALLING, Finding.NEUTROPENIA_MILD)
+    assert result.has(Finding.ANC_FALLING) and not result.has(Finding.ANC_NORMAL)
+
+
+def test_preliminary_results_are_flagged_not_suppressed() -> None:
+    result = assess([anc(300, "/uL", ago(hours=1), id="p", status="preliminary"),
+                     temperature("39", "Cel", ago(minutes=5), id="t", status="preliminary")], now=NOW)
+    assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
+    assert result.anc is not None and result.anc.preliminary and result.anc.status == "preliminary"
+    assert {(i.code, i.source) for i in result.data_issues} == {
+        ("preliminary-result", "Observation/p"), ("preliminary-result", "Observation/t")
+    }
+
+
+def test_data_issues_are_sorted_and_unique() -> None:
+    resources: list[dict[str, Any]] = [anc(1, None, ago(hours=1), id="z"), anc(2, None, ago(hours=2), id="a")] * 2
+    codes = [(i.code, i.source) for i in assess(resources, now=NOW).data_issues]
+    assert codes == [("anc-uninterpretable", "Observation/a"), ("anc-uninterpretable", "Observation/z")]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("400.0", "400"), ("520.50", "520.5"), ("1E+3", "1000"), ("0.0500", "0.05")],
+    ids=lambda v: str(v),
+)
+def test_tidy(value: str, expected: str) -> None:
+    assert str(tidy(D(value))) == expected
+
+
+def test_rfc3339_converts_to_utc() -> None:
+    assert rfc3339(datetime(2025, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=2)))) == "2024-12-31T23:00:00Z"
