@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -65,21 +66,39 @@ def start_gunicorn(env: Mapping[str, str], log_path: Path, *, timeout: float = 3
     gunicorn = Path(sys.executable).with_name("gunicorn")
     log_file = log_path.open("wb")
     process = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "service.app:create_app()"],
-                               cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+                               cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                               preexec_fn=_die_with_parent)
     log_file.close()
     server = GunicornServer(base_url, process, log_path, full_env)
+    try:
+        _wait_healthy(server, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_healthy(server: GunicornServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {server.process.returncode}:\n{server.log()}")
         try:
             if requests.get(server.base_url + "/healthz", timeout=2).status_code == 200:
-                return server
+                return
         except requests.RequestException:
             pass  # not listening yet, or the workers are still booting
         time.sleep(0.1)
-    server.stop()
     raise RuntimeError(f"gunicorn did not become healthy in {timeout} s:\n{server.log()}")
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM gunicorn if the test process dies, so no server outlives a run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 @pytest.fixture
