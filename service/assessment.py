@@ -14,7 +14,7 @@ from typing import Any
 from service import anc as anc_module
 from service import timing
 from service.codes import ConditionRole, MedicationRole
-from service.extract import Facts, MedicationFact, extract
+from service.extract import Facts, MedicationFact, extract, older_labs
 from service.fever import assess_fever
 from service.model import Anc as Anc
 from service.model import AncPoint as AncPoint
@@ -41,7 +41,14 @@ def assess(
     """Evaluate a patient's FHIR ``resources`` at ``now`` (tz-aware) under ``policy``; never raises on bad data."""
     now = _utc(now)
     facts = extract(resources, now=now, policy=policy)
-    series = anc_module.compute(facts.labs, facts.links)
+    labs, lab_issues = list(facts.labs), list(facts.issues)
+    series = anc_module.compute(labs, facts.links)
+    for older in older_labs(facts, now=now, policy=policy) if not series.values else ():
+        labs += older.labs
+        lab_issues += older.issues
+        series = anc_module.compute(labs, facts.links)
+        if series.values:
+            break  # the newest stale ANC is found; anything older cannot change the result
     current_from = now - policy.anc_current_window
     newest = series.values[-1] if series.values else None
     current = [value for value in series.values if value.latest >= current_from]
@@ -70,7 +77,7 @@ def assess(
         ),
         policy=policy,
     )
-    issues = {*facts.issues, *anc_issues, *_preliminary_issues(newest, fever)}
+    issues = {*lab_issues, *anc_issues, *_preliminary_issues(newest, fever)}
     issues |= {DataIssue("data-unavailable", None, f"{key}: {reason}") for key, reason in unavailable.items()}
     return Assessment(
         evaluated_at=now,

@@ -126,17 +126,42 @@ class Facts:
     birth_date: date | None = None
     links: tuple[frozenset[str], ...] = ()  # results reported together (DiagnosticReport.result, hasMember)
     issues: tuple[DataIssue, ...] = ()
+    #: Lab Observations older than the ANC currency window, not yet validated: see :func:`older_labs`.
+    deferred: tuple[tuple[Mapping[str, Any], timing.Timing], ...] = ()
 
 
 def extract(
     resources: Iterable[Any], *, now: datetime, policy: ClinicalPolicy = DEFAULT_POLICY
 ) -> Facts:
-    """Reduce raw FHIR resources (dicts, Bundles allowed) to ``Facts`` as seen at ``now``."""
+    """Reduce raw FHIR resources (dicts, Bundles allowed) to ``Facts`` as seen at ``now``.
+
+    Lab results older than the ANC currency window are only classified and timed, not validated: they matter
+    only when no current ANC exists, and :func:`older_labs` reads them then, newest first.
+    """
     flat = list(_deduplicated(_flatten(resources, 0)))
-    collector = _Collector(now, policy, _medication_codes(flat))
+    collector = _Collector(now, policy, _medication_codes(flat), defer_before=now - policy.anc_current_window)
     for resource in flat:
         collector.add(resource)
     return collector.facts()
+
+
+def older_labs(
+    facts: Facts, *, now: datetime, policy: ClinicalPolicy = DEFAULT_POLICY
+) -> Iterator[Facts]:
+    """The deferred lab results of ``facts``, validated and extracted slab by slab, newest slab first.
+
+    A slab holds the results within one ANC currency window of the newest result not yet read, so the caller can
+    stop as soon as a slab yields an ANC.
+    """
+    remaining = sorted(facts.deferred, key=lambda item: (item[1].latest, _source(item[0])), reverse=True)
+    while remaining:
+        edge = remaining[0][1].latest - policy.anc_current_window
+        size = next((n for n, item in enumerate(remaining) if item[1].latest <= edge), len(remaining))
+        collector = _Collector(now, policy, {}, defer_before=None)
+        for resource, _ in remaining[:size]:
+            collector.add(resource)
+        remaining = remaining[size:]
+        yield collector.facts()
 
 
 def _flatten(resources: Iterable[Any], depth: int) -> Iterator[Mapping[str, Any]]:
@@ -170,6 +195,9 @@ def _deduplicated(resources: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[st
         else:
             yield resource
     for versions in by_key.values():
+        if len(versions) == 1:
+            yield versions[0]
+            continue
         keys = [_version(v) for v in versions]
         newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
         distinguishable = all(k[0] >= 0 or k[1] is not None for k in keys)
@@ -245,8 +273,16 @@ def _medication_codes(resources: Iterable[Mapping[str, Any]]) -> Mapping[str, fr
 class _Collector:
     """Accumulates facts and issues resource by resource."""
 
-    def __init__(self, now: datetime, policy: ClinicalPolicy, medications: Mapping[str, frozenset[Code]]) -> None:
-        self.now, self.policy, self.medication_codes = now, policy, medications
+    def __init__(
+        self,
+        now: datetime,
+        policy: ClinicalPolicy,
+        medications: Mapping[str, frozenset[Code]],
+        *,
+        defer_before: datetime | None,
+    ) -> None:
+        self.now, self.policy, self.medication_codes, self.defer_before = now, policy, medications, defer_before
+        self.deferred: list[tuple[Mapping[str, Any], timing.Timing]] = []
         self.labs: set[LabResult] = set()
         self.temperatures: set[Temperature] = set()
         self.conditions: set[ConditionFact] = set()
@@ -265,6 +301,7 @@ class _Collector:
             birth_date=min(self.births)[1] if self.births else None,
             links=tuple(sorted(self.links, key=sorted)),
             issues=tuple(sorted(self.issues, key=repr)),
+            deferred=tuple(self.deferred),
         )
 
     def issue(self, code: str, source: str | None, detail: str | None) -> None:
@@ -314,6 +351,9 @@ class _Collector:
         temperature_only = all(codes <= TEMPERATURE for _, codes in parts)
         if temperature_only and when.latest < self.now - self.policy.temperature_window:
             return  # outside the temperature window: never read, so never validated
+        if not temperature_only and self.defer_before is not None and when.latest < self.defer_before:
+            self.deferred.append((r, when))  # an older lab: read only if no current ANC exists
+            return
         problem = _validation_error(Observation, r)
         if problem is not None:
             self.issue("malformed-resource", source, problem)

@@ -206,3 +206,22 @@ def test_tidy(value: str, expected: str) -> None:
 
 def test_rfc3339_converts_to_utc() -> None:
     assert rfc3339(datetime(2025, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=2)))) == "2024-12-31T23:00:00Z"
+
+
+def test_newest_stale_anc_is_found_beyond_the_window() -> None:
+    resources = [anc(300, "/uL", ago(days=40), id="older"), anc(900, "/uL", ago(days=20), id="stale"),
+                 wbc(3, effective=ago(days=2), id="w")]
+    result = assess(resources, now=NOW)
+    assert result.anc is not None and result.anc.sources == ("Observation/stale",) and result.anc.stale
+    assert result.findings == (Finding.ANC_STALE, Finding.ANC_NOT_COMPUTABLE)
+
+
+def test_old_malformed_lab_is_not_read_when_a_current_anc_exists() -> None:
+    result = assess([anc(300, "/uL", ago(days=40), note="bad"), anc(900, "/uL", ago(days=1))], now=NOW)
+    assert result.data_issues == ()
+
+
+def test_old_malformed_lab_is_reported_when_it_is_needed() -> None:
+    result = assess([anc(300, "/uL", ago(days=40), id="bad", note="bad")], now=NOW)
+    assert [(i.code, i.source) for i in result.data_issues] == [("malformed-resource", "Observation/bad")]
+    assert result.anc is None

@@ -349,3 +349,17 @@ def test_policy_windows_are_used() -> None:
 )
 def test_reference_normalisation(value: object, expected: str | None) -> None:
     assert reference(value) == expected
+
+
+def test_older_labs_are_deferred_not_validated() -> None:
+    found = facts(anc(400, effective=ago(days=8), id="old", note="not a list"), anc(500, effective=ago(days=1)))
+    assert len(found.labs) == 1 and not found.issues
+    assert [item[0]["id"] for item in found.deferred] == ["old"]
+
+
+def test_older_labs_come_in_slabs_newest_first() -> None:
+    from service.extract import older_labs
+
+    found = facts(*(anc(100 * d, effective=ago(days=d), id=f"d{d}") for d in (8, 9, 16, 30, 31)))
+    slabs = [sorted(lab.source for lab in slab.labs) for slab in older_labs(found, now=NOW)]
+    assert slabs == [["Observation/d8", "Observation/d9"], ["Observation/d16"], ["Observation/d30", "Observation/d31"]]
