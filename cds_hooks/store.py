@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from sqlalchemy import (
     Table,
     TypeDecorator,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -51,6 +53,8 @@ DEFAULT_URL = "sqlite:///var/feedback.sqlite3"
 
 #: Execution option naming a connection that writes; on SQLite it takes the write lock at BEGIN.
 _WRITES = "cds_store_writes"
+#: Every this many token ids recorded, all expired ones are purged (otherwise only the one being recorded).
+_JTI_PURGE_EVERY = 500
 #: Arbitrary constant key of the PostgreSQL advisory lock that serialises concurrent ``create_schema``.
 _SCHEMA_LOCK_KEY = 0x6364_735F_6662  # "cds_fb"
 
@@ -134,6 +138,16 @@ feedback_table = Table(
     Column("dedupe_key", String(64), nullable=False, unique=True),
 )
 
+#: Client-token ids already accepted (CDS Hooks §Trusting CDS Clients: a `jti` is used once), shared by every
+#: worker and replica that uses this database. Rows are kept until the token expires, then purged.
+jti_table = Table(
+    "cds_jti",
+    metadata,
+    Column("iss", String, primary_key=True),
+    Column("jti", String, primary_key=True),
+    Column("expires_at", BigInteger, nullable=False, index=True),
+)
+
 #: Dialect-specific INSERT constructs that know ``ON CONFLICT DO NOTHING``.
 _INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
@@ -192,6 +206,7 @@ class FeedbackStore:
             event.listen(self._engine, "connect", _sqlite_on_connect)
             event.listen(self._engine, "begin", _sqlite_on_begin)
         self._writer = self._engine.execution_options(**{_WRITES: True})
+        self._jti_writes = 0
 
     @property
     def engine(self) -> Engine:
@@ -237,6 +252,20 @@ class FeedbackStore:
                 stored += conn.execute(insert, row).first() is not None
         unknown = tuple(dict.fromkeys(item.card for item in items if item.card not in known))
         return FeedbackReceipt(stored=stored, duplicates=len(items) - stored, unknown_cards=unknown)
+
+    def remember_jti(self, iss: str, jti: str, expires_at: float, now: float) -> bool:
+        """Record a token id; True if it was new (or its earlier use has expired), False if it is a replay."""
+        insert = (_INSERTS[self._dialect](jti_table).on_conflict_do_nothing(index_elements=["iss", "jti"])
+                  .returning(jti_table.c.jti))
+        self._jti_writes += 1
+        with self._guard("remember jti"), self._writer.begin() as conn:
+            expired = jti_table.c.expires_at < int(now)
+            if self._jti_writes % _JTI_PURGE_EVERY == 0:
+                conn.execute(delete(jti_table).where(expired))
+            else:
+                conn.execute(delete(jti_table).where(jti_table.c.iss == iss, jti_table.c.jti == jti, expired))
+            row = {"iss": iss, "jti": jti, "expires_at": int(math.ceil(expires_at))}
+            return conn.execute(insert, row).first() is not None
 
     def ping(self) -> bool:
         """True when the database answers ``SELECT 1``; for readiness probes."""

@@ -18,6 +18,7 @@ from cds_hooks.blueprint import ProtocolOptions, create_blueprint
 from cds_hooks.fhir_client import FhirFetcher
 from cds_hooks.prefetch import FetchPolicy
 from cds_hooks.registry import ServiceRegistry
+from cds_hooks.replay import SharedReplayCache
 from cds_hooks.store import FeedbackStore
 from service.config import Settings, load_settings, warn_if_insecure
 from service.definition import neutropenia_service
@@ -42,7 +43,9 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         deadline_seconds=settings.fhir_deadline_seconds,
         max_pages=settings.fhir_max_pages,
         max_resources=settings.fhir_max_resources,
+        max_page_bytes=settings.fhir_max_page_bytes,
         allow_anonymous=settings.fhir_allow_anonymous,
+        operation_outcome_refetch=settings.fhir_refetch_operation_outcome,
     )
     options = ProtocolOptions(public_base_url=settings.public_base_url, max_body_bytes=settings.max_body_bytes,
                               cors_origins=settings.cors_origins, fetch_policy=fetch_policy)
@@ -57,7 +60,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         ServiceRegistry([neutropenia_service(settings.clinical_policy(), settings.card_settings())]),
         options=options,
         store=store,
-        verifier=_verifier(settings),
+        verifier=_verifier(settings, store),
         fetcher=FhirFetcher(),
         **blueprint_kwargs,
     ))
@@ -66,7 +69,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     return app
 
 
-def _verifier(settings: Settings) -> TokenVerifier | None:
+def _verifier(settings: Settings, store: FeedbackStore) -> TokenVerifier | None:
     if not settings.auth_enabled:
         return None
     policy = AuthPolicy(
@@ -75,4 +78,4 @@ def _verifier(settings: Settings) -> TokenVerifier | None:
         clock_skew_seconds=settings.jwt_clock_skew_seconds,
         max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
     )
-    return TokenVerifier(policy)
+    return TokenVerifier(policy, replay_cache=SharedReplayCache(store))

@@ -147,6 +147,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("FHIR_DEADLINE_SECONDS", _positive_float, "2.0", "One overall deadline for all fallback fetches."),
     Option("FHIR_MAX_PAGES", _positive_int, "10", "Bundle `next` pages followed per prefetch key."),
     Option("FHIR_MAX_RESOURCES", _positive_int, "5000", "Resources accepted per prefetch key."),
+    Option("FHIR_MAX_PAGE_BYTES", _positive_int, str(8 * MIB), "Largest FHIR response page read."),
+    Option("FHIR_REFETCH_OPERATION_OUTCOME", _boolean, "false",
+           "Treat an OperationOutcome prefetch value as absent and fetch the key (default: unavailable)."),
     Option("ANC_CURRENT_DAYS", _positive_int, "7",
            "An ANC older than this many days is stale: reported, not graded (clinical brief §2, DESIGN)."),
     Option("TEMPERATURE_WINDOW_HOURS", _positive_int, "24",
@@ -185,6 +188,8 @@ class Settings:
     fhir_deadline_seconds: float
     fhir_max_pages: int
     fhir_max_resources: int
+    fhir_max_page_bytes: int
+    fhir_refetch_operation_outcome: bool
     anc_current_days: int
     temperature_window_hours: int
     fn_anc_cutoff: int
