@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookiePolicy
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import unquote, urljoin, urlsplit
 from urllib.request import Request
 
@@ -91,7 +91,7 @@ class _NoCookies(CookiePolicy):
 # --- pure helpers, shared with cds_hooks.prefetch -------------------------------------------------------------
 
 
-def is_resource(value: Any) -> bool:
+def is_resource(value: Any) -> TypeGuard[Mapping[str, Any]]:
     """True when ``value`` is a JSON object with a non-empty string ``resourceType``."""
     return isinstance(value, Mapping) and isinstance(value.get("resourceType"), str) and bool(value["resourceType"])
 
@@ -259,7 +259,7 @@ class FhirFetcher:
             if resource_type == "OperationOutcome" and expected != "OperationOutcome":
                 raise _FetchFailed(f"the FHIR server returned an OperationOutcome: {outcome_diagnostics(body)}")
             if expected is not None and resource_type != expected:
-                raise _FetchFailed(f"expected {expected}, the FHIR server returned {clean_text(resource_type, 40)}")
+                raise _FetchFailed(f"expected {expected}, the FHIR server returned {clean_text(str(resource_type), 40)}")
             if resource_type != "Bundle":
                 return FetchOutcome(resources=(body,), pages=1)
         except _FetchFailed as failure:

@@ -41,7 +41,7 @@ class _StrictInteger(fields.Integer):
         return int(super()._deserialize(value, attr, data, **kwargs))
 
 
-class _JSONObject(fields.Field):
+class _JSONObject(fields.Field[dict[str, Any]]):
     """Any JSON object, kept as is."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
@@ -50,7 +50,7 @@ class _JSONObject(fields.Field):
         return dict(value)
 
 
-class _Timestamp(fields.Field):
+class _Timestamp(fields.Field[datetime]):
     """An RFC 3339 date-time with a time zone, as feedback's `outcomeTimestamp` requires."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
