@@ -99,19 +99,25 @@ def _groups(labs: list[LabResult], links: list[frozenset[str]]) -> list[list[Lab
     return list(grouped.values())
 
 
+def _amount(lab: LabResult) -> Decimal:
+    if lab.value is None:  # pragma: no cover - only usable results reach here
+        raise ValueError(f"{lab.source} has no interpretable value")
+    return lab.value
+
+
 def _lowest(group: list[LabResult], *roles: LabRole) -> LabResult | None:
     usable = [lab for lab in group if lab.role in roles and lab.value is not None]
-    return min(usable, key=lambda lab: (lab.value, lab.comparator != "<", lab.source)) if usable else None
+    return min(usable, key=lambda lab: (_amount(lab), lab.comparator != "<", lab.source)) if usable else None
 
 
 def _group_anc(group: list[LabResult]) -> tuple[AncValue | None, str | None]:
     measured = _lowest(group, LabRole.ANC)
     if measured is not None:
-        return _value([measured], measured.value, "measured", None, measured.reference_low)  # type: ignore[arg-type]
+        return _value([measured], _amount(measured), "measured", None, measured.reference_low)
     segs, bands = _lowest(group, LabRole.SEGS_ABS), _lowest(group, LabRole.BANDS_ABS)
     if segs is not None:
         used = [segs] + ([bands] if bands else [])
-        total = sum((lab.value for lab in used), Decimal(0))  # type: ignore[misc]
+        total = sum((_amount(lab) for lab in used), Decimal(0))
         return _value(used, total, "computed", "segs+bands" if bands else "segs", None)
     wbc = _lowest(group, LabRole.WBC)
     share = _lowest(group, LabRole.TOTAL_PCT, LabRole.FRACTION)
@@ -123,10 +129,10 @@ def _group_anc(group: list[LabResult]) -> tuple[AncValue | None, str | None]:
     else:
         shares = [share]
     if wbc is not None and shares:
-        pct = sum((lab.value for lab in shares), Decimal(0))  # type: ignore[misc]
+        pct = sum((_amount(lab) for lab in shares), Decimal(0))
         if pct > 100:
             return None, f"neutrophil percentages add up to {pct}%"
-        return _value([wbc, *shares], wbc.value * pct / 100, "computed", formula, None)  # type: ignore[operator]
+        return _value([wbc, *shares], _amount(wbc) * pct / 100, "computed", formula, None)
     roles = {lab.role for lab in group if lab.value is not None}
     if roles & PERCENT_ROLES and wbc is None:
         return None, "neutrophil percentage without a white cell count"

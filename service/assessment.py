@@ -13,8 +13,9 @@ from typing import Any
 
 from service import anc as anc_module
 from service import timing
-from service.codes import ConditionRole, MedicationRole
-from service.extract import Facts, MedicationFact, extract, older_labs
+from service.codes import ConditionRole
+from service.drugs import MedicationRole
+from service.extract import Facts, extract, older_labs
 from service.fever import assess_fever
 from service.model import Anc as Anc
 from service.model import AncPoint as AncPoint
@@ -23,6 +24,7 @@ from service.model import CodedRef as CodedRef
 from service.model import DataIssue as DataIssue
 from service.model import Fever as Fever
 from service.model import Finding as Finding
+from service.records import MedicationFact
 from service.rules import RuleInput, ctcae_grade, evaluate
 from service.thresholds import DEFAULT_POLICY as DEFAULT_POLICY
 from service.thresholds import ClinicalPolicy as ClinicalPolicy

@@ -36,6 +36,9 @@ BODY_TEMPERATURE = "8310-5"
 ORAL_TEMPERATURE = "8331-1"
 VITAL_SIGNS_PANEL = "85353-1"
 
+#: A value as tests like to write it: 0.4, 400, "0.4" or Decimal("0.4") (sent as a JSON number).
+Number = float | int | str | Decimal
+
 _ids = itertools.count(1)
 
 
@@ -67,7 +70,7 @@ def concept(code: str, system: str = LOINC, display: str | None = None) -> dict[
 
 
 def quantity(
-    value: float | int | str | Decimal,
+    value: Number,
     unit: str | None,
     *,
     ucum: bool = True,
@@ -86,7 +89,7 @@ def quantity(
 
 def observation(
     code: str | None,
-    value: float | int | str | Decimal | None = None,
+    value: Number | None = None,
     unit: str | None = None,
     effective: str | None = None,
     *,
@@ -126,33 +129,37 @@ def observation(
     return resource
 
 
-def component(code: str, value: float | int, unit: str, *, system: str = LOINC) -> dict[str, Any]:
+def component(code: str, value: Number, unit: str, *, system: str = LOINC) -> dict[str, Any]:
     """An Observation.component with a valueQuantity."""
     return {"code": concept(code, system), "valueQuantity": quantity(value, unit)}
 
 
-def anc(value: float | int | str | Decimal, unit: str | None = "/uL", effective: str | None = None, **kw: Any) -> dict[str, Any]:
+def anc(value: Number | None, unit: str | None = "/uL", effective: str | None = None, **kw: Any) -> dict[str, Any]:
     """A measured ANC Observation (LOINC 751-8 unless ``code`` is given)."""
     code = kw.pop("code", ANC_AUTOMATED)
     return observation(code, value, unit, effective, **kw)
 
 
-def wbc(value: float | int, unit: str = "10*3/uL", effective: str | None = None, **kw: Any) -> dict[str, Any]:
+def wbc(value: Number | None, unit: str | None = "10*3/uL", effective: str | None = None, **kw: Any) -> dict[str, Any]:
     """A leukocyte count Observation (LOINC 6690-2)."""
     return observation(kw.pop("code", WBC), value, unit, effective, **kw)
 
 
-def percent(code: str, value: float | int, effective: str | None = None, **kw: Any) -> dict[str, Any]:
+def percent(code: str, value: Number | None, effective: str | None = None, **kw: Any) -> dict[str, Any]:
     """A "/100 leukocytes" Observation in %."""
     return observation(code, value, kw.pop("unit", "%"), effective, **kw)
 
 
-def temperature(value: float | int | str | Decimal, unit: str = "Cel", effective: str | None = None, **kw: Any) -> dict[str, Any]:
+def temperature(
+    value: Number | None, unit: str | None = "Cel", effective: str | None = None, **kw: Any
+) -> dict[str, Any]:
     """A body temperature Observation (LOINC 8310-5 unless ``code`` is given)."""
     return observation(kw.pop("code", BODY_TEMPERATURE), value, unit, effective, **kw)
 
 
-def vital_signs_panel(components: Iterable[Mapping[str, Any]], effective: str | None = None, **kw: Any) -> dict[str, Any]:
+def vital_signs_panel(
+    components: Iterable[Mapping[str, Any]], effective: str | None = None, **kw: Any
+) -> dict[str, Any]:
     """A vital-signs panel Observation (85353-1) carrying its values as components."""
     return observation(VITAL_SIGNS_PANEL, None, None, effective, components=components, **kw)
 
@@ -215,7 +222,9 @@ def patient(birth_date: str | None = "1970-01-01", *, id: str = "p1", **extra: A
     return resource
 
 
-def diagnostic_report(results: Iterable[Mapping[str, Any]], *, id: str | None = None, status: str = "final") -> dict[str, Any]:
+def diagnostic_report(
+    results: Iterable[Mapping[str, Any]], *, id: str | None = None, status: str = "final"
+) -> dict[str, Any]:
     """A DiagnosticReport whose ``result`` references the given Observations."""
     return {
         "resourceType": "DiagnosticReport",

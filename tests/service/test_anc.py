@@ -80,8 +80,9 @@ def test_sources_are_recorded() -> None:
     ["specimen", "report"],
 )
 def test_results_of_one_specimen_or_report_combine_across_times(link: str) -> None:
-    w = wbc(2, effective=ago(hours=3), id="w", **({"specimen": "Specimen/s1"} if link == "specimen" else {}))
-    p = percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="p", **({"specimen": "Specimen/s1"} if link == "specimen" else {}))
+    specimen: dict[str, Any] = {"specimen": "Specimen/s1"} if link == "specimen" else {}
+    w = wbc(2, effective=ago(hours=3), id="w", **specimen)
+    p = percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="p", **specimen)
     extra = [diagnostic_report([w, p])] if link == "report" else []
     value = only(w, p, *extra)
     assert value.cells_per_ul == D(600)
@@ -109,9 +110,11 @@ def test_results_at_different_times_do_not_combine() -> None:
     [
         ([percent(SEGS_PCT, 40, T0)], "neutrophil percentage without a white cell count"),
         ([wbc(3, effective=T0)], "white cell count without a neutrophil differential"),
-        ([wbc(3, effective=T0), percent(BANDS_PCT, 4, T0)], "band percentage without a segmented or total neutrophil percentage"),
+        ([wbc(3, effective=T0), percent(BANDS_PCT, 4, T0)],
+         "band percentage without a segmented or total neutrophil percentage"),
         ([observation(BANDS_ABS, 50, "/uL", T0)], "band count without a segmented neutrophil count"),
-        ([wbc(3, effective=T0), percent(SEGS_PCT, 90, T0), percent(BANDS_PCT, 20, T0)], "neutrophil percentages add up to 110%"),
+        ([wbc(3, effective=T0), percent(SEGS_PCT, 90, T0), percent(BANDS_PCT, 20, T0)],
+         "neutrophil percentages add up to 110%"),
     ],
     ids=["pct-only", "wbc-only", "bands-pct-only", "bands-abs-only", "over-100"],
 )

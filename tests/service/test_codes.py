@@ -15,11 +15,9 @@ from service.codes import (
     TEMPERATURE,
     ConditionRole,
     LabRole,
-    MedicationRole,
     canonical,
-    medication_display,
-    medication_role,
 )
+from service.drugs import MedicationRole, medication_display, medication_role
 
 LAB_TABLE = [
     *[(c, LabRole.ANC) for c in ("751-8", "753-4", "26499-4")],

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from service.codes import ATC, ConditionRole, LabRole, MedicationRole
-from service.extract import extract, reference
+from service.codes import ATC, ConditionRole, LabRole
+from service.drugs import MedicationRole
+from service.extract import extract
+from service.fhir import reference
 from service.model import DataIssue
 from service.thresholds import ClinicalPolicy
 from tests.service.factories import (
@@ -81,7 +83,8 @@ def test_future_dated_results_are_ignored(minutes_ahead: float, used: bool) -> N
     [
         ("effectiveDateTime", "2025-03-10T08:00:00+01:00", "2025-03-10T07:00:00+00:00"),
         ("effectiveInstant", "2025-03-10T08:00:00Z", "2025-03-10T08:00:00+00:00"),
-        ("effectivePeriod", {"start": "2025-03-10T07:00:00Z", "end": "2025-03-10T08:00:00Z"}, "2025-03-10T08:00:00+00:00"),
+        ("effectivePeriod", {"start": "2025-03-10T07:00:00Z", "end": "2025-03-10T08:00:00Z"},
+         "2025-03-10T08:00:00+00:00"),
         ("issued", "2025-03-10T09:00:00Z", "2025-03-10T09:00:00+00:00"),
         ("effectiveDateTime", "2025-03-09", "2025-03-09T00:00:00+00:00"),
     ],
@@ -323,7 +326,8 @@ def test_same_id_without_versions_keeps_both() -> None:
 @pytest.mark.parametrize(
     "junk",
     [None, 1, "x", [], {}, {"resourceType": 5}, {"resourceType": ["Observation"]}, {"resourceType": "Observation"},
-     {"resourceType": "Observation", "status": ["final"], "code": {"coding": [{"system": "http://loinc.org", "code": "751-8"}]}},
+     {"resourceType": "Observation", "status": ["final"],
+      "code": {"coding": [{"system": "http://loinc.org", "code": "751-8"}]}},
      {"resourceType": "Bundle", "entry": "x"}, {"resourceType": "Condition", "code": {"coding": "x"}}],
     ids=lambda v: repr(v)[:40],
 )

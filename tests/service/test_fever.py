@@ -78,7 +78,8 @@ def test_sustained_in_fahrenheit(first: str, last: str, expected: str) -> None:
 
 
 def test_mixed_units_form_one_run() -> None:
-    assert criterion(temperature("100.4", "[degF]", ago(minutes=65)), temperature("38.1", "Cel", ago(minutes=1))) == "sustained"
+    readings = [temperature("100.4", "[degF]", ago(minutes=65)), temperature("38.1", "Cel", ago(minutes=1))]
+    assert criterion(*readings) == "sustained"
 
 
 @pytest.mark.parametrize(
@@ -114,7 +115,7 @@ def test_fever_details() -> None:
     assert found == Fever(
         max_celsius=D("38.20"),
         criterion="sustained",
-        effective=NOW.replace(minute=0, hour=11, second=0) .replace(minute=40),
+        effective=NOW.replace(hour=11, minute=40),
         sources=("Observation/a", "Observation/b"),
         since=NOW.replace(hour=10, minute=30),
         preliminary=True,
@@ -129,7 +130,8 @@ def test_single_reading_reports_the_hottest() -> None:
 
 def test_afebrile_reports_the_maximum() -> None:
     found = fever_of(temperature("37.2", "Cel", ago(hours=1), id="x"), temperature("36.8", "Cel", ago(hours=2)))
-    assert found is not None and (found.criterion, found.max_celsius, found.sources) == ("none", D("37.20"), ("Observation/x",))
+    assert found is not None
+    assert (found.criterion, found.max_celsius, found.sources) == ("none", D("37.20"), ("Observation/x",))
 
 
 def test_panel_component_temperature_counts() -> None:

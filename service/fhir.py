@@ -1,0 +1,123 @@
+"""Helpers for raw FHIR JSON (untrusted dicts): flattening, de-duplication, references, codes, numbers, validation.
+
+Every function accepts anything JSON can hold (and more) and never raises on bad data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from service import timing
+from service.codes import Code, canonical
+
+#: Bundles nested deeper than this are not opened.
+MAX_BUNDLE_DEPTH = 4
+#: Numbers with a larger decimal exponent are not values a lab or a thermometer reports (and overflow Decimal).
+MAX_EXPONENT = 30
+
+
+def flatten(resources: object, depth: int = 0) -> Iterator[Mapping[str, Any]]:
+    """The resources of ``resources``, with Bundles opened; anything that is not a JSON object is skipped."""
+    for item in resources if isinstance(resources, Iterable) and not isinstance(resources, (str, bytes)) else ():
+        if not isinstance(item, Mapping):
+            continue
+        if item.get("resourceType") == "Bundle" and depth < MAX_BUNDLE_DEPTH:
+            entries = item.get("entry")
+            inner = [e.get("resource") for e in entries if isinstance(e, Mapping)] if isinstance(entries, list) else []
+            yield from flatten(inner, depth + 1)
+        else:
+            yield item
+
+
+def _version(resource: Mapping[str, Any]) -> tuple[int, float | None]:
+    meta = resource.get("meta")
+    meta = meta if isinstance(meta, Mapping) else {}
+    version = meta.get("versionId")
+    number = int(version) if isinstance(version, str) and version.isdigit() and len(version) < 19 else -1
+    updated = timing.parse(meta.get("lastUpdated"))
+    return number, None if updated is None else updated.effective.timestamp()
+
+
+def deduplicated(resources: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """Drop older versions of a resource that arrives more than once (same type and id, older ``meta``).
+
+    Copies that cannot be told apart (no ``versionId`` or ``lastUpdated`` on one of them) are all kept.
+    """
+    by_key: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for resource in resources:
+        rid, rtype = resource.get("id"), resource.get("resourceType")
+        if isinstance(rid, str) and isinstance(rtype, str):
+            by_key.setdefault((rtype, rid), []).append(resource)
+        else:
+            yield resource
+    for versions in by_key.values():
+        if len(versions) == 1:
+            yield versions[0]
+            continue
+        keys = [_version(v) for v in versions]
+        newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
+        distinguishable = all(k[0] >= 0 or k[1] is not None for k in keys)
+        yield from (v for v, k in zip(versions, keys) if not distinguishable or k == newest)
+
+
+def reference(value: object) -> str | None:
+    """A FHIR reference string reduced to "Type/id" (absolute URLs and ``_history`` dropped)."""
+    if not isinstance(value, str):
+        return None
+    parts = value.strip().split("/_history/")[0].strip("/").split("/")
+    return f"{parts[-2]}/{parts[-1]}" if len(parts) >= 2 and parts[-2] and parts[-1] else None
+
+
+def references(items: object) -> frozenset[str]:
+    """The "Type/id" targets of a raw list of Reference objects."""
+    if not isinstance(items, list):
+        return frozenset()
+    return frozenset(ref for item in items if isinstance(item, Mapping) and (ref := reference(item.get("reference"))))
+
+
+def source_of(resource: Mapping[str, Any]) -> str:
+    """How findings cite ``resource``: "Type/id" ("Type/(no id)" without an id)."""
+    rid = resource.get("id")
+    return f"{resource.get('resourceType')}/{rid if isinstance(rid, str) and rid else '(no id)'}"
+
+
+def codes_of(concept: object) -> frozenset[Code]:
+    """The (system, code) pairs of a raw CodeableConcept, system aliases resolved."""
+    codings = concept.get("coding") if isinstance(concept, Mapping) else None
+    if not isinstance(codings, list):
+        return frozenset()
+    pairs = (canonical(c.get("system"), c.get("code")) for c in codings if isinstance(c, Mapping))
+    return frozenset(p for p in pairs if p is not None)
+
+
+def status_codes(concept: object) -> frozenset[str]:
+    """The codes of a raw status CodeableConcept (their system is fixed by FHIR, so only the code counts)."""
+    return frozenset(code for _, code in codes_of(concept))
+
+
+def decimal(value: object) -> Decimal | None:
+    """A finite ``Decimal`` from a JSON number (or numeric string) of sane magnitude; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)  # type: ignore[arg-type]
+    except (InvalidOperation, TypeError, ValueError):
+        return None
+    return number if number.is_finite() and abs(number.adjusted()) <= MAX_EXPONENT else None
+
+
+def validation_error(model: type[Any], resource: Mapping[str, Any]) -> str | None:
+    """Why ``resource`` is not a valid ``model`` (a fhir.resources R4B class), or None when it is."""
+    try:
+        model.model_validate(resource)
+    except Exception as error:  # noqa: BLE001 - untrusted input; pydantic raises several kinds
+        errors = getattr(error, "errors", None)
+        details = errors() if callable(errors) else None
+        first = details[0] if isinstance(details, list) and details else None
+        if isinstance(first, Mapping):
+            where = ".".join(str(part) for part in first.get("loc", ())) or "resource"
+            return f"{where}: {first.get('msg', 'invalid')}"[:200]
+        return f"invalid {model.__name__}"
+    return None

@@ -1,0 +1,149 @@
+"""Conditions, medication orders and the Patient: raw FHIR -> the facts the rules read (brief §2, §3.2-3.4).
+
+Each reader classifies by code and status before validating, and returns its facts and at most one data issue;
+nothing here raises on bad data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.patient import Patient
+
+from service import timing
+from service.codes import CONDITION_DISPLAY, CONDITION_ROLES, Code, ConditionRole
+from service.drugs import MedicationRole, medication_display, medication_role
+from service.fhir import codes_of, reference, source_of, status_codes, validation_error
+from service.model import CodedRef, DataIssue
+
+#: Condition.clinicalStatus codes that count, and verificationStatus codes that exclude (brief §2).
+ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
+EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+#: MedicationRequest statuses: current orders, and ended orders that count only inside a look-back (DESIGN:
+#: a completed or stopped G-CSF/chemotherapy order still marks recent chemotherapy).
+CURRENT_MEDICATION = frozenset({"active", "on-hold"})
+ENDED_MEDICATION = frozenset({"completed", "stopped"})
+
+
+@dataclass(frozen=True)
+class ConditionFact:
+    """An active, not refuted condition the rules care about."""
+
+    ref: CodedRef
+    roles: frozenset[ConditionRole]
+
+
+@dataclass(frozen=True)
+class MedicationFact:
+    """A medication order the rules care about; ``last`` is the latest date the order mentions."""
+
+    ref: CodedRef
+    role: MedicationRole
+    current: bool
+    last: datetime | None
+
+
+def _malformed(resource: Mapping[str, Any], problem: str) -> DataIssue:
+    return DataIssue("malformed-resource", source_of(resource), problem)
+
+
+def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssue | None]:
+    """The fact of a Condition with a known code that is active (or has no status and has not abated)."""
+    matched = sorted(c for c in codes_of(r.get("code")) if c in CONDITION_ROLES)
+    if not matched or status_codes(r.get("verificationStatus")) & EXCLUDED_VERIFICATION:
+        return None, None
+    clinical = status_codes(r.get("clinicalStatus"))
+    abated = any(isinstance(key, str) and key.startswith("abatement") for key in r)
+    # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).
+    if (clinical and not clinical & ACTIVE_CONDITION) or (not clinical and abated):
+        return None, None
+    problem = validation_error(Condition, r)
+    if problem is not None:
+        return None, _malformed(r, problem)
+    system, code = matched[0]
+    roles = frozenset().union(*(CONDITION_ROLES[c] for c in matched))
+    return ConditionFact(CodedRef(system, code, CONDITION_DISPLAY.get((system, code)), source_of(r)), roles), None
+
+
+def medication_index(resources: Iterable[Mapping[str, Any]]) -> Mapping[str, frozenset[Code]]:
+    """The codes of every Medication resource, by "Medication/id", for ``medicationReference``."""
+    return {
+        source_of(r): codes_of(r.get("code"))
+        for r in resources
+        if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str)
+    }
+
+
+def medication_facts(
+    r: Mapping[str, Any], medications: Mapping[str, frozenset[Code]]
+) -> tuple[frozenset[MedicationFact], DataIssue | None]:
+    """The facts of a MedicationRequest for a known medicine: one per role (a drug may be a cause and chemo)."""
+    status = r.get("status")
+    if not isinstance(status, str) or status not in CURRENT_MEDICATION | ENDED_MEDICATION:
+        return frozenset(), None
+    if r.get("doNotPerform") is True:
+        return frozenset(), None
+    matched = [(c, role) for c in sorted(_medication_codes(r, medications)) if (role := medication_role(c))]
+    last = latest_order_date(r)
+    if not matched or (status in ENDED_MEDICATION and last is None):
+        return frozenset(), None  # an ended order without any date cannot be placed in a look-back window
+    problem = validation_error(MedicationRequest, r)
+    if problem is not None:
+        return frozenset(), _malformed(r, problem)
+    facts = set()
+    for role in {role for _, role in matched}:
+        code = next(c for c, rl in matched if rl is role)
+        ref = CodedRef(code[0], code[1], medication_display(code), source_of(r))
+        facts.add(MedicationFact(ref, role, status in CURRENT_MEDICATION, last))
+    return frozenset(facts), None
+
+
+def _medication_codes(r: Mapping[str, Any], medications: Mapping[str, frozenset[Code]]) -> frozenset[Code]:
+    if "medicationCodeableConcept" in r:
+        return codes_of(r["medicationCodeableConcept"])
+    medication = r.get("medicationReference")
+    target = medication.get("reference") if isinstance(medication, Mapping) else None
+    if isinstance(target, str) and target.startswith("#"):
+        contained = r.get("contained")
+        for item in contained if isinstance(contained, list) else ():
+            if isinstance(item, Mapping) and item.get("id") == target[1:]:
+                return codes_of(item.get("code"))
+        return frozenset()
+    ref = reference(target)
+    return medications.get(ref, frozenset()) if ref else frozenset()
+
+
+def latest_order_date(r: Mapping[str, Any]) -> datetime | None:
+    """The latest date an order mentions: authoredOn, validity period end, dosage bounds or events."""
+    candidates = [timing.parse(r.get("authoredOn"))]
+    dispense = r.get("dispenseRequest")
+    if isinstance(dispense, Mapping):
+        candidates.append(timing.period(dispense.get("validityPeriod")))
+    dosages = r.get("dosageInstruction")
+    for dosage in dosages if isinstance(dosages, list) else ():
+        when = dosage.get("timing") if isinstance(dosage, Mapping) else None
+        if not isinstance(when, Mapping):
+            continue
+        events = when.get("event")
+        candidates += [timing.parse(e) for e in events] if isinstance(events, list) else []
+        repeat = when.get("repeat")
+        if isinstance(repeat, Mapping):
+            candidates.append(timing.period(repeat.get("boundsPeriod")))
+    found = [c.latest for c in candidates if c is not None]
+    return max(found) if found else None
+
+
+def birth(r: Mapping[str, Any]) -> tuple[tuple[str, date] | None, DataIssue | None]:
+    """The (source, birth date) of a Patient with a usable birthDate."""
+    born = timing.birth_date(r.get("birthDate"))
+    if born is None:
+        return None, None
+    problem = validation_error(Patient, r)
+    if problem is not None:
+        return None, _malformed(r, problem)
+    return (source_of(r), born), None

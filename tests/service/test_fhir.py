@@ -1,0 +1,87 @@
+"""Raw FHIR JSON helpers: they take anything and never raise."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.observation import Observation
+
+from service.fhir import codes_of, decimal, deduplicated, flatten, references, source_of, validation_error
+
+D = Decimal
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0.4, D("0.4")),
+        (38.3, D("38.3")),
+        (400, D(400)),
+        ("1.5", D("1.5")),
+        (D("2"), D(2)),
+        (True, None),
+        (float("nan"), None),
+        (float("inf"), None),
+        ("x", None),
+        (None, None),
+        ([1], None),
+        (1e40, None),
+        ("1e-40", None),
+    ],
+    ids=lambda v: repr(v),
+)
+def test_decimal(value: Any, expected: Decimal | None) -> None:
+    assert decimal(value) == expected
+
+
+def test_flatten_opens_nested_bundles_and_skips_junk() -> None:
+    inner = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "p"}}, "junk", {}]}
+    outer = {"resourceType": "Bundle", "entry": [{"resource": inner}, {"resource": {"resourceType": "Condition"}}]}
+    assert [r["resourceType"] for r in flatten([outer, None, 3, "Observation"])] == ["Patient", "Condition"]
+    assert list(flatten("not a list")) == [] and list(flatten(None)) == []
+
+
+def test_flatten_stops_at_depth() -> None:
+    bundle: dict[str, Any] = {"resourceType": "Patient", "id": "deep"}
+    for _ in range(10):
+        bundle = {"resourceType": "Bundle", "entry": [{"resource": bundle}]}
+    assert [r["resourceType"] for r in flatten([bundle])] == ["Bundle"]
+
+
+@pytest.mark.parametrize(
+    ("metas", "kept"),
+    [
+        ([{"versionId": "1"}, {"versionId": "2"}], [1]),
+        ([{"versionId": "3"}, {"versionId": "2"}], [0]),
+        ([{"lastUpdated": "2025-03-10T10:00:00Z"}, {"lastUpdated": "2025-03-09T10:00:00Z"}], [0]),
+        ([{}, {"versionId": "2"}], [0, 1]),  # cannot tell: keep both
+        ([{"versionId": "2"}, {"versionId": "2"}], [0, 1]),
+    ],
+    ids=["v2-wins", "v3-wins", "last-updated", "unknown", "tie"],
+)
+def test_deduplicated_keeps_the_newest_version(metas: list[dict[str, str]], kept: list[int]) -> None:
+    copies = [{"resourceType": "Observation", "id": "o", "meta": meta, "n": n} for n, meta in enumerate(metas)]
+    assert sorted(r["n"] for r in deduplicated(copies)) == kept
+
+
+def test_references_and_sources() -> None:
+    assert references([{"reference": "Observation/a"}, {"reference": 5}, "x", {}]) == {"Observation/a"}
+    assert references("nope") == frozenset()
+    assert source_of({"resourceType": "Observation", "id": "a"}) == "Observation/a"
+    assert source_of({"resourceType": "Observation", "id": ""}) == "Observation/(no id)"
+
+
+def test_codes_of_ignores_malformed_codings() -> None:
+    concept = {"coding": [{"system": "http://loinc.org", "code": "751-8"}, {"code": "x"}, "junk", {"system": 1}]}
+    assert codes_of(concept) == {("http://loinc.org", "751-8")}
+    assert codes_of({"coding": "x"}) == frozenset() and codes_of(None) == frozenset()
+
+
+def test_validation_error_names_the_field() -> None:
+    valid = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+    assert validation_error(Observation, valid) is None
+    problem = validation_error(Observation, {**valid, "note": "x"})
+    assert problem is not None and problem.startswith("note:")
+    assert validation_error(Observation, {**valid, "status": None}) is not None
