@@ -85,11 +85,15 @@ def _groups(labs: list[LabResult], links: list[frozenset[str]]) -> list[list[Lab
             i = parent[i]
         return i
 
+    linked: dict[str, list[int]] = {}
+    for number, link in enumerate(links):
+        for member in link:
+            linked.setdefault(member, []).append(number)
     first: dict[tuple[str, object], int] = {}
     for index, lab in enumerate(labs):
         keys: list[tuple[str, object]] = [("source", lab.source), ("time", lab.effective)]
         keys += [("specimen", lab.specimen)] if lab.specimen else []
-        keys += [("link", n) for n, link in enumerate(links) if lab.source in link]
+        keys += [("link", number) for number in linked.get(lab.source, ())]
         for key in keys:
             other = first.setdefault(key, index)
             parent[find(index)] = find(other)

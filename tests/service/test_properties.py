@@ -199,12 +199,23 @@ def test_messy_input_never_raises(resources: list[Any]) -> None:
     assessment_extension(assess(resources, now=NOW))
 
 
+def _containers(value: Any, found: list[Any]) -> list[Any]:
+    """Every dict and list inside ``value``, itself included."""
+    if isinstance(value, (dict, list)):
+        found.append(value)
+        for item in value.values() if isinstance(value, dict) else value:
+            _containers(item, found)
+    return found
+
+
 @PROPERTY
 @given(scenarios(), st.data())
 def test_damaged_resources_never_raise(resources: list[dict[str, Any]], data: st.DataObject) -> None:
     damaged = copy.deepcopy(resources)
-    for resource in damaged:
-        if data.draw(st.booleans()):
-            key = data.draw(st.sampled_from(sorted(resource)))
-            resource[key] = data.draw(json_like)
+    for _ in range(data.draw(st.integers(1, 4))):
+        target = data.draw(st.sampled_from(_containers(damaged, [])))
+        if isinstance(target, dict) and target:
+            target[data.draw(st.sampled_from(sorted(target)))] = data.draw(json_like)
+        elif isinstance(target, list) and target:
+            target[data.draw(st.integers(0, len(target) - 1))] = data.draw(json_like)
     assessment_extension(assess(damaged, now=NOW))
