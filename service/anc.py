@@ -80,6 +80,7 @@ def _groups(labs: list[LabResult], links: list[frozenset[str]]) -> list[list[Lab
     parent = list(range(len(labs)))
 
     def find(i: int) -> int:
+        """The representative of ``i``'s group (with path halving)."""
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]

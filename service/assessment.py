@@ -125,6 +125,7 @@ def _context(facts: Facts, now: datetime, policy: ClinicalPolicy) -> tuple[Coded
     lookback = {MedicationRole.GCSF: policy.gcsf_lookback, MedicationRole.CHEMOTHERAPY: policy.chemotherapy_lookback}
 
     def recent(fact: MedicationFact) -> bool:
+        """A current order, or an ended one inside its look-back."""
         window = lookback.get(fact.role)
         return window is not None and (fact.current or (fact.last is not None and fact.last >= now - window))
 
