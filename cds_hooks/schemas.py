@@ -58,9 +58,10 @@ class _Timestamp(fields.Field[datetime]):
             raise ValidationError("must be an RFC 3339 date-time with a time zone, e.g. 2021-12-11T10:05:31Z")
         try:
             parsed = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
-        except ValueError:
+            return parsed.astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            # OverflowError: a valid offset that moves the instant outside years 1-9999.
             raise ValidationError("is not a valid date-time") from None
-        return parsed.astimezone(timezone.utc)
 
 
 def _non_empty(value: str) -> bool:
@@ -102,7 +103,8 @@ class FhirAuthorizationSchema(Schema):
 
     access_token = _StrictString(required=True, validate=_non_empty)
     token_type = _StrictString(required=True, validate=validate.OneOf(["Bearer", "bearer"]))
-    expires_in = _StrictInteger(required=True, validate=validate.Range(min=0))
+    # Seconds; the upper bound (int32, 68 years) only keeps absurd values out of the expiry arithmetic.
+    expires_in = _StrictInteger(required=True, validate=validate.Range(min=0, max=2**31 - 1))
     scope = _StrictString(required=True)
     subject = _StrictString(required=True)
     patient = _StrictString()

@@ -54,7 +54,9 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         blueprint_kwargs["clock"] = clock
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # One byte over the limit: werkzeug truncates a body without Content-Length at this length instead of
+    # refusing it, and the blueprint then sees more than the limit and answers 413.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.url_map.strict_slashes = False
     app.register_blueprint(create_blueprint(
         ServiceRegistry([neutropenia_service(settings.clinical_policy(), settings.card_settings())]),

@@ -319,6 +319,20 @@ def test_feedback_is_durable_in_postgresql(tmp_path: Path, gunicorn_factory: Any
         deployment.server.stop()
 
 
+def test_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path: Path, gunicorn_factory: Any) -> None:
+    server = gunicorn_factory({"CDS_AUTH": "disabled", "CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3",
+                               "CDS_MAX_BODY_BYTES": "512"})
+    url = f"{server.base_url}/cds-services/{SERVICE}"
+
+    def chunks(size: int) -> Iterator[bytes]:  # a generator body makes requests send Transfer-Encoding: chunked
+        yield json.dumps({"hook": "patient-view", "pad": "x" * size}).encode()
+
+    big = requests.post(url, data=chunks(2048), headers={"Content-Type": "application/json"}, timeout=10)
+    assert big.status_code == 413 and big.json()["issue"][0]["code"] == "too-costly"
+    small = requests.post(url, data=chunks(10), headers={"Content-Type": "application/json"}, timeout=10)
+    assert small.status_code == 400 and "hookInstance" in small.text
+
+
 def test_auth_disabled_start_logs_a_loud_warning(tmp_path: Path, gunicorn_factory: Any) -> None:
     server = gunicorn_factory({"CDS_AUTH": "disabled", "CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3"})
     assert requests.get(server.base_url + "/cds-services", timeout=5).status_code == 200
