@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PORT ?= 8080
 
-.PHONY: run test venv lock clean
+.PHONY: run test demo venv lock clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ run: $(STAMP)
 ## Run the whole suite (starts its own PostgreSQL and gunicorn on loopback).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Fixture FHIR server + service (auth on, throwaway key) + the CLI client, with and without prefetch; stops all.
+## Free ports by default; choose with e.g. `make demo DEMO_CDS_PORT=9000 DEMO_FHIR_PORT=9001 DEMO_PATIENT=fn-0001`.
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
 
 ## Re-pin every dependency from pyproject.toml into constraints.txt.
 lock:

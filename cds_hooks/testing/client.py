@@ -99,8 +99,12 @@ class SandboxClient:
         return self.feedback(service_id, [item], **token_options)
 
     def prefetch_from(self, service: Mapping[str, Any], fhir_server: str,
-                      context: Mapping[str, Any]) -> dict[str, Any]:
-        """Fill the service's prefetch templates from ``fhir_server``: unfillable templates skipped, failures omitted."""
+                      context: Mapping[str, Any], *, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Fill the service's prefetch templates from ``fhir_server``: unfillable templates skipped, failures omitted.
+
+        ``headers`` are added to each FHIR request (e.g. ``Authorization`` with the EHR's FHIR access token).
+        A key whose response is not 200 or not JSON counts as failed, so it is omitted too.
+        """
         prefetch: dict[str, Any] = {}
         for key, template in (service.get("prefetch") or {}).items():
             relative = fill_template(template, context)
@@ -108,11 +112,11 @@ class SandboxClient:
                 continue
             try:
                 response = self.session.get(f"{fhir_server.rstrip('/')}/{relative}", timeout=self.timeout,
-                                            headers={"Accept": "application/fhir+json"})
-            except requests.RequestException:
+                                            headers={"Accept": "application/fhir+json", **(headers or {})})
+                if response.status_code == 200:
+                    prefetch[key] = response.json()
+            except (requests.RequestException, ValueError):
                 continue
-            if response.status_code == 200:
-                prefetch[key] = response.json()
         return prefetch
 
     def _call(self, method: str, url: str, body: Any, token_options: Mapping[str, Any]) -> requests.Response:
