@@ -9,7 +9,8 @@
 
 Everything started here is stopped on exit, on failure, on Ctrl-C and on SIGTERM (and dies with this process
 if it is killed). Ports are free ones chosen at run time, or ``DEMO_FHIR_PORT`` / ``DEMO_CDS_PORT``. Any failed
-step makes the exit status non-zero, after the server logs are shown.
+step makes the exit status non-zero, after the server logs are shown. ``--hold`` (``DEMO_HOLD=1``) keeps both
+servers up after the calls until Ctrl-C, to explore them with the client, curl or the Sandbox.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 
 import requests
+
+from service.cli import DEV_ISS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -197,6 +200,15 @@ def demo(args: argparse.Namespace, work: Path, started: Servers) -> None:
     run_client(["invoke", *common])
     say(f"5/5  Patient {args.patient}, no prefetch: the service fetches from the FHIR server itself")
     run_client(["invoke", *common, "--no-prefetch"])
+    if args.hold:
+        say("Both servers stay up until Ctrl-C; try the client, curl or the Sandbox against them:")
+        print(f"  FHIR server:  {fhir_url}\n  CDS service:  {cds_url}/cds-services\n"
+              f"  client key:   {keys / 'client-key.pem'} (--iss {DEV_ISS})", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print(flush=True)  # Ctrl-C is how a held demo ends: not a failure
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cds-port", type=int, default=int(os.environ.get("DEMO_CDS_PORT") or 0))
     parser.add_argument("--patient", default=os.environ.get("DEMO_PATIENT") or default_patient)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each server")
+    parser.add_argument("--hold", action="store_true", default=bool(os.environ.get("DEMO_HOLD")),
+                        help="keep the servers up after the calls, until Ctrl-C (env DEMO_HOLD=1)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="neutropenia-cds-demo-") as tmp, servers(Path(tmp)) as started:
         try:
