@@ -17,9 +17,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
+from cds_hooks.testing.fhir_server import FixtureServer, create_fhir_app
 from cds_hooks.testing.fixtures import FIXTURE_BASE, main, shift_times, to_now
+from service.app import create_app
 from service.definition import EXTENSION_KEY, PREFETCH, SERVICE_ID
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -130,6 +133,40 @@ def test_fixture_gives_its_expected_assessment(client: FlaskClient, name: str) -
         if key in expected:
             assert key in assessment, assessment
             assert {k: assessment[key].get(k) for k in expected[key]} == expected[key]
+
+
+@pytest.fixture(scope="module")
+def fhir_replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Flask, datetime]]:
+    """The service wired to the real fixture FHIR server on loopback, both on one pinned clock."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    server = FixtureServer(create_fhir_app(FIXTURES, clock=lambda: now)).start()
+    app = create_app({"AUTH": "disabled",
+                      "DATABASE_URL": f"sqlite:///{tmp_path_factory.mktemp('replay')}/feedback.sqlite3",
+                      "FHIR_ALLOWED_BASES": server.url, "FHIR_ALLOW_ANONYMOUS": True, "LOG_LEVEL": "WARNING"},
+                     environ={}, clock=lambda: now)
+    app.config["FHIR_SERVER_URL"] = server.url
+    yield app, now
+    app.extensions["neutropenia_cds"]["store"].dispose()
+    server.stop()
+
+
+@pytest.mark.parametrize("name", _params())
+def test_fixture_gives_its_expected_assessment_without_prefetch(fhir_replay: tuple[Flask, datetime],
+                                                                name: str) -> None:
+    """The same patient with no prefetch: the service fetches everything from the fixture FHIR server."""
+    app, now = fhir_replay
+    expected = {**_expected(name), **_expected(name).get("viaFhirServer", {})}
+    request = {k: v for k, v in replay_form(_request(name), expected, now).items() if k != "prefetch"}
+    request["fhirServer"] = app.config["FHIR_SERVER_URL"]
+    response = app.test_client().post(f"/cds-services/{SERVICE_ID}", json=request)
+    body: Any = response.json
+    assert response.status_code == expected["status"], body
+    if expected["status"] != 200:
+        return
+    assessment = body["extension"][EXTENSION_KEY]
+    indicators = [card["indicator"] for card in body["cards"]]
+    assert (assessment.get("findings", []), indicators[0] if indicators else None) == \
+        (expected["findings"], expected["indicator"]), assessment
 
 
 def test_xfail_markers_match_the_expected_files() -> None:
