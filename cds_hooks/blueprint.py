@@ -40,10 +40,11 @@ from cds_hooks.store import CardRecord, FeedbackStore
 log = logging.getLogger("cds_hooks.http")
 
 #: FHIR `id` datatype (R4 §2.24.0.1): also keeps context ids from smuggling paths into fallback fetch URLs.
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_USER_ID = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
+#: Always used with ``fullmatch``: ``$`` also matches before a trailing newline, so "p1\n" would pass ``match``.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_USER_ID = re.compile(r"(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}")
 _JSON_TYPES = ("application/json", "application/fhir+json")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9\-_.]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9\-_.]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def create_blueprint(
     @bp.before_app_request
     def _start() -> None:
         supplied = request.headers.get("X-Request-ID", "")
-        g.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        g.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
         REQUEST_ID.set(g.request_id)
         g.started = time.perf_counter()
 
@@ -198,11 +199,11 @@ def _check_context(definition: ServiceDefinition, hook_request: HookRequest) -> 
             issues.append(Issue(f"context.{name}: is required for hook '{definition.hook}'",
                                 expression=f"context.{name}"))
     patient_id = hook_request.context.get("patientId")
-    if isinstance(patient_id, str) and patient_id and not _FHIR_ID.match(patient_id):
+    if isinstance(patient_id, str) and patient_id and not _FHIR_ID.fullmatch(patient_id):
         issues.append(Issue("context.patientId: must be a FHIR id (letters, digits, '-', '.'; 1-64 characters)",
                             expression="context.patientId"))
     user_id = hook_request.context.get("userId")
-    if isinstance(user_id, str) and user_id and not _USER_ID.match(user_id):
+    if isinstance(user_id, str) and user_id and not _USER_ID.fullmatch(user_id):
         issues.append(Issue("context.userId: must be 'Practitioner/<id>', 'PractitionerRole/<id>', "
                             "'Patient/<id>' or 'RelatedPerson/<id>'", expression="context.userId"))
     if issues:

@@ -180,6 +180,19 @@ def test_body_errors(client: FlaskClient, data: bytes, content_type: str, status
     assert mentions in json.dumps(response.json)
 
 
+@pytest.mark.parametrize("context, field", [
+    ({"patientId": "pat-1\n", "userId": "Practitioner/p1"}, "context.patientId"),
+    ({"patientId": "pat-1", "userId": "Practitioner/p1\n"}, "context.userId"),
+], ids=["patientId-trailing-newline", "userId-trailing-newline"])
+def test_context_ids_with_a_trailing_newline_are_refused(client: FlaskClient, context: dict[str, str],
+                                                         field: str) -> None:
+    # Regression: the id patterns ended in `$`, which also matches before a final "\n", so "pat-1\n" passed
+    # as a FHIR id and reached the cards' suggestion resources.
+    response = client.post(f"/cds-services/{SERVICE}", json={**REQUEST, "context": context})
+    assert response.status_code == 400
+    assert [field] in [issue.get("expression") for issue in response.json["issue"]]
+
+
 def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     client = build_app(tmp_path, max_body=2048).test_client()
     padded = {**REQUEST, "extension": {"org.example.pad": "x" * 4096}}
