@@ -202,7 +202,8 @@ def assessment_extension(assessment: Assessment) -> dict[str, Any]:
 
 def rfc3339(moment: datetime) -> str:
     """``moment`` as an RFC 3339 UTC timestamp with a ``Z`` suffix, to the second."""
-    return _utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
+    m = _utc(moment)  # formatted by hand: strftime("%Y") does not zero-pad years below 1000
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}Z"
 
 
 def _utc(moment: datetime) -> datetime:

@@ -108,8 +108,8 @@ def older_labs(facts: Facts, *, now: datetime, policy: ClinicalPolicy = DEFAULT_
     """
     remaining = sorted(facts.deferred, key=lambda item: (item[1].latest, source_of(item[0])), reverse=True)
     while remaining:
-        edge = remaining[0][1].latest - policy.anc_current_window
-        size = next((n for n, item in enumerate(remaining) if item[1].latest <= edge), len(remaining))
+        edge = timing.earlier(remaining[0][1].latest, policy.anc_current_window)
+        size = next((n for n, item in enumerate(remaining) if n and item[1].latest <= edge), len(remaining))
         collector = _Collector(now, policy, {}, None)
         for resource, _ in remaining[:size]:
             collector.add(resource)

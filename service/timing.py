@@ -60,6 +60,14 @@ def parse(value: object) -> Timing | None:
     return Timing(start, end - _TICK)
 
 
+def earlier(moment: datetime, span: timedelta) -> datetime:
+    """``moment - span``, or the earliest representable instant when that would fall before year 1."""
+    try:
+        return moment - span
+    except OverflowError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
 def _offset(text: str) -> timezone:
     if text == "Z":
         return timezone.utc

@@ -7,7 +7,7 @@ result is reported as uninterpretable.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 from service.thresholds import PERCENT, TEMPERATURE_DECIMALS, THOUSAND_PER_UL
 
@@ -99,7 +99,10 @@ def celsius(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | N
         result = (value - 32) * 5 / 9
     else:
         return None, f"unknown or conflicting unit {sorted(units)}"
-    return round_celsius(result), None
+    try:
+        return round_celsius(result), None
+    except InvalidOperation:  # too many digits to round: not a body temperature
+        return None, f"value {value} is out of range"
 
 
 def round_celsius(value: Decimal) -> Decimal:

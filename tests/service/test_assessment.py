@@ -225,3 +225,16 @@ def test_old_malformed_lab_is_reported_when_it_is_needed() -> None:
     result = assess([anc(300, "/uL", ago(days=40), id="bad", note="bad")], now=NOW)
     assert [(i.code, i.source) for i in result.data_issues] == [("malformed-resource", "Observation/bad")]
     assert result.anc is None
+
+
+@pytest.mark.parametrize("effective", ["0001-01-01", "0001-01-01T00:00:00Z", "0001-02-01", "0999-06-15T08:00:00Z", "0001"])
+def test_placeholder_dates_are_handled(effective: str) -> None:
+    ext = assessment_extension(assess([anc(400, "/uL", effective)], now=NOW))
+    assert ext["findings"] == ["anc-stale"]
+    assert len(ext["anc"]["effective"]) == 20 and ext["anc"]["effective"][:4].startswith("0")
+
+
+def test_huge_temperature_is_a_data_issue() -> None:
+    result = assess([temperature("1e30", "Cel", ago(minutes=5), id="hot")], now=NOW)
+    assert result.fever is None
+    assert [(i.code, i.source) for i in result.data_issues] == [("temperature-uninterpretable", "Observation/hot")]

@@ -182,7 +182,8 @@ FHIR_STRINGS = ["Observation", "Condition", "MedicationRequest", "Patient", "Dia
                 "Bundle", "final", "preliminary", "entered-in-error", "active", "completed", "http://loinc.org",
                 SNOMED, RXNORM, ATC, "751-8", "6690-2", "770-8", "71676-1", "8310-5", "425229001", "338036",
                 "L01XA01", "Cel", "[degF]", "10*9/L", "/uL", "%", "<", ">=", "2025-03-10T11:00:00Z", "2025-03-10",
-                "2025", "Observation/a", "#m", "Medication/m", "9999-12-31T23:59:59-14:00"]
+                "2025", "Observation/a", "#m", "Medication/m", "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00Z",
+                "0001-01-01", "1e30"]
 leaves = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
           | st.sampled_from(FHIR_STRINGS) | st.decimals(allow_nan=True))
 json_like = st.recursive(

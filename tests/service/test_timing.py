@@ -75,3 +75,12 @@ def test_birth_date_and_age() -> None:
     assert age(date(2020, 3, 10), date(2025, 3, 10)) == (5, 1826)
     assert age(date(2020, 3, 11), date(2025, 3, 10))[0] == 4
     assert age(date(2025, 3, 3), date(2025, 3, 10)) == (0, 7)
+
+
+def test_earlier_saturates_at_year_one() -> None:
+    from datetime import timedelta
+
+    from service.timing import earlier
+
+    assert earlier(at(2025, 3, 10), timedelta(days=1)) == at(2025, 3, 9)
+    assert earlier(at(1, 1, 2), timedelta(days=7)) == datetime.min.replace(tzinfo=UTC)

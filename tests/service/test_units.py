@@ -141,3 +141,9 @@ def test_celsius_never_guesses(quantity: dict[str, str]) -> None:
 def test_round_celsius_is_half_up() -> None:
     assert round_celsius(D("38.285")) == D("38.29")
     assert round_celsius(D("38.2849")) == D("38.28")
+
+
+@pytest.mark.parametrize(("value", "unit"), [("1e30", "Cel"), ("123456789012345678901234567890", "[degF]")])
+def test_celsius_out_of_range_is_a_problem_not_an_error(value: str, unit: str) -> None:
+    result, problem = celsius(D(value), {"code": unit})
+    assert result is None and problem is not None and "out of range" in problem
