@@ -224,7 +224,8 @@ def _read_json(limit: int) -> Any:
         raise InvalidRequest("the request body is empty; a JSON object is required")
     try:
         # RFC 8259: JSON exchanged between systems is UTF-8; json.loads would guess UTF-16/32 from bytes.
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        text = raw.decode("utf-8")
+        body = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
     except json.JSONDecodeError as error:
@@ -234,6 +235,43 @@ def _read_json(limit: int) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
+    # A "\ud800" escape without its pair parses into a str that cannot be encoded as UTF-8: echoed in a
+    # diagnostic, stored, or written to the log it raised UnicodeEncodeError (a 500). Refuse it here, once.
+    # Raw UTF-8 cannot carry a surrogate (the decode above refuses it), so only an escape can: search first.
+    if _SURROGATE_ESCAPE.search(text):
+        where = _lone_surrogate(body)
+        if where is not None:
+            shown = where[:200] or "the request body"
+            issue = Issue(f"{shown}: holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair); "
+                          "JSON text must be valid Unicode (RFC 8259 §8.2)", expression=where[:200] or None)
+            raise InvalidRequest(issue.diagnostics, issues=[issue])
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The path ("a.b[2]") of the first string or member name holding a surrogate, or None if there is none.
+
+    Iterative, because a body may nest as deep as the JSON parser allows. A member name that holds the surrogate
+    is reported by its parent's path, so the diagnostic never contains the surrogate itself.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if _SURROGATE.search(key):
+                    return path
+                stack.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{index}]", child) for index, child in enumerate(item))
+    return None
 
 
 def _reject_constant(name: str) -> Any:

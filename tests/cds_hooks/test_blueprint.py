@@ -193,6 +193,33 @@ def test_context_ids_with_a_trailing_newline_are_refused(client: FlaskClient, co
     assert [field] in [issue.get("expression") for issue in response.json["issue"]]
 
 
+@pytest.mark.parametrize("path, body, field", [
+    (f"/cds-services/{SERVICE}", {**REQUEST, "hook": "\ud800"}, "hook"),
+    (f"/cds-services/{SERVICE}", {**REQUEST, "prefetch": {"labs": {"resourceType": "Observation", "id": "\udfff"}}},
+     "prefetch.labs.id"),
+    (f"/cds-services/{SERVICE}", {**REQUEST, "prefetch": {"labs": None, "\ud800": None}}, "prefetch"),
+    (f"/cds-services/{SERVICE}/feedback", {"feedback": [{"card": "c", "outcome": "overridden",
+                                                         "outcomeTimestamp": "2025-03-10T12:00:00Z",
+                                                         "overrideReason": {"userComment": "a\ud83d"}}]},
+     "feedback[0].overrideReason.userComment"),
+], ids=["hook", "prefetch-resource-id", "prefetch-member-name", "feedback-comment"])
+def test_lone_surrogate_escapes_are_400_naming_the_field(client: FlaskClient, path: str, body: Any,
+                                                         field: str) -> None:
+    # Regression: json.loads accepts "\ud800" and yields a str that cannot be encoded as UTF-8; echoed in a
+    # diagnostic, or stored as a feedback comment, it raised UnicodeEncodeError and the caller got a 500.
+    response = client.post(path, data=json.dumps(body, ensure_ascii=True), content_type="application/json")
+    assert response.status_code == 400
+    assert response.json["issue"][0]["expression"] == [field]
+    assert "surrogate" in response.json["issue"][0]["diagnostics"]
+
+
+def test_a_valid_surrogate_pair_is_just_a_character(client: FlaskClient) -> None:
+    body = {**REQUEST, "hookInstance": "hi-\U0001F600"}
+    response = client.post(f"/cds-services/{SERVICE}", data=json.dumps(body, ensure_ascii=True),
+                           content_type="application/json")
+    assert response.status_code == 200
+
+
 def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     client = build_app(tmp_path, max_body=2048).test_client()
     padded = {**REQUEST, "extension": {"org.example.pad": "x" * 4096}}
