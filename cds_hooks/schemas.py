@@ -26,11 +26,15 @@ _RFC3339 = re.compile(
 
 
 class _StrictString(fields.String):
-    """A string that is not silently coerced from numbers or booleans."""
+    """A string that is not silently coerced from numbers or booleans, and holds no NUL character."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         if not isinstance(value, str):
             raise ValidationError("must be a string")
+        # PostgreSQL text cannot hold U+0000: a hookInstance, card uuid or comment with one made the insert
+        # fail with DataError (a 500, and on invoke no cards at all). No CDS Hooks string needs it.
+        if "\x00" in value:
+            raise ValidationError("must not contain the NUL character (U+0000)")
         return str(super()._deserialize(value, attr, data, **kwargs))
 
 

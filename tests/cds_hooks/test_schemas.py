@@ -148,3 +148,20 @@ def test_invalid_feedback_names_the_field(body: dict[str, Any], field: str) -> N
     with pytest.raises(InvalidRequest) as caught:
         load_feedback(body)
     assert field in [issue.expression for issue in caught.value.issues], caught.value.issues
+
+
+@pytest.mark.parametrize("load, body, field", [
+    (load_hook_request, with_(hookInstance="hi\x00"), "hookInstance"),
+    (load_hook_request, with_(hook="patient-view\x00"), "hook"),
+    (load_feedback, {"feedback": [{**ACCEPTED, "card": "c\x00"}]}, "feedback[0].card"),
+    (load_feedback, {"feedback": [{**ACCEPTED, "acceptedSuggestions": [{"id": "s\x00"}]}]},
+     "feedback[0].acceptedSuggestions[0].id"),
+    (load_feedback, {"feedback": [{**OVERRIDDEN, "overrideReason": {"userComment": "a\x00b"}}]},
+     "feedback[0].overrideReason.userComment"),
+], ids=["hookInstance", "hook", "feedback-card", "accepted-suggestion-id", "user-comment"])
+def test_nul_characters_are_refused_naming_the_field(load: Any, body: dict[str, Any], field: str) -> None:
+    # Regression: PostgreSQL text cannot store U+0000, so these reached the feedback store and failed there
+    # with a DataError (500); a hookInstance with NUL lost the whole invoke response.
+    with pytest.raises(InvalidRequest) as caught:
+        load(body)
+    assert field in [issue.expression for issue in caught.value.issues], caught.value.issues
