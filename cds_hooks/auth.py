@@ -489,8 +489,11 @@ class TokenVerifier:
             raise _refuse(AuthFailure.LIFETIME_TOO_LONG,
                           f"exp - iat is {exp - iat}s, over {self.policy.max_lifetime_seconds}s")
         jti, sub, tenant = payload["jti"], payload.get("sub"), payload.get("tenant")
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
-            raise _refuse(AuthFailure.INVALID_CLAIM, f"jti must be a string of 1-{MAX_JTI_LENGTH} characters")
+        # Printable only: the jti is stored (the shared replay store), and a lone surrogate (SQLite cannot
+        # encode it) or a NUL (PostgreSQL text cannot hold it) made that insert fail with a 500.
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH or not jti.isprintable():
+            raise _refuse(AuthFailure.INVALID_CLAIM,
+                          f"jti must be a string of 1-{MAX_JTI_LENGTH} printable characters")
         if sub is not None and not isinstance(sub, str):
             raise _refuse(AuthFailure.INVALID_CLAIM, "sub is not a string")
         if tenant is not None and not isinstance(tenant, str):

@@ -241,6 +241,15 @@ def test_verify_refuses(kit: Kit, verifier: TokenVerifier, caplog: pytest.LogCap
     assert kit.fetches == []
 
 
+@pytest.mark.parametrize("jti", ["a\x00b", "\ud800", "line\nbreak", "\u202e"],
+                         ids=["nul", "lone-surrogate", "newline", "bidi-override"])
+def test_verify_refuses_a_jti_that_is_not_printable(kit: Kit, verifier: TokenVerifier, jti: str) -> None:
+    # Regression: the jti is stored in the replay store; a lone surrogate (SQLite cannot encode it) or a NUL
+    # (PostgreSQL text cannot hold it) made that insert fail, and a trusted client's call got a 500.
+    _, refused = _refusal(kit, verifier, lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"jti": jti})))
+    assert refused.reason.startswith(f"{AuthFailure.INVALID_CLAIM}: jti ")
+
+
 def test_verify_refusal_reasons_are_distinct(kit: Kit, verifier: TokenVerifier) -> None:
     # A token signed by a stranger's key is, to the verifier, the same failure as a tampered one.
     reasons = [_refusal(kit, verifier, case)[1].reason for name, case, _ in _REFUSALS if name != "same-kid-other-key"]
