@@ -47,8 +47,11 @@ def make_handler(policy: ClinicalPolicy, card_settings: CardSettings) -> Handler
     """The hook handler: assess the patient's resources and render the cards (pure apart from ``call``)."""
 
     def handle(call: HookCall) -> ServiceResponse:
-        assessment = assess(call.data.resources(), now=call.now, policy=policy,
-                            unavailable=call.data.unavailable())
+        # Keys that yielded only part of their data (Bundle entries that were not resources, a `next` link not
+        # followed) are reported like unavailable ones: silently assessing on part of the labs could call an
+        # incomplete picture normal.
+        missing = {**call.data.incomplete(), **call.data.unavailable()}
+        assessment = assess(call.data.resources(), now=call.now, policy=policy, unavailable=missing)
         cards = render(assessment, settings=card_settings, patient_id=call.request.context.get("patientId"))
         return ServiceResponse(cards=cards, extension={EXTENSION_KEY: assessment_extension(assessment)})
 
