@@ -1,6 +1,11 @@
 """gunicorn settings, read from the same `CDS_*` environment as the app; a bad value stops the start."""
 
+import json
 import sys
+
+from gunicorn import util
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import ThreadWorker
 
 from service.config import ConfigError, load_settings
 
@@ -10,9 +15,52 @@ except ConfigError as error:
     sys.stderr.write(f"neutropenia-cds: configuration error: {error}\n")
     sys.exit(2)
 
+#: How gunicorn answers a request it cannot parse: (error, status, reason phrase, FHIR issue code, diagnostics).
+#: First match wins; the statuses are gunicorn's own (gunicorn/workers/base.py handle_error).
+_PARSE_ERRORS = (
+    (http_errors.LimitRequestLine, 414, "URI Too Long", "too-costly", "the request line is too long"),
+    (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large", "too-costly",
+     "the request header fields are too large or too many"),
+    (http_errors.UnsupportedTransferCoding, 501, "Not Implemented", "not-supported",
+     "the transfer coding is not supported"),
+    (http_errors.ForbiddenProxyRequest, 403, "Forbidden", "forbidden", "the request is forbidden"),
+    (http_errors.ExpectationFailed, 417, "Expectation Failed", "not-supported", "the Expect header is not supported"),
+    (http_errors.ParseException, 400, "Bad Request", "invalid", "the HTTP request is malformed"),
+)
+
+
+class JsonErrorWorker(ThreadWorker):
+    """gunicorn's threaded worker, answering a request it cannot parse with a JSON OperationOutcome.
+
+    gunicorn itself answers such requests (a header over ``limit_request_field_size``, a request line over
+    ``limit_request_line``, a header line without a colon) with an HTML page, and logs the offending line
+    verbatim: a header line "Bearer <jwt>" put the client's JWT in the log. This answers like the app does
+    (every non-2xx an OperationOutcome, never HTML) and logs the error class only, never request content.
+    """
+
+    def handle_error(self, req, client, addr, exc):
+        """Answer a parse error with an OperationOutcome; anything else as gunicorn does."""
+        match = next((row for row in _PARSE_ERRORS if isinstance(exc, row[0])), None)
+        if match is None or isinstance(exc, http_errors.ConfigurationProblem):
+            super().handle_error(req, client, addr, exc)
+            return
+        _, status, reason, code, diagnostics = match
+        self.log.warning("invalid request from ip=%s refused with %d (%s)", (addr or ("",))[0], status,
+                         type(exc).__name__)
+        body = json.dumps({"resourceType": "OperationOutcome",
+                           "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]},
+                          separators=(",", ":"))
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n")
+        try:
+            util.write_nonblock(client, (head + body).encode("ascii"))
+        except Exception:  # noqa: BLE001 - the client may be gone; as gunicorn does
+            self.log.debug("Failed to send error message.")
+
+
 bind = _settings.bind
 workers = _settings.workers
-worker_class = "gthread"
+worker_class = JsonErrorWorker
 threads = 4
 timeout = 30
 graceful_timeout = 10
@@ -21,7 +69,8 @@ graceful_timeout = 10
 accesslog = None
 errorlog = "-"
 loglevel = "info"
-# Room for a JWT of up to CDS's 16 KiB token limit, so an oversized token is refused by the app with a
-# 401 OperationOutcome rather than by gunicorn with an HTML 400.
+# Room for a JWT of up to CDS's 16 KiB token limit, so an oversized token is refused by the app with a 401.
+# A header field beyond this is refused by gunicorn before the app sees it: 431, as an OperationOutcome
+# (JsonErrorWorker). A limit must stay: gunicorn buffers every header in memory.
 limit_request_field_size = 32768
 forwarded_allow_ips = "127.0.0.1"

@@ -8,6 +8,7 @@ Epic-like issuer (RS384, `nbf`, `sub`, an extra configured audience).
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -342,3 +343,37 @@ def test_auth_disabled_start_logs_a_loud_warning(tmp_path: Path, gunicorn_factor
 def test_bad_configuration_stops_the_start_with_a_clear_message(tmp_path: Path, gunicorn_factory: Any) -> None:
     with pytest.raises(RuntimeError, match="CDS_PUBLIC_BASE_URL is required"):
         gunicorn_factory({"CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3"})
+
+
+def _raw_http(base_url: str, request: bytes) -> bytes:
+    """Send ``request`` verbatim on a new connection and read the whole answer (the server closes it)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"A" * 40 * 1024 + b"\r\n\r\n", 431),
+    (b"GET /cds-services/" + b"x" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\nBearer {token}\r\n\r\n", 400),
+], ids=["header-over-limit", "request-line-over-limit", "header-line-without-colon"])
+def test_requests_gunicorn_cannot_parse_get_an_operation_outcome_and_leave_no_trace_in_the_log(
+        deployment: Deployment, request_bytes: bytes, status: int) -> None:
+    # Regression: gunicorn answered these with an HTML page, and logged the offending line verbatim, so a header
+    # line "Bearer <jwt>" (no colon) put the client's JWT in the log. gunicorn.conf.py's JsonErrorWorker fixes both.
+    signer = deployment.sandbox.signer
+    assert signer is not None
+    token = signer.sign(deployment.sandbox.discovery_url)
+    answer = _raw_http(deployment.server.base_url, request_bytes.replace(b"{token}", token.encode()))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"Content-Type: application/json" in head
+    outcome = json.loads(body)
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "error"
+    log = deployment.server.log()
+    assert f"refused with {status}" in log
+    assert all(part not in log for part in token.split(".")) and "AAAAAAAAAAAAAAAA" not in log
