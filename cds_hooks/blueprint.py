@@ -217,7 +217,15 @@ def _read_json(limit: int) -> Any:
         raise UnsupportedMediaType(f"Content-Type must be application/json, got '{mimetype or 'none'}'")
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    raw = request.get_data(cache=False)
+    try:
+        raw = request.get_data(cache=False)
+    except HTTPException:
+        raise  # werkzeug's own answers (413 over MAX_CONTENT_LENGTH, 400 client disconnected)
+    except Exception as error:
+        # The server's body reader refused the framing (gunicorn raises InvalidChunkSize and friends from
+        # wsgi.input on a malformed chunked body): the client's fault, not a bug, so not a 500.
+        raise InvalidRequest(f"the request body could not be read ({type(error).__name__}): malformed "
+                             "Content-Length or chunked transfer coding") from None
     if len(raw) > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     if not raw.strip():

@@ -377,3 +377,14 @@ def test_requests_gunicorn_cannot_parse_get_an_operation_outcome_and_leave_no_tr
     log = deployment.server.log()
     assert f"refused with {status}" in log
     assert all(part not in log for part in token.split(".")) and "AAAAAAAAAAAAAAAA" not in log
+
+
+def test_a_malformed_chunked_body_is_400_under_gunicorn(tmp_path: Path, gunicorn_factory: Any) -> None:
+    # Regression: gunicorn raises InvalidChunkSize from wsgi.input while the app reads the body; that was a 500.
+    server = gunicorn_factory({"CDS_AUTH": "disabled", "CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3"})
+    answer = _raw_http(server.base_url, f"POST /cds-services/{SERVICE} HTTP/1.1\r\nHost: x\r\n"
+                       "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+                       "\r\nZZZ\r\n{}\r\n0\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert "could not be read" in json.loads(body)["issue"][0]["diagnostics"]

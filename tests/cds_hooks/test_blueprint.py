@@ -5,6 +5,7 @@ These tests do not depend on the neutropenia rules; a fixed handler returns know
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -218,6 +219,29 @@ def test_a_valid_surrogate_pair_is_just_a_character(client: FlaskClient) -> None
     response = client.post(f"/cds-services/{SERVICE}", data=json.dumps(body, ensure_ascii=True),
                            content_type="application/json")
     assert response.status_code == 200
+
+
+class InvalidChunkSize(Exception):
+    """Stands in for gunicorn.http.errors.InvalidChunkSize (a plain Exception subclass)."""
+
+
+class _BrokenFraming(io.RawIOBase):
+    """A wsgi.input whose reads fail as gunicorn's does on a malformed chunked body."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise InvalidChunkSize("Invalid chunk size: b'ZZZ'")
+
+
+def test_a_body_the_server_cannot_read_is_400_not_500(client: FlaskClient) -> None:
+    # Regression: an exception from wsgi.input (gunicorn's chunked decoder) reached the catch-all handler: a 500.
+    response = client.post(f"/cds-services/{SERVICE}", content_type="application/json",
+                           environ_overrides={"wsgi.input": io.BufferedReader(_BrokenFraming()),
+                                              "CONTENT_LENGTH": "64"})
+    assert response.status_code == 400
+    assert "could not be read" in response.json["issue"][0]["diagnostics"]
 
 
 def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
