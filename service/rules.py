@@ -1,15 +1,17 @@
 """Rules R1-R17 of brief §4 as data: the temperature x ANC table, the grade bands and the add-ons.
 
 Pure: plain inputs in, findings (most urgent first) out. Numbers come from ``service.thresholds``.
+Readings of the brief's table, literally:
+- R7-R9 grade afebrile patients only (a temperature that does not meet the fever rule is afebrile: R3 asks for
+  "TEMP_ELEVATED + grade"); with a fever the only grade findings are R1's severe/profound sub-flag and R10's
+  anc-normal, which has no temperature condition;
+- R13 needs at least two current ANCs, each lower than the one before it, the newest below 1500/uL;
 DESIGN interpretations, where the brief leaves room:
-- grade findings (R7-R10) accompany every current ANC, febrile or not (design.md §3 lists "febrile-neutropenia"
-  with "neutropenia-severe"; R3 asks for "TEMP_ELEVATED + grade");
 - "no current ANC" (R2, R5) includes a stale ANC, an uninterpretable one and none at all; R12 needs no usable
   ANC at all (a stale one gets R11 instead);
 - R3 uses the febrile-neutropenia cut-off of the policy (1000/uL by default) and fires on any reading of
   38.0 C or more in the window when the fever rule is not met;
-- R13 fires when the newest current ANC is below the one before it (the trailing run of the series is falling)
-  and below 1500/uL; R4 covers [FN cut-off, age-specific neutropenia cut-off).
+- R4 covers [FN cut-off, age-specific neutropenia cut-off), R7-R10 use the age-specific cut-off (brief §1.5).
 """
 
 from __future__ import annotations
@@ -137,9 +139,17 @@ def grade_findings(anc: AncValue, cutoff: Decimal) -> tuple[Finding, ...]:
     return next((findings for cut, findings in bands if anc.below(cut)), (Finding.ANC_NORMAL,))
 
 
+#: The grade findings that may accompany a fever: R1's sub-flags and R10 (brief §4).
+WITH_FEVER = frozenset({Finding.NEUTROPENIA_SEVERE, Finding.NEUTROPENIA_PROFOUND, Finding.ANC_NORMAL})
+
+
 def falling(trend: Sequence[Decimal]) -> bool:
-    """R13: at least two current ANCs, the newest lower than the one before it and below 1500/uL."""
-    return len(trend) >= 2 and trend[-1] < trend[-2] and trend[-1] < ANC_FALLING_LATEST_BELOW
+    """R13: at least two current ANCs, each lower than the one before it, the newest below 1500/uL."""
+    return (
+        len(trend) >= 2
+        and all(later < earlier for earlier, later in zip(trend, trend[1:]))
+        and trend[-1] < ANC_FALLING_LATEST_BELOW
+    )
 
 
 def evaluate(facts: RuleInput, *, policy: ClinicalPolicy = DEFAULT_POLICY) -> tuple[Finding, ...]:
@@ -152,7 +162,8 @@ def evaluate(facts: RuleInput, *, policy: ClinicalPolicy = DEFAULT_POLICY) -> tu
     if rule is not None:
         found.add(rule[facts.chemotherapy_context])
     if current is not None:
-        found.update(grade_findings(current, cutoff))  # R7-R10
+        grades = grade_findings(current, cutoff)  # R7-R10
+        found.update(g for g in grades if state is not TemperatureState.FEVER or g in WITH_FEVER)
         if falling(facts.trend):
             found.add(Finding.ANC_FALLING)  # R13
         if current.below(cutoff) and not facts.chemotherapy_context:

@@ -63,19 +63,20 @@ STALE, RISK, MR, UNINT, NOTC, NORMAL = "anc-stale", "risk-factor-no-anc", "medic
 
 # (ANC cells/uL, temperatures, chemotherapy context, expected findings). The ANC sits at, just below and just
 # above every cut-off (100, 500, 1000, 1500); R15 (medication review) accompanies ANC < 1500 without context.
+# With a fever only R1's severe/profound sub-flag and R10 accompany the fever finding (R7-R9 are afebrile).
 ANC_TABLE = [
     # R1 febrile neutropenia: fever and ANC < 1000
     (99, "fever", True, (FN, SEV, PROF)),
     (100, "fever", True, (FN, SEV)),
     (101, "fever-F", True, (FN, SEV)),
     (499, "sustained", True, (FN, SEV)),
-    (500, "sustained-F", True, (FN, MOD)),
-    (999, "fever", True, (FN, MOD)),
-    (999, "fever", False, (FN, MOD, MR)),
+    (500, "sustained-F", True, (FN,)),
+    (999, "fever", True, (FN,)),
+    (999, "fever", False, (FN, MR)),
     # R4 fever with mild neutropenia: 1000 <= ANC < 1500
-    (1000, "fever", True, (FMN, MILD)),
-    (1001, "sustained", False, (FMN, MILD, MR)),
-    (1499, "fever-F", True, (FMN, MILD)),
+    (1000, "fever", True, (FMN,)),
+    (1001, "sustained", False, (FMN, MR)),
+    (1499, "fever-F", True, (FMN,)),
     # R6 fever with normal ANC
     (1500, "fever", False, (FNORM, NORMAL)),
     (1501, "sustained-F", False, (FNORM, NORMAL)),
@@ -221,11 +222,11 @@ def test_r12_risk_factor_without_anc(resources: list[Any], expected: tuple[str, 
         ([1600, 1499], (FALL, MILD, MR)),
         ([1600, 1500], (NORMAL,)),
         ([900, 700, 400], (SEV, FALL, MR)),
-        ([400, 700, 600], (MOD, FALL, MR)),  # the trailing run falls
+        ([400, 700, 600], (MOD, MR)),  # recovering: 400 -> 700 rose, so not every ANC is lower
         ([600, 600], (MOD, MR)),
         ([800], (MOD, MR)),
     ],
-    ids=["falling", "rising", "above-1500", "1499", "1500", "three-falling", "trailing", "flat", "single"],
+    ids=["falling", "rising", "above-1500", "1499", "1500", "three-falling", "recovering", "flat", "single"],
 )
 def test_r13_falling_trend(series: list[int], expected: tuple[str, ...]) -> None:
     resources = [anc_in(v, "per-ul", effective=ago(days=len(series) - i)) for i, v in enumerate(series)]
@@ -237,7 +238,8 @@ def test_r13_ignores_ancs_outside_the_window() -> None:
 
 
 def test_falling_helper() -> None:
-    assert falling([D(1400), D(1200)]) and not falling([D(1200)]) and not falling([])
+    assert falling([D(1400), D(1200)]) and falling([D(1400), D(1300), D(1200)])
+    assert not falling([D(800), D(1400), D(1200)]) and not falling([D(1200)]) and not falling([])
 
 
 @pytest.mark.parametrize(
@@ -292,11 +294,11 @@ def test_r17_not_computable(resources: list[Any], expected: tuple[str, ...]) -> 
     [
         (NOW.date() - timedelta(days=3), 3000, "none", (MILD, MR)),  # first week: < 5000
         (NOW.date() - timedelta(days=3), 5000, "none", (NORMAL,)),
-        (NOW.date() - timedelta(days=3), 3000, "fever", (FMN, MILD, MR)),
+        (NOW.date() - timedelta(days=3), 3000, "fever", (FMN, MR)),
         (NOW.date() - timedelta(days=200), 1200, "none", (NORMAL,)),  # infant: < 1000
         (NOW.date() - timedelta(days=200), 999, "none", (MOD, MR)),
         (NOW.date() - timedelta(days=200), 1200, "fever", (FNORM, NORMAL)),
-        (NOW.date() - timedelta(days=200), 999, "fever", (FN, MOD, MR)),
+        (NOW.date() - timedelta(days=200), 999, "fever", (FN, MR)),
         (NOW.date().replace(year=NOW.year - 1), 1200, "none", (MILD, MR)),  # one year old: < 1500
         (NOW.date().replace(year=NOW.year - 40), 1200, "none", (MILD, MR)),
     ],
@@ -310,7 +312,7 @@ def test_paediatric_cutoffs(birth: Any, cells: int, temps: str, expected: tuple[
 
 def test_fn_cutoff_is_configurable() -> None:
     policy = ClinicalPolicy(fn_anc_cutoff=D(500))
-    assert findings(anc_in(700, "si"), *TEMPERATURES["fever"], CHEMO, policy=policy) == (FMN, MOD)
+    assert findings(anc_in(700, "si"), *TEMPERATURES["fever"], CHEMO, policy=policy) == (FMN,)
     assert findings(anc_in(499, "si"), *TEMPERATURES["fever"], CHEMO, policy=policy) == (FN, SEV)
 
 
