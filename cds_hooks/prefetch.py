@@ -84,16 +84,21 @@ class PrefetchResult:
     keys: Mapping[str, KeyResult] = field(default_factory=lambda: MappingProxyType({}))
 
     def resources(self) -> Iterator[Mapping[str, Any]]:
-        """All resources of all keys, each (resourceType, id) once: one resource may arrive under two keys."""
-        seen: set[tuple[str, str]] = set()
+        """All resources of all keys, each identical copy once: one resource may arrive under two keys.
+
+        Only copies equal in every field are merged. Two versions of one (resourceType, id) are both kept: which
+        one counts (``meta.versionId``/``lastUpdated``), or that they conflict, is for the consumer to decide;
+        keeping the first seen would silently let the order of the prefetch pick the value.
+        """
+        seen: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
         for result in self.keys.values():
             for resource in result.resources:
                 resource_id = resource.get("id")
                 if isinstance(resource_id, str) and resource_id:
-                    identity = (str(resource["resourceType"]), resource_id)
-                    if identity in seen:
+                    copies = seen.setdefault((str(resource["resourceType"]), resource_id), [])
+                    if any(copy == resource for copy in copies):
                         continue
-                    seen.add(identity)
+                    copies.append(resource)
                 yield resource
 
     def unavailable(self) -> dict[str, str]:

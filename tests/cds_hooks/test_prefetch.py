@@ -472,6 +472,16 @@ def test_prefetch_resources_without_id_are_all_kept(resolve: Callable[..., Prefe
     assert sum(1 for r in result.resources() if r == anonymous) == 2
 
 
+def test_prefetch_keeps_every_version_of_a_resource(resolve: Callable[..., PrefetchResult]) -> None:
+    # Regression: resources() kept the first copy of each (resourceType, id) and dropped the rest, so when a
+    # client sent two versions of one Observation, their order in the prefetch chose the value the engine saw
+    # (meta.versionId never reached it). Only identical copies are merged now.
+    old = {**ANC, "meta": {"versionId": "1"}, "valueQuantity": {"value": 3000}}
+    new = {**ANC, "meta": {"versionId": "2"}, "valueQuantity": {"value": 400}}
+    result = resolve(make_request(None, {**FULL_PREFETCH, "labs": searchset([new, old]), "vitals": searchset([new])}))
+    assert [r for r in result.resources() if r["id"] == "anc1"] == [new, old]
+
+
 def test_prefetch_token_never_in_logs_reasons_or_412(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
