@@ -252,6 +252,9 @@ def resolve_prefetch(definition: ServiceDefinition, request: HookRequest, *, pol
     for key, value in request.prefetch.items():
         if key not in definition.prefetch:
             results[key] = _without_next(_from_prefetch(key, value, token))
+    patient_id = request.context.get("patientId")
+    if isinstance(patient_id, str) and patient_id:
+        results = {key: _only_about(patient_id, result) for key, result in results.items()}
 
     resolved = PrefetchResult(MappingProxyType(results))
     _log.debug("prefetch resolved: %s", {key: r.state.value for key, r in results.items()})
@@ -308,6 +311,42 @@ def _from_prefetch(key: str, value: Any, token: str | None) -> tuple[KeyResult, 
     result = KeyResult(key, KeyState.DATA if resources else KeyState.EMPTY, resources, ORIGIN_PREFETCH,
                        reason=_dropped_note(dropped), dropped_entries=dropped)
     return result, value if next_link(value) else None
+
+
+def _only_about(patient_id: str, result: KeyResult) -> KeyResult:
+    """``result`` without the resources that name a patient other than ``patient_id`` (with a note saying so).
+
+    The prefetch and the fallback fetch are for the context patient; an Observation whose subject is another
+    Patient (a client or FHIR server mixing up records, or a hostile one) must never be graded as this patient's.
+    Resources that name no patient (no subject, a contained or non-Patient reference) are kept.
+    """
+    kept = tuple(r for r in result.resources if not _about_other_patient(r, patient_id))
+    dropped = len(result.resources) - len(kept)
+    if not dropped:
+        return result
+    state = result.state if result.state is KeyState.UNAVAILABLE or kept else KeyState.EMPTY
+    narrowed = KeyResult(result.key, state, kept, result.origin, result.reason, result.dropped_entries)
+    return _with_note(narrowed, f"{dropped} resource(s) about another patient than context.patientId were dropped")
+
+
+def _about_other_patient(resource: Mapping[str, Any], patient_id: str) -> bool:
+    if resource.get("resourceType") == "Patient":
+        resource_id = resource.get("id")
+        return isinstance(resource_id, str) and bool(resource_id) and resource_id != patient_id
+    for name in ("subject", "patient"):
+        target = _patient_reference(resource.get(name))
+        if target is not None and target != patient_id:
+            return True
+    return False
+
+
+def _patient_reference(value: Any) -> str | None:
+    """The id in a Reference to a Patient ("Patient/x", absolute, or with _history), else None."""
+    reference = value.get("reference") if isinstance(value, Mapping) else None
+    if not isinstance(reference, str):
+        return None
+    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1] else None
 
 
 def _without_next(classified: tuple[KeyResult, Mapping[str, Any] | None]) -> KeyResult:

@@ -482,6 +482,26 @@ def test_prefetch_keeps_every_version_of_a_resource(resolve: Callable[..., Prefe
     assert [r for r in result.resources() if r["id"] == "anc1"] == [new, old]
 
 
+@pytest.mark.parametrize("reference", ["Patient/456", "https://ehr.example.org/fhir/Patient/456",
+                                       "Patient/456/_history/2"], ids=["relative", "absolute", "versioned"])
+def test_prefetch_drops_resources_about_another_patient(resolve: Callable[..., PrefetchResult],
+                                                        reference: str) -> None:
+    # Regression: resources are classified by content, and nothing checked whose they were; an Observation with
+    # subject Patient/456 in a call for patient 123 was graded as 123's ANC, silently.
+    other = {**ANC, "id": "anc-456", "subject": {"reference": reference}}
+    mine = {**ANC, "subject": {"reference": "https://ehr.example.org/fhir/Patient/123/_history/1"}}
+    unnamed = {**ANC, "id": "anc-no-subject"}
+    prefetch = {**FULL_PREFETCH, "patient": {"resourceType": "Patient", "id": "456"},
+                "labs": searchset([other, mine, unnamed]),
+                "vitals": searchset([{**TEMP, "subject": {"reference": reference}}])}
+    result = resolve(make_request(None, prefetch))
+    assert [r["id"] for r in result.resources()] == ["anc1", "anc-no-subject", "c1"]
+    assert result.keys["vitals"].state is KeyState.EMPTY and result.keys["patient"].state is KeyState.EMPTY
+    assert result.incomplete() == {key: "1 resource(s) about another patient than context.patientId were dropped"
+                                   for key in ("patient", "labs", "vitals")}
+    assert "456" not in json.dumps(result.incomplete())
+
+
 def test_prefetch_token_never_in_logs_reasons_or_412(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
