@@ -8,10 +8,13 @@ we never returned is kept and flagged. https://cds-hooks.hl7.org/2.0/#feedback
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -203,7 +206,7 @@ class FeedbackStore:
             echo=echo,
         )
         if self._dialect == "sqlite":
-            event.listen(self._engine, "connect", _sqlite_on_connect)
+            event.listen(self._engine, "connect", functools.partial(_sqlite_on_connect, busy_timeout=busy_timeout))
             event.listen(self._engine, "begin", _sqlite_on_begin)
         self._writer = self._engine.execution_options(**{_WRITES: True})
         self._jti_writes = 0
@@ -356,15 +359,29 @@ def _make_parent_directory(url: URL) -> None:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any, *, busy_timeout: float) -> None:
     # SQLAlchemy's documented recipe: sqlite3 stops emitting BEGIN itself (it skips it for SELECT and DDL),
     # and _sqlite_on_begin emits it. WAL lets readers run beside the one writer; the mode is kept in the file.
     dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-    finally:
-        cursor.close()
+    give_up = time.monotonic() + busy_timeout
+    pause = 0.005
+    while True:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            # Switching a new file to WAL takes an exclusive lock. When several connections switch it at once
+            # (gunicorn workers starting together), SQLite answers SQLITE_BUSY at once rather than calling the
+            # busy handler (waiting could deadlock), so the busy timeout never applies and a worker failed to
+            # start with "database is locked". Wait and retry for as long as the busy timeout would have.
+            busy = getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+            if not busy or time.monotonic() + pause > give_up:
+                raise
+        finally:
+            cursor.close()
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

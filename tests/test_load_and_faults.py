@@ -153,6 +153,35 @@ def test_mixed_load_with_workers_killed_loses_no_acknowledged_feedback(
     assert len(rows) == len(set(rows)), "a report was stored twice"
 
 
+def test_sqlite_store_first_connections_at_once_never_fail() -> None:
+    """Regression: gunicorn workers opening a new SQLite file at once got "database is locked" from
+    ``PRAGMA journal_mode=WAL`` (SQLite answers SQLITE_BUSY there without waiting), so a worker failed to boot.
+    One round in about twenty failed before the fix; 150 rounds of six connections make a miss very unlikely."""
+    rounds, per_round = 150, 6
+    failures: list[BaseException] = []
+    with tempfile.TemporaryDirectory() as directory:
+        for index in range(rounds):
+            stores = [FeedbackStore(f"sqlite:///{directory}/{index}.sqlite3") for _ in range(per_round)]
+            barrier = threading.Barrier(per_round)
+
+            def connect(store: FeedbackStore) -> None:
+                try:
+                    barrier.wait()
+                    with store.engine.connect():
+                        pass
+                except BaseException as error:  # collected for the assertion below
+                    failures.append(error)
+
+            threads = [threading.Thread(target=connect, args=(store,)) for store in stores]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for store in stores:
+                store.dispose()
+    assert failures == []
+
+
 @pytest.fixture(autouse=True)
 def _postgres_always_restarted(request: pytest.FixtureRequest) -> Iterator[None]:
     """Whatever a scenario does, leave PostgreSQL running for the tests after it."""
