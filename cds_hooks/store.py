@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -210,6 +211,9 @@ class FeedbackStore:
             event.listen(self._engine, "begin", _sqlite_on_begin)
         self._writer = self._engine.execution_options(**{_WRITES: True})
         self._jti_writes = 0
+        #: True while a schema creation deferred at start (database down) has not happened yet.
+        self._schema_pending = False
+        self._schema_lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -221,14 +225,37 @@ class FeedbackStore:
         """The database URL with the password masked, fit for logs."""
         return self._url.render_as_string(hide_password=True)
 
-    def create_schema(self) -> None:
-        """Create the tables and indexes that are missing; safe when several workers start at once."""
-        with self._guard("create schema"), self._writer.begin() as conn:
-            if self._dialect == "postgresql":
-                # Two concurrent CREATE TABLEs race on the catalog even with IF NOT EXISTS; a transaction-scoped
-                # advisory lock makes the others wait, then find the tables (PostgreSQL DDL is transactional).
-                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
-            metadata.create_all(conn, checkfirst=True)
+    def create_schema(self, *, defer_if_unavailable: bool = False) -> None:
+        """Create the tables and indexes that are missing; safe when several workers start at once.
+
+        With ``defer_if_unavailable`` a database that cannot be reached is not an error: the schema is created by
+        the first operation that reaches the database. The app starts this way, so that a worker booting during
+        a database outage still serves cards (its feedback answers 503 until the database is back) instead of
+        failing to boot, which makes gunicorn shut the whole service down.
+        """
+        try:
+            with self._guard("create schema"), self._writer.begin() as conn:
+                if self._dialect == "postgresql":
+                    # Two concurrent CREATE TABLEs race on the catalog even with IF NOT EXISTS; a transaction-scoped
+                    # advisory lock makes the others wait, then find the tables (PostgreSQL DDL is transactional).
+                    conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+                metadata.create_all(conn, checkfirst=True)
+        except StoreUnavailable as error:
+            if not defer_if_unavailable:
+                raise
+            logger.warning("feedback store %s unavailable at start (%s); the schema will be created when it "
+                           "answers", self.redacted_url, error.reason)
+            self._schema_pending = True
+            return
+        self._schema_pending = False
+
+    def _ensure_schema(self) -> None:
+        """Create the schema now if its creation was deferred; StoreUnavailable while the database is down."""
+        if not self._schema_pending:
+            return
+        with self._schema_lock:
+            if self._schema_pending:
+                self.create_schema()
 
     def record_cards(self, service_id: str, hook_instance: str, cards: Sequence[CardRecord],
                      at: datetime) -> None:
@@ -238,6 +265,7 @@ class FeedbackStore:
         rows = [{"uuid": c.uuid, "service_id": service_id, "hook_instance": hook_instance, "kind": c.kind,
                  "indicator": c.indicator, "created_at": at} for c in cards]
         statement = _INSERTS[self._dialect](card_table).on_conflict_do_nothing(index_elements=["uuid"])
+        self._ensure_schema()
         with self._guard("record cards"), self._writer.begin() as conn:
             conn.execute(statement, rows)
 
@@ -248,6 +276,7 @@ class FeedbackStore:
                   .returning(feedback_table.c.id))
         uuids = sorted({item.card for item in items})
         stored = 0
+        self._ensure_schema()
         with self._guard("save feedback"), self._writer.begin() as conn:
             known = set(conn.scalars(select(card_table.c.uuid).where(card_table.c.uuid.in_(uuids))))
             for item in items:
@@ -261,6 +290,7 @@ class FeedbackStore:
         insert = (_INSERTS[self._dialect](jti_table).on_conflict_do_nothing(index_elements=["iss", "jti"])
                   .returning(jti_table.c.jti))
         self._jti_writes += 1
+        self._ensure_schema()
         with self._guard("remember jti"), self._writer.begin() as conn:
             expired = jti_table.c.expires_at < int(now)
             if self._jti_writes % _JTI_PURGE_EVERY == 0:
@@ -271,8 +301,9 @@ class FeedbackStore:
             return conn.execute(insert, row).first() is not None
 
     def ping(self) -> bool:
-        """True when the database answers ``SELECT 1``; for readiness probes."""
+        """True when the database answers ``SELECT 1`` (and holds the schema); for readiness probes."""
         try:
+            self._ensure_schema()
             with self._guard("ping"), self._engine.connect() as conn:
                 conn.execute(select(1))
         except StoreUnavailable:

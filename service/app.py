@@ -37,7 +37,9 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     warn_if_insecure(settings, log)
 
     store = FeedbackStore(settings.database_url)
-    store.create_schema()
+    # Not fatal when the database is down: a worker that gunicorn boots (or re-boots after a crash) during a
+    # database outage must still serve cards; feedback answers 503 and /readyz fails until the database is back.
+    store.create_schema(defer_if_unavailable=True)
     fetch_policy = FetchPolicy(
         allowed_bases=settings.fhir_allowed_bases,
         deadline_seconds=settings.fhir_deadline_seconds,

@@ -153,6 +153,90 @@ def test_mixed_load_with_workers_killed_loses_no_acknowledged_feedback(
     assert len(rows) == len(set(rows)), "a report was stored twice"
 
 
+def test_postgres_outage_feedback_503_invoke_200_then_recovers_with_nothing_lost(
+        tmp_path: Path, gunicorn_factory: Any, postgres_server: PostgresServer, signer: TokenSigner,
+        invoke_bodies: list[dict[str, Any]]) -> None:
+    probe_body = invoke_bodies[0]
+    with postgres_server.fresh_schema() as url:
+        server = gunicorn_factory(_env(tmp_path, signer, url))
+        with _load(server, signer, invoke_bodies) as load:
+            time.sleep(3)
+            outage_started = time.monotonic()
+            try:
+                postgres_server.stop()
+                down_at = time.monotonic()
+                time.sleep(0.5)
+                readyz = requests.get(server.base_url + "/readyz", timeout=5)
+                feedback = _feedback(server, signer, "probe-during-outage")
+                invoke = _invoke(server, signer, probe_body)
+                # A worker that gunicorn boots while the database is down must come up and serve cards.
+                replaced = _kill_a_worker(server)
+                wait_for(lambda: requests.get(server.base_url + "/healthz", timeout=5).status_code == 200, 10)
+                invokes_after_kill = [_invoke(server, signer, probe_body).status_code for _ in range(2 * WORKERS)]
+                time.sleep(max(0.0, down_at + 4 - time.monotonic()))
+            finally:
+                back_at = time.monotonic()
+                postgres_server.start()
+            recovery = wait_for(lambda: _feedback(server, signer, f"probe-{time.monotonic()}").status_code == 200,
+                                10, interval=0.05)
+            recovered_at = time.monotonic()
+            ready_after = requests.get(server.base_url + "/readyz", timeout=5).status_code
+            time.sleep(3)
+        exchanges = load.exchanges
+        rows = _stored_cards(url)
+
+    during = [e for e in exchanges if e.started >= down_at and e.finished <= back_at]
+    fivexx = [e for e in exchanges if e.status is not None and e.status >= 500]
+    expected_503 = [e for e in fivexx if e.kind == FEEDBACK and e.status == 503
+                    and e.finished >= outage_started and e.started <= recovered_at]
+    acknowledged = set(figures(exchanges).acknowledged)
+    lost = _print_figures(
+        "postgres outage", exchanges, acknowledged, rows,
+        feedback_503_during_outage=len(expected_503),
+        invoke_200_during_outage=sum(e.kind == INVOKE and e.status == 200 for e in during),
+        outage_seconds=round(back_at - down_at, 1), recovery_seconds=round(recovery, 2),
+        unexpected_5xx=len(fivexx) - len(expected_503))
+
+    assert readyz.status_code == 503 and _is_outcome_503(readyz)
+    assert _is_outcome_503(feedback), feedback.text
+    assert invoke.status_code == 200 and invoke.json()["cards"], invoke.text
+    assert replaced not in server.worker_pids() and server.process.poll() is None
+    assert invokes_after_kill == [200] * (2 * WORKERS)
+    assert ready_after == 200
+    assert recovery < 5
+    # While the database was down: feedback 503 every time, invoke 200 every time.
+    assert {e.status for e in during if e.kind == FEEDBACK} <= {503, None}  # None: on the worker killed
+    assert sum(e.kind == FEEDBACK and e.status == 503 for e in during) > 10
+    assert {e.status for e in during if e.kind == INVOKE} <= {200, None}
+    assert sum(e.kind == INVOKE and e.status == 200 for e in during) > 10
+    assert all(e.outcome and e.retry_after for e in expected_503)
+    # The only 5xx are those 503s; nothing acknowledged was lost.
+    assert fivexx == expected_503
+    assert lost == 0
+
+
+def test_service_starts_while_postgres_is_down_and_recovers_when_it_is_back(
+        tmp_path: Path, gunicorn_factory: Any, postgres_server: PostgresServer, signer: TokenSigner,
+        invoke_bodies: list[dict[str, Any]]) -> None:
+    """Regression: create_schema at start raised StoreUnavailable, the worker failed to boot and gunicorn quit."""
+    with postgres_server.fresh_schema() as url:
+        postgres_server.stop()
+        try:
+            server = gunicorn_factory(_env(tmp_path, signer, url, workers=2))
+            assert requests.get(server.base_url + "/healthz", timeout=5).status_code == 200
+            assert _is_outcome_503(requests.get(server.base_url + "/readyz", timeout=5))
+            invoke = _invoke(server, signer, invoke_bodies[0])
+            assert invoke.status_code == 200 and invoke.json()["cards"]
+            assert _is_outcome_503(_feedback(server, signer, "while-down"))
+        finally:
+            postgres_server.start()
+        # The empty schema is created by the first request that reaches the database.
+        wait_for(lambda: _feedback(server, signer, "after-start").status_code == 200, 10, interval=0.05)
+        assert requests.get(server.base_url + "/readyz", timeout=5).status_code == 200
+        assert "after-start" in _stored_cards(url)
+        assert server.process.poll() is None
+
+
 def test_sqlite_store_first_connections_at_once_never_fail() -> None:
     """Regression: gunicorn workers opening a new SQLite file at once got "database is locked" from
     ``PRAGMA journal_mode=WAL`` (SQLite answers SQLITE_BUSY there without waiting), so a worker failed to boot.
