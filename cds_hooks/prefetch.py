@@ -47,6 +47,12 @@ _log = logging.getLogger(__name__)
 
 #: Most threads one call fetches with; further keys queue behind them under the same deadline.
 MAX_PARALLEL_FETCHES = 8
+#: Share of the deadline (at most _RESERVE_MAX_SECONDS) by which the fetch threads stop before the call does.
+#: A thread stops its HTTP exchange at its own, earlier deadline and hands back the pages it already has;
+#: with one shared instant it raced the call's wait, and pages already fetched were thrown away at random
+#: (the same slow paginated search gave a 412 or a 200).
+_RESERVE_SHARE = 0.1
+_RESERVE_MAX_SECONDS = 0.25
 
 ORIGIN_PREFETCH = "prefetch"
 ORIGIN_FHIR = "fhir"
@@ -215,8 +221,9 @@ def resolve_prefetch(definition: ServiceDefinition, request: HookRequest, *, pol
     """
     fetcher = fetcher or default_fetcher()
     deadline = received_at + policy.deadline_seconds
+    fetch_deadline = deadline - min(policy.deadline_seconds * _RESERVE_SHARE, _RESERVE_MAX_SECONDS)
     token = request.fhir_authorization.access_token if request.fhir_authorization else None
-    access = _fetch_access(request, policy, received_at, deadline)
+    access = _fetch_access(request, policy, received_at, fetch_deadline)
     results: dict[str, KeyResult] = {}
     jobs: dict[str, tuple[Callable[[], KeyResult], KeyResult]] = {}
 
