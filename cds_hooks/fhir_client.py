@@ -25,6 +25,7 @@ from urllib.request import Request
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
 
 _log = logging.getLogger(__name__)
 
@@ -345,8 +346,13 @@ class FhirFetcher:
                     raise _FetchFailed(f"the response is larger than {max_bytes} bytes")
                 chunks: list[bytes] = []
                 while True:
-                    if time.monotonic() >= deadline:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         raise _FetchFailed("timed out")
+                    # requests set the socket timeout once, to the time left when the request began: a body
+                    # that stalls after late headers held this thread up to that long past the deadline (and
+                    # the call then lost the key's pages). Each read may only wait for what is left now.
+                    _limit_socket_wait(response, left)
                     # read1 returns what one socket read yields; iter_content(n) would block until n bytes
                     # arrived, so a server trickling bytes could hold us far past the deadline.
                     chunk = response.raw.read1(_READ_CHUNK, decode_content=True)
@@ -356,7 +362,8 @@ class FhirFetcher:
                     if size > max_bytes:
                         raise _FetchFailed(f"the response is larger than {max_bytes} bytes")
                     chunks.append(chunk)
-        except requests.Timeout:
+        except (requests.Timeout, ReadTimeoutError, TimeoutError):
+            # A timeout while reading the body comes from urllib3 (ReadTimeoutError), not requests.
             raise _FetchFailed("timed out") from None
         except (requests.RequestException, Urllib3Error, OSError) as error:
             # The exception text holds the URL (patient ids): report only its kind.
@@ -365,6 +372,14 @@ class FhirFetcher:
             _log.debug("fhir fetch key=%s page=%d status=%s bytes=%d elapsed_ms=%d", label or "-", page, status,
                        size, (time.monotonic() - started) * 1000)
         return _parse_json(b"".join(chunks))
+
+
+def _limit_socket_wait(response: requests.Response, seconds: float) -> None:
+    """Make the next socket read of ``response`` wait at most ``seconds`` (the connection's socket, if any)."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def _check_status(status: int) -> None:

@@ -404,7 +404,8 @@ def _run(jobs: Mapping[str, tuple[Callable[[], KeyResult], KeyResult]], deadline
     """Run the jobs in parallel until ``deadline``; a job not done by then yields its fallback result.
 
     The pool is per call and shut down without waiting: a thread stuck on a slow server finishes on its own
-    (the fetcher's socket timeouts end it shortly after the deadline) while this call returns on time.
+    (every socket wait of the fetcher ends at the fetch deadline, a little before this one) while this call
+    returns on time.
     """
     results: dict[str, KeyResult] = {}
     remaining = deadline - time.monotonic()

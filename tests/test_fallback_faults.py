@@ -36,6 +36,7 @@ from flask import Flask
 from cds_hooks.testing.fhir_server import FixtureServer, create_fhir_app
 from cds_hooks.testing.fixtures import FIXTURE_BASE, to_now
 from service.app import create_app
+from tests.support.fhir_stub_server import searchset
 from tests.support.gunicorn import GunicornServer, free_port, start_gunicorn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,6 +409,39 @@ def _prefetch_threads_after(seconds: float) -> list[threading.Thread]:
         if not alive or time.monotonic() > give_up:
             return alive
         time.sleep(0.01)
+
+
+def test_a_page_whose_body_stalls_after_late_headers_keeps_the_pages_before_it(make_fhir_stub: Any,
+                                                                             tmp_path: Path) -> None:
+    """Regression: the socket timeout was set once per page, to the time left when the page was requested, so a
+    page whose headers came late and whose body then stalled held its fetch thread up to that long past the
+    deadline. The call gave up on the key at the deadline and threw away the pages already fetched: a 412 for a
+    patient whose current ANC had arrived. (The fixture FHIR server cannot stall a body; the test stub can.)"""
+    stub = make_fhir_stub()
+    request = _request()
+    labs = request["prefetch"].pop("labs")
+    stub.add("/fhir/Observation", searchset([entry["resource"] for entry in labs["entry"]],
+                                            next_url=stub.url("/fhir/page/2")))
+    # Headers after half the deadline, then one 1 KiB piece every 3 s.
+    stub.add("/fhir/page/2", searchset([]), delay=DEADLINE / 2, drip=3.0, pad_to=30_000)
+    request["fhirServer"] = stub.url("/fhir")
+    app = create_app({"AUTH": "disabled", "DATABASE_URL": f"sqlite:///{tmp_path}/feedback.sqlite3",
+                      "FHIR_ALLOWED_BASES": stub.url("/fhir"), "FHIR_ALLOW_ANONYMOUS": True,
+                      "FHIR_DEADLINE_SECONDS": DEADLINE, "LOG_LEVEL": "WARNING"}, environ={})
+    try:
+        answer = _invoke_in_process(app, request)
+        # The fetch thread stopped at its own deadline, before the call returned: it is gone at once (allow
+        # for it to leave the pool); before the fix it lingered about 0.4 s more.
+        threads_left = _prefetch_threads_after(0.15)
+    finally:
+        app.extensions["neutropenia_cds"]["store"].dispose()
+    TIMINGS.append(("stalled-body-after-late-headers", answer.status, answer.elapsed))
+    assert answer.status == 200, answer.body
+    assert answer.elapsed < DEADLINE + MARGIN
+    issues = [i["detail"] for i in answer.body["extension"][EXTENSION]["dataIssues"]]
+    assert "labs: page 2 could not be fetched: timed out" in issues
+    assert "febrile-neutropenia" in answer.body["extension"][EXTENSION]["findings"]
+    assert threads_left == []
 
 
 def _print_summary() -> None:
