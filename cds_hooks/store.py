@@ -8,11 +8,14 @@ we never returned is kept and flagged. https://cds-hooks.hl7.org/2.0/#feedback
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -21,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -61,6 +64,10 @@ _WRITES = "cds_store_writes"
 _JTI_PURGE_EVERY = 500
 #: Arbitrary constant key of the PostgreSQL advisory lock that serialises concurrent ``create_schema``.
 _SCHEMA_LOCK_KEY = 0x6364_735F_6662  # "cds_fb"
+#: Longest a request waits for one PostgreSQL operation (pool checkout included); see FeedbackStore._bounded.
+DEFAULT_OPERATION_TIMEOUT = 2.0
+
+_T = TypeVar("_T")
 
 
 class StoreUnavailable(ServiceUnavailable):
@@ -191,9 +198,16 @@ class FeedbackStore:
 
     def __init__(self, url: str = DEFAULT_URL, *, pool_size: int = 5, max_overflow: int = 10,
                  pool_timeout: float = 10.0, pool_recycle: int = 1800, connect_timeout: int = 5,
-                 busy_timeout: float = 30.0, echo: bool = False) -> None:
+                 busy_timeout: float = 30.0, operation_timeout: float | None = DEFAULT_OPERATION_TIMEOUT,
+                 echo: bool = False) -> None:
         self._url = normalise_url(url)
         self._dialect = self._url.get_backend_name()
+        # A server can hang outright; SQLite's waits are already bounded by its busy timeout.
+        self._operation_timeout = operation_timeout if self._dialect == "postgresql" else None
+        self._runner_size = pool_size + max_overflow
+        self._runner: concurrent.futures.ThreadPoolExecutor | None = None
+        self._runner_pid = 0
+        self._runner_lock = threading.Lock()
         connect_args: dict[str, Any]
         if self._dialect == "sqlite":
             _make_parent_directory(self._url)
@@ -233,13 +247,16 @@ class FeedbackStore:
         a database outage still serves cards (its feedback answers 503 until the database is back) instead of
         failing to boot, which makes gunicorn shut the whole service down.
         """
-        try:
+        def create() -> None:
             with self._guard("create schema"), self._writer.begin() as conn:
                 if self._dialect == "postgresql":
                     # Two concurrent CREATE TABLEs race on the catalog even with IF NOT EXISTS; a transaction-scoped
                     # advisory lock makes the others wait, then find the tables (PostgreSQL DDL is transactional).
                     conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
                 metadata.create_all(conn, checkfirst=True)
+
+        try:
+            self._bounded("create schema", create)
         except StoreUnavailable as error:
             if not defer_if_unavailable:
                 raise
@@ -265,9 +282,13 @@ class FeedbackStore:
         rows = [{"uuid": c.uuid, "service_id": service_id, "hook_instance": hook_instance, "kind": c.kind,
                  "indicator": c.indicator, "created_at": at} for c in cards]
         statement = _INSERTS[self._dialect](card_table).on_conflict_do_nothing(index_elements=["uuid"])
+
+        def write() -> None:
+            with self._guard("record cards"), self._writer.begin() as conn:
+                conn.execute(statement, rows)
+
         self._ensure_schema()
-        with self._guard("record cards"), self._writer.begin() as conn:
-            conn.execute(statement, rows)
+        self._bounded("record cards", write)
 
     def save_feedback(self, service_id: str, items: Sequence[Feedback], received_at: datetime) -> FeedbackReceipt:
         """Store a feedback batch in one transaction and return after commit; repeats are not stored twice."""
@@ -275,13 +296,18 @@ class FeedbackStore:
         insert = (_INSERTS[self._dialect](feedback_table).on_conflict_do_nothing(index_elements=["dedupe_key"])
                   .returning(feedback_table.c.id))
         uuids = sorted({item.card for item in items})
-        stored = 0
+
+        def write() -> tuple[int, set[str]]:
+            stored = 0
+            with self._guard("save feedback"), self._writer.begin() as conn:
+                known = set(conn.scalars(select(card_table.c.uuid).where(card_table.c.uuid.in_(uuids))))
+                for item in items:
+                    row = _feedback_row(service_id, item, received_at, item.card not in known)
+                    stored += conn.execute(insert, row).first() is not None
+            return stored, known
+
         self._ensure_schema()
-        with self._guard("save feedback"), self._writer.begin() as conn:
-            known = set(conn.scalars(select(card_table.c.uuid).where(card_table.c.uuid.in_(uuids))))
-            for item in items:
-                row = _feedback_row(service_id, item, received_at, item.card not in known)
-                stored += conn.execute(insert, row).first() is not None
+        stored, known = self._bounded("save feedback", write)
         unknown = tuple(dict.fromkeys(item.card for item in items if item.card not in known))
         return FeedbackReceipt(stored=stored, duplicates=len(items) - stored, unknown_cards=unknown)
 
@@ -290,22 +316,30 @@ class FeedbackStore:
         insert = (_INSERTS[self._dialect](jti_table).on_conflict_do_nothing(index_elements=["iss", "jti"])
                   .returning(jti_table.c.jti))
         self._jti_writes += 1
+        purge_all = self._jti_writes % _JTI_PURGE_EVERY == 0
+
+        def write() -> bool:
+            with self._guard("remember jti"), self._writer.begin() as conn:
+                expired = jti_table.c.expires_at < int(now)
+                if purge_all:
+                    conn.execute(delete(jti_table).where(expired))
+                else:
+                    conn.execute(delete(jti_table).where(jti_table.c.iss == iss, jti_table.c.jti == jti, expired))
+                row = {"iss": iss, "jti": jti, "expires_at": int(math.ceil(expires_at))}
+                return conn.execute(insert, row).first() is not None
+
         self._ensure_schema()
-        with self._guard("remember jti"), self._writer.begin() as conn:
-            expired = jti_table.c.expires_at < int(now)
-            if self._jti_writes % _JTI_PURGE_EVERY == 0:
-                conn.execute(delete(jti_table).where(expired))
-            else:
-                conn.execute(delete(jti_table).where(jti_table.c.iss == iss, jti_table.c.jti == jti, expired))
-            row = {"iss": iss, "jti": jti, "expires_at": int(math.ceil(expires_at))}
-            return conn.execute(insert, row).first() is not None
+        return self._bounded("remember jti", write)
 
     def ping(self) -> bool:
         """True when the database answers ``SELECT 1`` (and holds the schema); for readiness probes."""
-        try:
-            self._ensure_schema()
+        def select_one() -> None:
             with self._guard("ping"), self._engine.connect() as conn:
                 conn.execute(select(1))
+
+        try:
+            self._ensure_schema()
+            self._bounded("ping", select_one)
         except StoreUnavailable:
             return False
         return True
@@ -333,6 +367,42 @@ class FeedbackStore:
     def dispose(self, *, close: bool = True) -> None:
         """Drop pooled connections: ``close=True`` at shutdown, ``close=False`` in a child after fork."""
         self._engine.dispose(close=close)
+        with self._runner_lock:
+            runner, self._runner = self._runner, None
+        if runner is not None and close:
+            runner.shutdown(wait=False, cancel_futures=True)
+
+    def _bounded(self, action: str, operation: Callable[[], _T]) -> _T:
+        """Run one database operation, waiting for it at most the operation timeout (PostgreSQL only).
+
+        psycopg has no client-side query timeout: a server that hangs rather than refuses (frozen, a lock never
+        released, a network path that drops packets) held the request for ever, and every invoke writes the
+        token id and its cards before answering, so no cards came at all. The operation runs on one of the
+        store's threads; past the timeout the caller gets StoreUnavailable (feedback 503, cards still served)
+        while the operation finishes or fails on its own. A late commit is harmless: reports are idempotent,
+        cards and token ids insert-if-absent. An operation still waiting for a thread is dropped.
+        """
+        if self._operation_timeout is None:
+            return operation()
+        future = self._runner_here().submit(contextvars.copy_context().run, operation)
+        try:
+            return future.result(timeout=self._operation_timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # it finished just now, or the operation itself raised TimeoutError
+                return future.result()
+            future.cancel()
+            reason = f"{action} failed: no answer within {self._operation_timeout:g} s"
+            logger.warning("feedback store %s unavailable: %s", self.redacted_url, reason)
+            raise StoreUnavailable(reason) from None
+
+    def _runner_here(self) -> concurrent.futures.ThreadPoolExecutor:
+        """This process's threads for `_bounded` (threads do not survive a fork: a child makes its own)."""
+        with self._runner_lock:
+            if self._runner is None or self._runner_pid != os.getpid():
+                self._runner = concurrent.futures.ThreadPoolExecutor(max_workers=self._runner_size,
+                                                                     thread_name_prefix="cds-store")
+                self._runner_pid = os.getpid()
+            return self._runner
 
     def _scalar(self, query: Any) -> int:
         with self._guard("count"), self._engine.connect() as conn:

@@ -19,7 +19,9 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,8 @@ pytestmark = [pytest.mark.gunicorn, pytest.mark.postgres]
 
 WORKERS = 3
 LOAD_THREADS = 6
+#: How long the store waits for the database in one operation (FeedbackStore's default for PostgreSQL).
+STORE_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +238,57 @@ def test_service_starts_while_postgres_is_down_and_recovers_when_it_is_back(
         wait_for(lambda: _feedback(server, signer, "after-start").status_code == 200, 10, interval=0.05)
         assert requests.get(server.base_url + "/readyz", timeout=5).status_code == 200
         assert "after-start" in _stored_cards(url)
+        assert server.process.poll() is None
+
+
+@contextmanager
+def _frozen(postgres_server: PostgresServer) -> Iterator[None]:
+    """PostgreSQL hung rather than down: its processes stopped (SIGSTOP), its port still accepting connections."""
+    postmaster = int((postgres_server.data / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    pids = [postmaster, *(int(pid) for pid in children)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _timed(call: Callable[[], requests.Response]) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
+
+
+def test_postgres_hung_invoke_still_answers_with_cards_and_feedback_503(
+        tmp_path: Path, gunicorn_factory: Any, postgres_server: PostgresServer, signer: TokenSigner,
+        invoke_bodies: list[dict[str, Any]]) -> None:
+    """Regression: psycopg has no client-side query timeout, so a database that hangs (here: stopped with
+    SIGSTOP) held every request that touched it for ever, and invoke touches it twice before answering (the
+    token id, then the cards): no cards at all. Each store operation now waits at most STORE_TIMEOUT."""
+    body = invoke_bodies[0]
+    with postgres_server.fresh_schema() as url:
+        server = gunicorn_factory(_env(tmp_path, signer, url, workers=2))
+        assert _invoke(server, signer, body).status_code == 200
+        assert _feedback(server, signer, "before-the-hang").status_code == 200
+        with _frozen(postgres_server), ThreadPoolExecutor(max_workers=3) as pool:
+            invoke = pool.submit(_timed, lambda: _invoke(server, signer, body))
+            feedback = pool.submit(_timed, lambda: _feedback(server, signer, "during-the-hang"))
+            readyz = pool.submit(_timed, lambda: requests.get(server.base_url + "/readyz", timeout=15))
+            (invoked, invoke_s), (fed, feedback_s), (ready, readyz_s) = (
+                invoke.result(), feedback.result(), readyz.result())
+        print(f"\n[postgres hung] invoke {invoked.status_code} in {invoke_s:.2f} s, feedback {fed.status_code} in "
+              f"{feedback_s:.2f} s, readyz {ready.status_code} in {readyz_s:.2f} s")
+        assert invoked.status_code == 200 and invoked.json()["cards"], invoked.text
+        assert _is_outcome_503(fed) and _is_outcome_503(ready)
+        # Two store operations on the way (token id, then cards or feedback), each bounded.
+        assert invoke_s < 2 * STORE_TIMEOUT + 1.5 and feedback_s < 2 * STORE_TIMEOUT + 1.5
+        assert readyz_s < STORE_TIMEOUT + 1.5
+        wait_for(lambda: _feedback(server, signer, "after-the-hang").status_code == 200, 10, interval=0.05)
+        cards = _stored_cards(url)
+        assert {"before-the-hang", "after-the-hang"} <= set(cards)
         assert server.process.poll() is None
 
 
