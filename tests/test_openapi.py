@@ -692,8 +692,7 @@ def test_rendered_cards_conform_for_all_findings_at_once() -> None:
 
 # ------------------------------------------------------------------------------------------------ never a 5xx
 # Inputs at the edges of the value space that a conforming client (or a careless EHR) can send. Each must get a
-# documented 200 or 4xx, never a 500. Known app defects are marked xfail(strict): fixing one makes it XPASS, and
-# the marker must then go.
+# documented 200 or 4xx, never a 500.
 
 def _status_in(response: TestResponse, path: str, method: str, allowed: tuple[int, ...]) -> None:
     assert response.status_code in allowed, (response.status_code, response.get_data(as_text=True)[:500])
@@ -736,11 +735,8 @@ def _with_raw_value(prefetch: dict[str, Any], raw: str) -> str:
     ("8310-5", "Cel", "1e400"),
     ("8310-5", "[degF]", "-459.67"),
     ("8310-5", "Cel", "10000000000000000000"),
-    pytest.param("8310-5", "Cel", "1e30", marks=pytest.mark.xfail(strict=True, reason=(
-        "app defect (service/units.py round_celsius): Decimal.quantize of a temperature of 1e26 or more exceeds "
-        "the 28-digit context -> decimal.InvalidOperation -> 500"))),
-    pytest.param("8310-5", "[degF]", "123456789012345678901234567890", marks=pytest.mark.xfail(strict=True, reason=(
-        "app defect (service/units.py round_celsius): decimal.InvalidOperation on a huge temperature -> 500"))),
+    ("8310-5", "Cel", "1e30"),
+    ("8310-5", "[degF]", "123456789012345678901234567890"),
 ])
 def test_absurd_observation_values_are_not_a_server_error(app: Flask, code: str, unit: str, raw: str) -> None:
     observation = _observation("odd-1", code, 0, unit, hours_ago=1)
@@ -751,21 +747,9 @@ def test_absurd_observation_values_are_not_a_server_error(app: Flask, code: str,
     _status_in(response, INVOKE, "post", (200,))
 
 
-_YEAR_NOT_PADDED = pytest.mark.xfail(strict=True, reason=(
-    "app defect (service/assessment.py rfc3339): strftime('%Y') does not zero-pad years below 1000, so "
-    "anc.effective / fever.effective become e.g. '1-02-01T00:00:00Z', not an RFC 3339 date-time"))
-
-
 @pytest.mark.parametrize("effective", [
     "1000-01-01", "9999-12-31", "9999-12-31T23:59:59-01:00", "2025-03-10T10:00:00",
-    pytest.param("0001-02-01", marks=_YEAR_NOT_PADDED),
-    pytest.param("0999-06-15T08:00:00Z", marks=_YEAR_NOT_PADDED),
-    pytest.param("0001", marks=_YEAR_NOT_PADDED),
-    pytest.param("0001-01-01", marks=pytest.mark.xfail(strict=True, reason=(
-        "app defect (service/extract.py older_labs): `latest - policy.anc_current_window` underflows for an ANC "
-        "dated in the first week of year 1 (a common 'no date' placeholder) -> OverflowError -> 500"))),
-    pytest.param("0001-01-01T00:00:00Z", marks=pytest.mark.xfail(strict=True, reason=(
-        "app defect (service/extract.py older_labs): OverflowError for an ANC dated 0001-01-01 -> 500"))),
+    "0001-02-01", "0999-06-15T08:00:00Z", "0001", "0001-01-01", "0001-01-01T00:00:00Z",
 ])
 def test_odd_effective_times_are_not_a_server_error(app: Flask, effective: str) -> None:
     anc = _observation("anc-odd", "751-8", 0.4, "10*3/uL", hours_ago=1)
