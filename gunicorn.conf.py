@@ -74,3 +74,7 @@ loglevel = "info"
 # (JsonErrorWorker). A limit must stay: gunicorn buffers every header in memory.
 limit_request_field_size = 32768
 forwarded_allow_ips = "127.0.0.1"
+# gunicorn >= 25.1 opens a control socket under $XDG_RUNTIME_DIR or $HOME by default, through which a local
+# process can change the worker count or stop the service; operators manage it with signals and their process
+# supervisor instead, and a read-only home (the container) must not stop the start.
+control_socket_disable = True

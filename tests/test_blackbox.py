@@ -340,6 +340,16 @@ def test_auth_disabled_start_logs_a_loud_warning(tmp_path: Path, gunicorn_factor
     assert "AUTHENTICATION IS DISABLED" in server.log()
 
 
+def test_no_gunicorn_control_socket_is_opened(tmp_path: Path, gunicorn_factory: Any) -> None:
+    # gunicorn >= 25.1 opens a control socket (worker count, reload, shutdown) under $HOME by default.
+    home = tmp_path / "home"
+    home.mkdir()
+    server = gunicorn_factory({"CDS_AUTH": "disabled", "CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3",
+                               "HOME": str(home)})
+    assert requests.get(server.base_url + "/healthz", timeout=5).status_code == 200
+    assert not (home / ".gunicorn").exists()
+
+
 def test_bad_configuration_stops_the_start_with_a_clear_message(tmp_path: Path, gunicorn_factory: Any) -> None:
     with pytest.raises(RuntimeError, match="CDS_PUBLIC_BASE_URL is required"):
         gunicorn_factory({"CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3"})
