@@ -3,11 +3,12 @@
 import json
 import sys
 
-from gunicorn import util
+from gunicorn import glogging, util
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
 from service.config import ConfigError, load_settings
+from service.logs import JsonFormatter
 
 try:
     _settings = load_settings()
@@ -58,6 +59,16 @@ class JsonErrorWorker(ThreadWorker):
             self.log.debug("Failed to send error message.")
 
 
+class JsonLogger(glogging.Logger):
+    """gunicorn's own log lines (start, workers booted and lost, parse errors) as JSON lines, like the app's."""
+
+    def setup(self, cfg):
+        """Set gunicorn's handlers up, then give them the app's JSON formatter."""
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+
+
 bind = _settings.bind
 workers = _settings.workers
 worker_class = JsonErrorWorker
@@ -68,6 +79,7 @@ graceful_timeout = 10
 # full URL with its query string.
 accesslog = None
 errorlog = "-"
+logger_class = JsonLogger
 loglevel = "info"
 # Room for a JWT of up to CDS's 16 KiB token limit, so an oversized token is refused by the app with a 401.
 # A header field beyond this is refused by gunicorn before the app sees it: 431, as an OperationOutcome

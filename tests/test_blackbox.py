@@ -340,6 +340,15 @@ def test_auth_disabled_start_logs_a_loud_warning(tmp_path: Path, gunicorn_factor
     assert "AUTHENTICATION IS DISABLED" in server.log()
 
 
+def test_every_log_line_is_json_including_gunicorns_own(tmp_path: Path, gunicorn_factory: Any) -> None:
+    server = gunicorn_factory({"CDS_AUTH": "disabled", "CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3"})
+    assert requests.get(server.base_url + "/cds-services", timeout=5).status_code == 200
+    server.stop()
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    loggers = {json.loads(line)["logger"] for line in lines}  # raises on a line that is not JSON
+    assert {"gunicorn.error", "cds_hooks.http"} <= loggers, loggers
+
+
 def test_no_gunicorn_control_socket_is_opened(tmp_path: Path, gunicorn_factory: Any) -> None:
     # gunicorn >= 25.1 opens a control socket (worker count, reload, shutdown) under $HOME by default.
     home = tmp_path / "home"
