@@ -5,7 +5,8 @@ it, before anything is validated. Only the resources that can matter (ANC-relate
 temperatures of the temperature window, risk-factor conditions, relevant medication orders, the Patient) are
 validated with the ``fhir.resources.R4B`` models; older labs are read later, only if no current ANC exists
 (:func:`older_labs`). A relevant resource that fails validation becomes a ``malformed-resource`` data issue and
-is not used; nothing here raises on bad data.
+is not used, and so does an Observation whose Quantity value is a JSON string such as "0.4" (FHIR JSON decimals
+are numbers, R4 §2.6.2; the models' lax mode would accept it); nothing here raises on bad data.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from fhir.resources.R4B.observation import Observation
 
 from service import records, timing
 from service.codes import LAB_ROLES, OBSERVATION_CODES, TEMPERATURE, Code, LabRole
-from service.fhir import codes_of, decimal, deduplicated, flatten, reference, references, source_of, validation_error
+from service.fhir import (
+    codes_of,
+    decimal,
+    deduplicated,
+    flatten,
+    quoted_decimal,
+    reference,
+    references,
+    source_of,
+    validation_error,
+)
 from service.model import DataIssue
 from service.records import ConditionFact, MedicationFact
 from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
@@ -203,7 +214,7 @@ class _Collector:
         if not temperature_only and self.defer_before is not None and when.latest < self.defer_before:
             self.deferred.append((r, when))  # an older lab: read only if no current ANC exists
             return
-        problem = validation_error(Observation, r)
+        problem = validation_error(Observation, r) or quoted_decimal(r)
         if problem is not None:
             return self._issue("malformed-resource", source, problem)
         for holder, codes in parts:

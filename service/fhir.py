@@ -98,14 +98,40 @@ def status_codes(concept: object) -> frozenset[str]:
 
 
 def decimal(value: object) -> Decimal | None:
-    """A finite ``Decimal`` from a JSON number (or numeric string) of sane magnitude; None otherwise."""
-    if isinstance(value, bool):
+    """A finite ``Decimal`` from a JSON number of sane magnitude; None otherwise.
+
+    A string is never a number here, not even "0.4": FHIR JSON represents decimals as JSON numbers (R4 §2.6.2).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         return None
     try:
-        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)  # type: ignore[arg-type]
-    except (InvalidOperation, TypeError, ValueError):
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except (InvalidOperation, ValueError):
         return None
     return number if number.is_finite() and abs(number.adjusted()) <= MAX_EXPONENT else None
+
+
+def quoted_decimal(observation: Mapping[str, Any]) -> str | None:
+    """Where a Quantity value of an Observation (or a component) is a JSON string instead of a number.
+
+    FHIR JSON decimals are JSON numbers (R4 §2.6.2), but fhir.resources' lax validation turns "0.4" into 0.4, so
+    this is checked on the raw JSON: the value, and the reference range limits, of the resource and its components.
+    """
+    components = observation.get("component")
+    holders = [("", observation)] + [
+        (f"component[{n}].", c) for n, c in enumerate(components if isinstance(components, list) else ())
+        if isinstance(c, Mapping)
+    ]
+    for prefix, holder in holders:
+        quantities: list[tuple[str, object]] = [("valueQuantity", holder.get("valueQuantity"))]
+        ranges = holder.get("referenceRange")
+        for n, limits in enumerate(ranges if isinstance(ranges, list) else ()):
+            if isinstance(limits, Mapping):
+                quantities += [(f"referenceRange[{n}].{end}", limits.get(end)) for end in ("low", "high")]
+        for path, quantity in quantities:
+            if isinstance(quantity, Mapping) and isinstance(quantity.get("value"), str):
+                return f"{prefix}{path}.value: a JSON string, not a number (FHIR JSON decimals are numbers)"
+    return None
 
 
 def validation_error(model: type[Any], resource: Mapping[str, Any]) -> str | None:

@@ -61,10 +61,12 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Issue:
-    """A 200 with the data issue ``code`` in the assessment extension (from ``source``, when given)."""
+    """A 200 with the data issue ``code`` in the assessment extension (from ``source``, when given), and exactly
+    ``findings`` when given."""
 
     code: str
     source: str | None = None
+    findings: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,12 @@ OBSERVATION_CASES: list[Case] = [
      Assessed(())),
     ("value-string-not-a-number", Send(request(labs=[observation(value="four hundred")])),
      Issue("malformed-resource", "Observation/anc-1")),
+    # FHIR JSON decimals are JSON numbers (R4 §2.6.2); fhir.resources' lax mode alone would read "0.4" as 0.4.
+    ("value-numeric-string", Send(request(labs=[observation(value="0.4", unit="10*3/uL")])),
+     Issue("malformed-resource", "Observation/anc-1", ())),
+    # Neither makes an emergency out of an unreadable temperature nor hides that one was sent.
+    ("temperature-numeric-string", Send(request(labs=[observation()], vitals=[temperature(value="38.6")])),
+     Issue("malformed-resource", "Observation/temp-1", SEVERE)),
     ("value-boolean", Send(request(labs=[observation(value=True)])), Issue("malformed-resource", "Observation/anc-1")),
     ("value-array", Send(request(labs=[observation(value=[400])])), Issue("malformed-resource", "Observation/anc-1")),
     ("valueQuantity-array", Send(request(labs=[observation(valueQuantity=[{"value": 400}])])),
@@ -639,6 +647,8 @@ def check(response: TestResponse, expected: Outcome) -> None:
                     and (expected.source is None or i.get("source") == expected.source)]
         assert matching, issues
         assert any(card["source"]["topic"]["code"] == "data-quality" for card in body["cards"]), body["cards"]
+        if expected.findings is not None:
+            assert tuple(assessment.get("findings", ())) == expected.findings, assessment
     else:
         assert issues == [], issues
         assert tuple(assessment.get("findings", ())) == expected.findings, assessment
@@ -661,14 +671,6 @@ def test_odd_but_valid_feedback_is_stored(client: FlaskClient, app: Flask, spec:
 # --- engine defects: the outcome the case should have, held as strict xfails until the engine is fixed -----------
 
 ENGINE_DEFECTS: list[tuple[str, Send, Outcome, str]] = [
-    ("value-numeric-string", Send(request(labs=[observation(value="0.4", unit="10*3/uL")])),
-     Issue("malformed-resource", "Observation/anc-1"),
-     "engine defect: valueQuantity.value \"0.4\" (a JSON string; FHIR JSON decimals are numbers, R4 §2.6.2) is "
-     "graded as ANC 400 with no data issue (service/fhir.py decimal() and fhir.resources' lax mode accept it)"),
-    ("temperature-numeric-string", Send(request(labs=[observation()], vitals=[temperature(value="38.6")])),
-     Issue("malformed-resource", "Observation/temp-1"),
-     "engine defect: a temperature value sent as the string \"38.6\" makes a febrile-neutropenia emergency with "
-     "no data issue"),
     ("temperature-1000-celsius", Send(request(labs=[observation()], vitals=[temperature(1000)])),
      Issue("temperature-uninterpretable", "Observation/temp-1"),
      "engine defect: no plausibility range for body temperature; 1000 Cel is a fever and raises a critical "

@@ -238,3 +238,31 @@ def test_huge_temperature_is_a_data_issue() -> None:
     result = assess([temperature("1e30", "Cel", ago(minutes=5), id="hot")], now=NOW)
     assert result.fever is None
     assert [(i.code, i.source) for i in result.data_issues] == [("temperature-uninterpretable", "Observation/hot")]
+
+
+def _quoted_temperature(value: str, unit: str = "Cel", **kw: Any) -> dict[str, Any]:
+    """A temperature whose value is sent as a JSON string (not FHIR JSON: decimals are numbers, R4 §2.6.2)."""
+    reading = temperature(38.6, unit, ago(minutes=30), id="quoted", **kw)
+    reading["valueQuantity"]["value"] = value
+    return reading
+
+
+@pytest.mark.parametrize(
+    ("resources", "findings", "issues"),
+    [
+        ([anc(400, id="a"), _quoted_temperature("38.6")],
+         ["neutropenia-severe", "medication-review"], [("malformed-resource", "Observation/quoted")]),
+        ([anc(400, id="a"), _quoted_temperature("36.6"), temperature(38.6, "Cel", ago(hours=1), id="hot")],
+         ["febrile-neutropenia", "neutropenia-severe", "medication-review"],
+         [("malformed-resource", "Observation/quoted")]),
+        ([_quoted_temperature("38.6")], [], [("malformed-resource", "Observation/quoted")]),
+    ],
+    ids=["string-fever-makes-no-emergency", "string-afebrile-reading-unmakes-none", "string-only"],
+)
+def test_temperature_sent_as_string_is_reported_not_graded(
+    resources: list[dict[str, Any]], findings: list[str], issues: list[tuple[str, str]]
+) -> None:
+    ext = assessment_extension(assess(resources, now=NOW))
+    assert ext.get("findings", []) == findings
+    assert [(i["code"], i["source"]) for i in ext["dataIssues"]] == issues
+    assert "a JSON string, not a number" in ext["dataIssues"][0]["detail"]

@@ -30,6 +30,7 @@ from tests.service.factories import (
     patient,
     temperature,
     vital_signs_panel,
+    wbc,
 )
 
 D = Decimal
@@ -123,6 +124,37 @@ def test_missing_unit_keeps_the_result_as_uninterpretable() -> None:
 def test_value_must_be_a_quantity(value_key: str, value: Any, problem: str) -> None:
     (lab,) = facts(anc(None, **{value_key: value})).labs
     assert lab.value is None and lab.problem == problem
+
+
+def _quoted(resource: dict[str, Any], value: str) -> dict[str, Any]:
+    """``resource`` with its valueQuantity value sent as a JSON string (the factories send numbers)."""
+    resource["valueQuantity"]["value"] = value
+    return resource
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        _quoted(anc(0.4, "10*3/uL", id="s"), "0.4"),
+        _quoted(wbc(2.0, id="s"), "2.0"),
+        _quoted(observation("770-8", 30, "%", id="s"), "30"),
+        _quoted(temperature(38.6, id="s"), "38.6"),
+        _quoted(temperature(101.5, "[degF]", id="s"), "101.5"),
+        _quoted(temperature(36.6, id="s"), "36.6"),
+        vital_signs_panel([component("8310-5", 38.6, "Cel") | {"valueQuantity": {"value": "38.6", "unit": "Cel"}}],
+                          id="s"),
+        anc(1600, id="s", referenceRange=[{"low": {"value": "1800", "unit": "/uL"}}]),
+    ],
+    ids=["anc", "wbc", "neutrophil-percent", "fever", "fever-fahrenheit", "afebrile", "panel-component",
+         "reference-range"],
+)
+def test_value_sent_as_a_json_string_is_malformed_not_graded(resource: dict[str, Any]) -> None:
+    # FHIR JSON decimals are JSON numbers (R4 §2.6.2); fhir.resources' lax mode would read "0.4" as 0.4.
+    found = facts(resource)
+    assert (found.labs, found.temperatures) == ((), ())
+    (issue,) = found.issues
+    assert (issue.code, issue.source) == ("malformed-resource", "Observation/s")
+    assert issue.detail is not None and "a JSON string, not a number" in issue.detail
 
 
 def test_no_value_is_ignored() -> None:

@@ -8,7 +8,16 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.observation import Observation
 
-from service.fhir import codes_of, decimal, deduplicated, flatten, references, source_of, validation_error
+from service.fhir import (
+    codes_of,
+    decimal,
+    deduplicated,
+    flatten,
+    quoted_decimal,
+    references,
+    source_of,
+    validation_error,
+)
 
 D = Decimal
 
@@ -19,7 +28,9 @@ D = Decimal
         (0.4, D("0.4")),
         (38.3, D("38.3")),
         (400, D(400)),
-        ("1.5", D("1.5")),
+        ("1.5", None),  # FHIR JSON decimals are JSON numbers (R4 §2.6.2), never strings
+        ("0.4", None),
+        ("38.6", None),
         (D("2"), D(2)),
         (True, None),
         (float("nan"), None),
@@ -34,6 +45,31 @@ D = Decimal
 )
 def test_decimal(value: Any, expected: Decimal | None) -> None:
     assert decimal(value) == expected
+
+
+OBSERVATION: dict[str, Any] = {"resourceType": "Observation", "valueQuantity": {"value": 0.4, "unit": "10*3/uL"}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "where"),
+    [
+        ({}, None),
+        ({"valueQuantity": {"value": "0.4"}}, "valueQuantity.value"),
+        ({"valueQuantity": {"value": "four"}}, "valueQuantity.value"),
+        ({"valueQuantity": {"value": 1, "unit": "1"}}, None),  # a unit may be a string, of course
+        ({"valueString": "0.4", "valueQuantity": None}, None),  # valueString is a string by type
+        ({"referenceRange": [{"low": {"value": 1.8}}, {"high": {"value": "7.5"}}]}, "referenceRange[1].high.value"),
+        ({"component": [{"valueQuantity": {"value": 38.6}}, {"valueQuantity": {"value": "38.6"}}]},
+         "component[1].valueQuantity.value"),
+        ({"component": [{"referenceRange": [{"low": {"value": "1.8"}}]}]}, "component[0].referenceRange[0].low.value"),
+        ({"component": "junk", "referenceRange": [None, {"low": "x"}]}, None),
+    ],
+    ids=["number", "numeric-string", "text-string", "string-unit", "valueString", "range-high", "component-value",
+         "component-range", "junk"],
+)
+def test_quoted_decimal_finds_strings_where_numbers_belong(changes: dict[str, Any], where: str | None) -> None:
+    problem = quoted_decimal({**OBSERVATION, **changes})
+    assert (problem.split(":")[0] if problem else None) == where
 
 
 def test_flatten_opens_nested_bundles_and_skips_junk() -> None:
