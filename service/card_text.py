@@ -73,7 +73,8 @@ NOT_AVAILABLE: Mapping[str, str] = {"anc": "not available", "temp": "temperature
 
 #: Data-issue codes (engine `DataIssue.code`) and how the data-quality card names them.
 DATA_ISSUE_LABELS: Mapping[str, str] = {
-    "anc-uninterpretable": "ANC value without a usable unit",
+    "anc-uninterpretable": "ANC result not usable",
+    "temperature-uninterpretable": "Temperature not usable",
     "anc-not-computable": "ANC could not be calculated",
     "malformed-resource": "Record could not be read",
     "data-unavailable": "Data could not be obtained",
@@ -319,13 +320,13 @@ DATA_QUALITY = CardTemplate(
     title="Data quality",
     indicators={"anc-uninterpretable": _INFO, "anc-not-computable": _INFO},
     summaries={
-        "anc-uninterpretable": "ANC not graded: the result has no usable unit — check it",
+        "anc-uninterpretable": "ANC not graded: the result has no usable unit or value — check it",
         "anc-not-computable": "ANC not calculated: neutrophil % and white cell count do not match up",
         "data-issues": "Some data could not be used: {count} problem(s), the assessment may be incomplete",
     },
     advice={
-        "anc-uninterpretable": "An ANC result has no unit or an unknown one, so it was not graded. Check it with "
-                               "the laboratory.",
+        "anc-uninterpretable": "An ANC result has no unit or an unknown one, or a value no blood count can have, "
+                               "so it was not graded. Check it with the laboratory.",
         "anc-not-computable": "A neutrophil percentage came without a white cell count from the same sample (or "
                               "the reverse), so no ANC could be calculated. Ask for an absolute neutrophil count.",
     },

@@ -50,6 +50,27 @@ FEVER_SUSTAINED_DURATION = timedelta(minutes=60)
 #: Temperatures are compared after rounding to this many decimals (brief §0, §2 DESIGN).
 TEMPERATURE_DECIMALS = 2
 
+# --- Plausibility: values no measurement of a living patient gives (DESIGN; the brief gives no range) ---------
+# A value outside these limits is reported as uninterpretable (a data issue and the data-quality card) and is
+# never graded: it is a unit or entry error far more often than a measurement, and grading it can raise a false
+# emergency (a temperature of 98.6 recorded in Cel) or a false all clear (38.6 recorded in [degF] is 3.67 °C).
+
+#: DESIGN: the lowest plausible body temperature, °C (inclusive, compared after rounding, brief §0). Well below
+#: therapeutic hypothermia (32-34 °C) and most severe accidental hypothermia; a reading below it is far likelier
+#: a °C value recorded as [degF] (38.6 [degF] = 3.67 °C) or a typing error than a measurement. A real one (deep
+#: accidental hypothermia) is reported, not graded; rejecting a low reading can hide no fever (it can only join
+#: two febrile readings into a sustained run).
+TEMPERATURE_PLAUSIBLE_MIN = Decimal("25.00")
+#: DESIGN: the highest plausible body temperature, °C (inclusive): above heat stroke (over 40 °C) and just below
+#: the highest temperatures ever survived (about 46 °C, UNVERIFIED); a reading above it is far likelier a °F
+#: value recorded as Cel (98.6-106 °F) or a typing error (386 for 38.6) than a measurement. [degF] readings are
+#: converted first, so the same limits hold for them (77.00-113.00 °F).
+TEMPERATURE_PLAUSIBLE_MAX = Decimal("45.00")
+#: DESIGN: the highest plausible cell count (ANC, absolute segmented or band neutrophils, WBC), cells/uL
+#: (inclusive). Twice the extreme hyperleukocytosis of leukaemia (white cell counts around 10^6/uL, UNVERIFIED),
+#: so no real count is refused; anything above it (10^12/uL) is not a blood count but a unit or entry error.
+COUNT_PLAUSIBLE_MAX = Decimal(2_000_000)
+
 # --- Units (brief §2) ----------------------------------------------------------------------------------------
 
 #: 10^9/L (= 10^3/uL) to cells/uL (mCODE EquivalentUnits-thousand-per-uL [S21]).

@@ -1,7 +1,8 @@
 """Units as data (brief §2): counts to cells/uL, percentages, temperatures to degrees Celsius, all ``Decimal``.
 
 An unknown or missing unit is never guessed: the converters return a problem string instead of a value, and the
-result is reported as uninterpretable.
+result is reported as uninterpretable. So is a count or a temperature outside its plausible range
+(``service.thresholds``): such a value is an error in the data, not a measurement to grade.
 """
 
 from __future__ import annotations
@@ -9,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
-from service.thresholds import PERCENT, TEMPERATURE_DECIMALS, THOUSAND_PER_UL
+from service.thresholds import (
+    COUNT_PLAUSIBLE_MAX,
+    PERCENT,
+    TEMPERATURE_DECIMALS,
+    TEMPERATURE_PLAUSIBLE_MAX,
+    TEMPERATURE_PLAUSIBLE_MIN,
+    THOUSAND_PER_UL,
+)
 
 #: Count units to the factor that gives cells/uL (mCODE EquivalentUnits-thousand-per-uL; OHDSI FN cohort).
 #: Keys are compared after :func:`normalise` (micro signs -> "u", spaces removed); matching is case-sensitive
@@ -63,11 +71,14 @@ def _lookup(quantity: Mapping[str, object], table: Mapping[str, Decimal]) -> tup
 
 
 def count_per_ul(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
-    """A cell count in cells/uL, or (None, why) for a missing, unknown or conflicting unit."""
+    """A cell count in cells/uL, or (None, why) for a missing, unknown or conflicting unit or an implausible count."""
     factor, problem = _lookup(quantity, COUNT_FACTORS)
     if factor is None:
         return None, problem
-    return value * factor, None
+    count = value * factor
+    if count > COUNT_PLAUSIBLE_MAX:
+        return None, f"count {count:f}/uL is above the plausible maximum of {COUNT_PLAUSIBLE_MAX}/uL"
+    return count, None
 
 
 def percent(value: Decimal, quantity: Mapping[str, object], *, fraction: bool) -> tuple[Decimal | None, str | None]:
@@ -88,7 +99,8 @@ def percent(value: Decimal, quantity: Mapping[str, object], *, fraction: bool) -
 
 
 def celsius(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
-    """A temperature in degrees Celsius rounded to 2 decimals (brief §2), or (None, why)."""
+    """A body temperature in degrees Celsius rounded to 2 decimals (brief §2), or (None, why) for a missing,
+    unknown or conflicting unit or a temperature outside the plausible range (checked after conversion)."""
     code, unit = quantity_unit(quantity)
     units = {u for u in (code, unit) if u is not None}
     if not units:
@@ -100,9 +112,13 @@ def celsius(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | N
     else:
         return None, f"unknown or conflicting unit {sorted(units)}"
     try:
-        return round_celsius(result), None
+        degrees = round_celsius(result)
     except InvalidOperation:  # too many digits to round: not a body temperature
         return None, f"value {value} is out of range"
+    if not TEMPERATURE_PLAUSIBLE_MIN <= degrees <= TEMPERATURE_PLAUSIBLE_MAX:
+        return None, (f"{degrees} °C is outside the plausible body temperature range "
+                      f"{TEMPERATURE_PLAUSIBLE_MIN}-{TEMPERATURE_PLAUSIBLE_MAX} °C")
+    return degrees, None
 
 
 def round_celsius(value: Decimal) -> Decimal:

@@ -32,6 +32,7 @@ from tests.service.factories import (
     temperature,
     wbc,
 )
+from tests.service.factories import percent as observation_percent
 
 D = Decimal
 EXTENSION_KEYS = {"evaluatedAt", "findings", "anc", "fever", "riskFactors", "dataIssues"}
@@ -266,3 +267,37 @@ def test_temperature_sent_as_string_is_reported_not_graded(
     assert ext.get("findings", []) == findings
     assert [(i["code"], i["source"]) for i in ext["dataIssues"]] == issues
     assert "a JSON string, not a number" in ext["dataIssues"][0]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "findings", "issue"),
+    [
+        ([anc(400, id="a"), temperature(1000, "Cel", ago(minutes=30), id="t")],
+         ["neutropenia-severe", "medication-review"], ("temperature-uninterpretable", "Observation/t")),
+        ([anc(400, id="a"), temperature(-300, "Cel", ago(minutes=30), id="t")],
+         ["neutropenia-severe", "medication-review"], ("temperature-uninterpretable", "Observation/t")),
+        ([anc(400, id="a"), temperature(101.5, "Cel", ago(minutes=30), id="t")],  # a °F number recorded as Cel
+         ["neutropenia-severe", "medication-review"], ("temperature-uninterpretable", "Observation/t")),
+        ([anc(400, id="a"), temperature(38.6, "[degF]", ago(minutes=30), id="t")],  # a °C number as [degF]
+         ["neutropenia-severe", "medication-review"], ("temperature-uninterpretable", "Observation/t")),
+        ([anc(400, id="a"), temperature(45, "Cel", ago(minutes=30), id="t")],
+         ["febrile-neutropenia", "neutropenia-severe", "medication-review"], None),
+        ([anc(400, id="a"), temperature(113, "[degF]", ago(minutes=30), id="t")],
+         ["febrile-neutropenia", "neutropenia-severe", "medication-review"], None),
+        ([anc(1e9, "10*3/uL", id="a")], ["anc-uninterpretable"], ("anc-uninterpretable", "Observation/a")),
+        ([anc(2_000_000, id="a")], ["anc-normal"], None),
+        ([wbc(3000, "10*3/uL", id="w"), observation_percent("770-8", 10, id="p")],  # WBC 3 x 10^6/uL
+         ["anc-uninterpretable", "anc-not-computable"], ("anc-uninterpretable", "Observation/w")),
+    ],
+    ids=["temperature-1000", "temperature-minus-300", "fahrenheit-number-as-celsius",
+         "celsius-number-as-fahrenheit", "temperature-at-max", "fahrenheit-at-max", "anc-10e12", "anc-at-max",
+         "wbc-above-max"],
+)
+def test_implausible_values_are_reported_not_graded(
+    resources: list[dict[str, Any]], findings: list[str], issue: tuple[str, str] | None
+) -> None:
+    result = assess(resources, now=NOW)
+    assert [f.value for f in result.findings] == findings
+    uninterpretable = [i for i in result.data_issues if i.code.endswith("-uninterpretable")]
+    assert [(i.code, i.source) for i in uninterpretable] == ([issue] if issue else [])
+    assert all(i.detail is not None and "plausible" in i.detail for i in uninterpretable)

@@ -168,8 +168,9 @@ def every_card() -> list[tuple[str, Card]]:
 
 # -- templates ----------------------------------------------------------------------------------------------------
 
-#: The longest values each summary field can take (ANC 99999 with every note, 45.55 °C, ...).
-EXTREME_FIELDS = {"anc": "at least 99999/uL (grade 4, preliminary)", "temp": "45.55 °C",
+#: The longest values each summary field can take (ANC at the plausible maximum of 2000000/uL with every note,
+#: a temperature at its plausible maximum of 45.00 °C, ...; service.thresholds).
+EXTREME_FIELDS = {"anc": "at least 2000000/uL (grade 4, preliminary)", "temp": "45.00 °C",
                   "date": "2025-12-31", "days": "99999", "falling": ", falling", "count": "999",
                   "medicines": "999 active medicines", "fn_anc": "1500/uL"}
 TEMPLATE_IDS = list(CARD_TEMPLATES)
@@ -441,7 +442,7 @@ def test_data_quality_lists_issues() -> None:
     card = card_of("data-quality", COMBINATIONS[-1][1])
     detail = card.detail or ""
     assert card.summary.startswith("ANC not graded")
-    assert "ANC value without a usable unit (Observation/x): unit 'g'" in detail
+    assert "ANC result not usable (Observation/x): unit 'g'" in detail
     assert "Record could not be read (Condition/z)" in detail
     assert "absolute neutrophil count" in detail
 

@@ -27,6 +27,9 @@ from service.thresholds import DEFAULT_POLICY, ClinicalPolicy, neutropenia_below
         ("FEVER_SUSTAINED_DURATION", timedelta(minutes=60)),
         ("TEMPERATURE_DECIMALS", 2),
         ("THOUSAND_PER_UL", Decimal(1000)),
+        ("TEMPERATURE_PLAUSIBLE_MIN", Decimal("25.00")),
+        ("TEMPERATURE_PLAUSIBLE_MAX", Decimal("45.00")),
+        ("COUNT_PLAUSIBLE_MAX", Decimal(2_000_000)),
     ],
     ids=lambda v: str(v),
 )

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from service.thresholds import COUNT_PLAUSIBLE_MAX, TEMPERATURE_PLAUSIBLE_MAX, TEMPERATURE_PLAUSIBLE_MIN
 from service.units import COUNT_FACTORS, celsius, count_per_ul, fahrenheit_to_celsius, percent, round_celsius
 
 D = Decimal
@@ -100,13 +101,19 @@ def test_percent(value: str, quantity: dict[str, str], fraction: bool, expected:
         ("100.93", "38.29"),
         ("100.3", "37.94"),
         ("98.6", "37.00"),
-        ("32", "0.00"),
+        ("77", "25.00"),
     ],
     ids=lambda v: str(v),
 )
 def test_fahrenheit_to_celsius_rounds_to_two_decimals(fahrenheit: str, expected: str) -> None:
     assert fahrenheit_to_celsius(D(fahrenheit)) == D(expected)
     assert str(celsius(D(fahrenheit), {"code": "[degF]"})[0]) == expected
+
+
+def test_fahrenheit_to_celsius_converts_any_number_but_celsius_refuses_implausible_ones() -> None:
+    assert fahrenheit_to_celsius(D(32)) == D("0.00")
+    assert celsius(D(32), {"code": "[degF]"}) == (
+        None, "0.00 °C is outside the plausible body temperature range 25.00-45.00 °C")
 
 
 @pytest.mark.parametrize(
@@ -147,3 +154,66 @@ def test_round_celsius_is_half_up() -> None:
 def test_celsius_out_of_range_is_a_problem_not_an_error(value: str, unit: str) -> None:
     result, problem = celsius(D(value), {"code": unit})
     assert result is None and problem is not None and "out of range" in problem
+
+
+# --- plausibility (service.thresholds DESIGN limits): at, just inside and just outside each boundary -----------
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        ("25.00", "Cel", "25.00"),
+        ("25.01", "Cel", "25.01"),
+        ("24.99", "Cel", None),
+        ("24.995", "Cel", "25.00"),  # rounded first (brief §0), then compared
+        ("24.994", "Cel", None),
+        ("45.00", "Cel", "45.00"),
+        ("44.99", "Cel", "44.99"),
+        ("45.01", "Cel", None),
+        ("45.004", "Cel", "45.00"),
+        ("45.005", "Cel", None),
+        ("77", "[degF]", "25.00"),  # the same limits after conversion: 77.00-113.00 °F
+        ("77.02", "[degF]", "25.01"),
+        ("76.98", "[degF]", None),
+        ("113", "[degF]", "45.00"),
+        ("112.98", "[degF]", "44.99"),
+        ("113.02", "[degF]", None),
+        ("98.6", "Cel", None),  # a °F number recorded as Cel: no fever emergency
+        ("38.6", "[degF]", None),  # a °C number recorded as [degF] (3.67 °C): no silent all clear
+        ("1000", "Cel", None),
+        ("-300", "Cel", None),
+        ("0", "Cel", None),
+    ],
+    ids=lambda v: str(v),
+)
+def test_celsius_plausible_range(value: str, unit: str, expected: str | None) -> None:
+    result, problem = celsius(D(value), {"code": unit})
+    if expected is None:
+        assert result is None and problem is not None and "outside the plausible body temperature range" in problem
+    else:
+        assert (result, problem) == (D(expected), None)
+        assert TEMPERATURE_PLAUSIBLE_MIN <= result <= TEMPERATURE_PLAUSIBLE_MAX
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        ("2000000", "/uL", "2000000"),
+        ("1999999", "/uL", "1999999"),
+        ("2000001", "/uL", None),
+        ("2000", "10*3/uL", "2000000"),
+        ("1999.999", "10*3/uL", "1999999"),
+        ("2000.001", "10*3/uL", None),
+        ("1e9", "10*3/uL", None),  # 10^12/uL
+        ("0", "/uL", "0"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_count_per_ul_plausible_maximum(value: str, unit: str, expected: str | None) -> None:
+    result, problem = count_per_ul(D(value), {"code": unit})
+    if expected is None:
+        assert result is None and problem == (
+            f"count {D(value) * COUNT_FACTORS[unit]:f}/uL is above the plausible maximum of 2000000/uL")
+    else:
+        assert (result, problem) == (D(expected), None)
+        assert result <= COUNT_PLAUSIBLE_MAX
