@@ -22,6 +22,7 @@ from fhir.resources.R4B.observation import Observation
 from service import records, timing
 from service.codes import LAB_ROLES, OBSERVATION_CODES, TEMPERATURE, Code, LabRole
 from service.fhir import (
+    MAX_BUNDLE_DEPTH,
     codes_of,
     decimal,
     deduplicated,
@@ -180,6 +181,15 @@ class _Collector:
             born, issue = records.birth(resource)
             self.births.update([born] if born else [])
             self.issues.update([issue] if issue else [])
+        elif kind == "Bundle":
+            self._too_deep(resource)
+
+    def _too_deep(self, bundle: Mapping[str, Any]) -> None:
+        """A Bundle that :func:`flatten` left unopened (nested too deep): whatever it holds was not read."""
+        entries = bundle.get("entry")
+        if isinstance(entries, list) and entries:
+            self._issue("malformed-resource", source_of(bundle),
+                        f"Bundle nested over {MAX_BUNDLE_DEPTH} levels deep: {len(entries)} entry(ies) not read")
 
     def _issue(self, code: str, source: str, detail: str | None) -> None:
         self.issues.add(DataIssue(code, source, detail))

@@ -12,14 +12,19 @@ from typing import Any
 from service import timing
 from service.codes import Code, canonical
 
-#: Bundles nested deeper than this are not opened.
+#: Bundles nested deeper than this are not opened (bounded recursion): :func:`flatten` passes them on unopened,
+#: and the engine reports them (``service.extract``).
 MAX_BUNDLE_DEPTH = 4
 #: Numbers with a larger decimal exponent are not values a lab or a thermometer reports (and overflow Decimal).
 MAX_EXPONENT = 30
 
 
 def flatten(resources: object, depth: int = 0) -> Iterator[Mapping[str, Any]]:
-    """The resources of ``resources``, with Bundles opened; anything that is not a JSON object is skipped."""
+    """The resources of ``resources``, with Bundles opened; anything that is not a JSON object is skipped.
+
+    A Bundle nested more than :data:`MAX_BUNDLE_DEPTH` deep is yielded as it is, unopened, so that the caller can
+    report it: a Bundle is never yielded otherwise.
+    """
     for item in resources if isinstance(resources, Iterable) and not isinstance(resources, (str, bytes)) else ():
         if not isinstance(item, Mapping):
             continue

@@ -349,6 +349,13 @@ PREFETCH_CASES: list[Case] = [
     ("bundle-next-link-without-fhirServer", Send(request(labs=bundle(observation()) | {"link": [
         {"relation": "next", "url": "https://ehr.example.org/fhir/Observation?page=2"}]})), Issue("data-unavailable")),
     ("bundle-in-bundle", Send(request(labs=bundle(bundle(observation())))), Assessed(SEVERE)),
+    # The prefetch layer opens the outer Bundle and the engine four more (service/fhir.py MAX_BUNDLE_DEPTH): the
+    # ANC inside the next one is not read, and a data issue says so (no silent empty assessment).
+    ("bundles-nested-at-the-limit", Send(request(labs=bundle(bundle(bundle(bundle(bundle(observation()))))))),
+     Assessed(SEVERE)),
+    ("bundles-nested-past-the-limit",
+     Send(request(labs=bundle(bundle(bundle(bundle(bundle(bundle(bundle(observation()))))))))),
+     Issue("malformed-resource", "Bundle/(no id)", ())),
     ("unknown-prefetch-key-ignored", Send(request(labs=[observation()]) | {
         "prefetch": {**request(labs=[observation()])["prefetch"], "somethingElse": {"resourceType": "Basic"}}}),
      Assessed(SEVERE)),
@@ -688,11 +695,6 @@ ENGINE_DEFECTS: list[tuple[str, Send, Outcome, str]] = [
      "engine defect: two copies of Observation/anc-1 (no meta to order them) say ANC 3000 and 400 at the same "
      "time; the lower is graded (conservative, and order-independent since 26e1a45), but no data issue says the "
      "source contradicts itself (service/fhir.py deduplicated keeps both silently)"),
-    ("bundles-nested-past-the-limit",
-     Send(request(labs=bundle(bundle(bundle(bundle(bundle(bundle(bundle(observation()))))))))),
-     Issue("malformed-resource"),
-     "engine defect: Bundles nested deeper than service/fhir.py MAX_BUNDLE_DEPTH are skipped without a data "
-     "issue, so the ANC inside is lost silently (an empty assessment, no card)"),
     ("patient-birthDate-invalid", Send(request(labs=[observation(value=3000)], patient={
         "resourceType": "Patient", "id": "p1", "birthDate": "2025-02-30"})),
      Issue("malformed-resource", "Patient/p1"),

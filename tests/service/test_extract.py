@@ -11,7 +11,7 @@ import pytest
 from service.codes import ATC, ConditionRole, LabRole
 from service.drugs import MedicationRole
 from service.extract import extract
-from service.fhir import reference
+from service.fhir import MAX_BUNDLE_DEPTH, reference
 from service.model import DataIssue
 from service.thresholds import ClinicalPolicy
 from tests.service.factories import (
@@ -337,6 +337,34 @@ def test_bundles_are_flattened_and_reports_link_results() -> None:
     found = facts(bundle([a, bundle([b]), report]))
     assert (len(found.labs), len(found.temperatures)) == (1, 1)
     assert found.links == (frozenset({"Observation/a", "Observation/z"}),)
+
+
+def _nested(levels: int, *resources: Any) -> Any:
+    """``resources`` inside ``levels`` nested Bundles."""
+    for _ in range(levels):
+        resources = (bundle(resources),)
+    return resources[0]
+
+
+@pytest.mark.parametrize(
+    ("levels", "read"),
+    [(1, True), (MAX_BUNDLE_DEPTH - 1, True), (MAX_BUNDLE_DEPTH, True), (MAX_BUNDLE_DEPTH + 1, False), (50, False)],
+    ids=["one", "below-limit", "at-limit", "above-limit", "far-above"],
+)
+def test_bundles_nested_past_the_limit_are_reported_not_lost_silently(levels: int, read: bool) -> None:
+    found = facts(_nested(levels, anc(400, id="deep"), temperature(38.6, id="t")))
+    assert (len(found.labs), len(found.temperatures)) == ((1, 1) if read else (0, 0))
+    if read:
+        assert found.issues == ()
+    else:
+        (issue,) = found.issues
+        assert (issue.code, issue.source) == ("malformed-resource", "Bundle/(no id)")
+        unread = 2 if levels == MAX_BUNDLE_DEPTH + 1 else 1  # the ANC and the temperature, or the next Bundle
+        assert issue.detail == f"Bundle nested over {MAX_BUNDLE_DEPTH} levels deep: {unread} entry(ies) not read"
+
+
+def test_empty_bundle_past_the_limit_loses_nothing_and_is_not_reported() -> None:
+    assert facts(_nested(MAX_BUNDLE_DEPTH, {"resourceType": "Bundle", "type": "searchset"})) == facts()
 
 
 def test_entered_in_error_report_links_nothing() -> None:
