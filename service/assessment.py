@@ -148,7 +148,9 @@ def _age(facts: Facts, now: datetime) -> tuple[int | None, int | None]:
     if facts.birth_date is None:
         return None, None
     years, days = timing.age(facts.birth_date, now.date())
-    return (years, days) if days >= 0 else (None, None)
+    # Extraction refuses (and reports) a birthDate later than BIRTH_DATE_TOLERANCE after today; one within it is a
+    # newborn whose local date runs ahead of UTC.
+    return max(years, 0), max(days, 0)
 
 
 def _preliminary_issues(anc: anc_module.AncValue | None, fever: Fever | None) -> set[DataIssue]:

@@ -178,7 +178,7 @@ class _Collector:
             self.medications.update(facts)
             self.issues.update([issue] if issue else [])
         elif kind == "Patient":
-            born, issue = records.birth(resource)
+            born, issue = records.birth(resource, today=self.now.date())
             self.births.update([born] if born else [])
             self.issues.update([issue] if issue else [])
         elif kind == "Bundle":

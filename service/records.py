@@ -20,6 +20,7 @@ from service.codes import CONDITION_DISPLAY, CONDITION_ROLES, Code, ConditionRol
 from service.drugs import MedicationRole, medication_display, medication_role
 from service.fhir import codes_of, reference, source_of, status_codes, validation_error
 from service.model import CodedRef, DataIssue
+from service.thresholds import BIRTH_DATE_TOLERANCE
 
 #: Condition.clinicalStatus codes that count, and verificationStatus codes that exclude (brief §2).
 ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
@@ -138,11 +139,24 @@ def latest_order_date(r: Mapping[str, Any]) -> datetime | None:
     return max(found) if found else None
 
 
-def birth(r: Mapping[str, Any]) -> tuple[tuple[str, date] | None, DataIssue | None]:
-    """The (source, birth date) of a Patient with a usable birthDate."""
-    born = timing.birth_date(r.get("birthDate"))
-    if born is None:
+#: Why a birthDate that is present cannot give the age (the rules then use the adult cut-offs, brief §1.5).
+AGE_UNKNOWN = "age unknown, adult ANC cut-offs used"
+
+
+def birth(r: Mapping[str, Any], *, today: date) -> tuple[tuple[str, date] | None, DataIssue | None]:
+    """The (source, birth date) of a Patient with a usable birthDate, as of ``today`` (the evaluation date, UTC).
+
+    A Patient without a birthDate gives neither (the age is simply unknown); one whose birthDate is not a valid
+    FHIR date, or lies in the future beyond ``BIRTH_DATE_TOLERANCE``, gives a ``malformed-resource`` issue, so a
+    newborn is never graded on adult cut-offs without a word.
+    """
+    if r.get("birthDate") is None:
         return None, None
+    born = timing.birth_date(r["birthDate"])
+    if born is None:
+        return None, _malformed(r, f"birthDate: not a valid date; {AGE_UNKNOWN}")
+    if born > today + BIRTH_DATE_TOLERANCE:
+        return None, _malformed(r, f"birthDate: after the evaluation date; {AGE_UNKNOWN}")
     problem = validation_error(Patient, r)
     if problem is not None:
         return None, _malformed(r, problem)

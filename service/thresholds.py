@@ -38,6 +38,10 @@ INFANT_NEUTROPENIA_BELOW = Decimal(1000)
 #: DESIGN: days 7-13 fall between the two published bands; the higher (neonatal) cut-off is used there,
 #: the conservative choice. After the first birthday the adult cut-off (1500) applies [S15].
 INFANT_MAX_AGE_YEARS = 1
+#: DESIGN: a birthDate has no time zone, and where the local date runs ahead of UTC (up to UTC+14) a baby born
+#: today may carry tomorrow's UTC date: a birthDate up to this long after the evaluation date is a newborn (age
+#: 0); a later one is an error in the record, reported, and the age is unknown.
+BIRTH_DATE_TOLERANCE = timedelta(days=1)
 
 # --- Temperatures, degrees Celsius (brief §0 and §1.2) --------------------------------------------------------
 
@@ -111,7 +115,11 @@ DEFAULT_POLICY = ClinicalPolicy()
 
 
 def neutropenia_below(age_years: int | None, age_days: int | None) -> Decimal:
-    """The ANC below which a patient of this age is neutropenic (brief §1.5; adult cut-off when age unknown)."""
+    """The ANC below which a patient of this age is neutropenic (brief §1.5).
+
+    The adult cut-off applies when the age is unknown (brief §1.5 uses ``Patient.birthDate`` "if available"); an
+    unusable birthDate is reported as a data issue, so the fall-back is never silent.
+    """
     if age_years is None or age_days is None or age_years >= INFANT_MAX_AGE_YEARS:
         return ANC_NORMAL_LOWER
     if age_days < INFANT_MIN_AGE_DAYS:

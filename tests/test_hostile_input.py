@@ -500,6 +500,20 @@ DATE_CASES: list[Case] = [
      Issue("future-dated", "Observation/anc-1")),
     ("date-decades-old", Send(request(labs=[observation(effectiveDateTime="1999-01-01T00:00:00Z")])),
      Assessed(("anc-stale",))),
+    # Patient.birthDate picks the ANC cut-off (brief §1.5): 3000/uL is neutropenia at 5 days old, normal in an
+    # adult. An unusable birthDate leaves the age unknown, so the adult cut-offs apply, and a data issue says so.
+    ("patient-birthDate-newborn", Send(request(labs=[observation(value=3000)], patient={
+        "resourceType": "Patient", "id": "p1", "birthDate": "2025-03-05"})),
+     Assessed(("neutropenia-mild", "medication-review"))),
+    ("patient-birthDate-tomorrow-in-utc", Send(request(labs=[observation(value=3000)], patient={
+        "resourceType": "Patient", "id": "p1", "birthDate": "2025-03-11"})),
+     Assessed(("neutropenia-mild", "medication-review"))),
+    ("patient-birthDate-invalid", Send(request(labs=[observation(value=3000)], patient={
+        "resourceType": "Patient", "id": "p1", "birthDate": "2025-02-30"})),
+     Issue("malformed-resource", "Patient/p1", NORMAL)),
+    ("patient-birthDate-in-the-future", Send(request(labs=[observation(value=3000)], patient={
+        "resourceType": "Patient", "id": "p1", "birthDate": "2026-01-01"})),
+     Issue("malformed-resource", "Patient/p1", NORMAL)),
 ]
 
 IDENTITY_CASES: list[Case] = [
@@ -695,15 +709,6 @@ ENGINE_DEFECTS: list[tuple[str, Send, Outcome, str]] = [
      "engine defect: two copies of Observation/anc-1 (no meta to order them) say ANC 3000 and 400 at the same "
      "time; the lower is graded (conservative, and order-independent since 26e1a45), but no data issue says the "
      "source contradicts itself (service/fhir.py deduplicated keeps both silently)"),
-    ("patient-birthDate-invalid", Send(request(labs=[observation(value=3000)], patient={
-        "resourceType": "Patient", "id": "p1", "birthDate": "2025-02-30"})),
-     Issue("malformed-resource", "Patient/p1"),
-     "engine defect: an invalid Patient.birthDate is dropped silently (service/records.py birth returns no issue),"
-     " so a newborn is graded on adult thresholds (3000/uL: anc-normal, not neutropenia) with no data issue"),
-    ("patient-birthDate-in-the-future", Send(request(labs=[observation(value=3000)], patient={
-        "resourceType": "Patient", "id": "p1", "birthDate": "2026-01-01"})),
-     Issue("malformed-resource", "Patient/p1"),
-     "engine defect: a birthDate after the evaluation time is dropped silently (service/assessment.py _age)"),
 ]
 
 

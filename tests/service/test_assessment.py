@@ -301,3 +301,28 @@ def test_implausible_values_are_reported_not_graded(
     uninterpretable = [i for i in result.data_issues if i.code.endswith("-uninterpretable")]
     assert [(i.code, i.source) for i in uninterpretable] == ([issue] if issue else [])
     assert all(i.detail is not None and "plausible" in i.detail for i in uninterpretable)
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "age", "findings", "issue"),
+    [
+        ("2025-03-05", 0, ["neutropenia-mild", "medication-review"], None),  # 5 days old: neonatal cut-off 5000/uL
+        ("2025-03-11", 0, ["neutropenia-mild", "medication-review"], None),  # UTC "tomorrow": still a newborn
+        ("1970-01-01", 55, ["anc-normal"], None),
+        ("2025-02-30", None, ["anc-normal"], "birthDate: not a valid date; age unknown, adult ANC cut-offs used"),
+        ("2026-01-01", None, ["anc-normal"],
+         "birthDate: after the evaluation date; age unknown, adult ANC cut-offs used"),
+    ],
+    ids=["newborn", "newborn-ahead-of-utc", "adult", "invalid", "future"],
+)
+def test_unusable_birth_date_is_reported_and_adult_cut_offs_apply(
+    birth_date: str, age: int | None, findings: list[str], issue: str | None
+) -> None:
+    result = assess([anc(3000, id="a"), patient(birth_date)], now=NOW)
+    assert result.age_years == age
+    assert [f.value for f in result.findings] == findings
+    expected = [DataIssue("malformed-resource", "Patient/p1", issue)] if issue else []
+    assert list(result.data_issues) == expected
+    if issue:
+        ext = assessment_extension(result)
+        assert ext["dataIssues"] == [{"code": "malformed-resource", "source": "Patient/p1", "detail": issue}]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from datetime import date
 
+import pytest
+
 from service.drugs import MedicationRole
+from service.model import DataIssue
 from service.records import birth, condition_fact, latest_order_date, medication_facts, medication_index
 from tests.service.factories import ATC, NOW, ago, condition, medication_request, patient
 
@@ -36,8 +39,43 @@ def test_latest_order_date_uses_every_date() -> None:
     assert latest_order_date(order) == NOW.replace(day=7)
 
 
-def test_birth() -> None:
-    assert birth(patient("2001-02-03")) == (("Patient/p1", date(2001, 2, 3)), None)
-    assert birth(patient("garbage")) == (None, None)
-    found, issue = birth(patient("2001-02-03", gender=5))
-    assert found is None and issue is not None
+TODAY = NOW.date()  # 2025-03-10
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "born"),
+    [
+        ("2001-02-03", date(2001, 2, 3)),
+        ("2001-02", date(2001, 2, 1)),  # a partial date: its first day
+        ("2025-03-10", TODAY),  # born today
+        ("2025-03-11", date(2025, 3, 11)),  # tomorrow in UTC: today where the local date runs ahead (tolerance)
+        (None, None),  # no birthDate: the age is simply unknown, no issue
+    ],
+    ids=["full", "partial", "today", "tomorrow-within-tolerance", "absent"],
+)
+def test_birth_usable(birth_date: str | None, born: date | None) -> None:
+    assert birth(patient(birth_date), today=TODAY) == ((("Patient/p1", born) if born else None), None)
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "why"),
+    [
+        ("2025-02-30", "birthDate: not a valid date"),
+        ("garbage", "birthDate: not a valid date"),
+        ("", "birthDate: not a valid date"),
+        (20010203, "birthDate: not a valid date"),
+        ("2025-03-12", "birthDate: after the evaluation date"),  # just past the one-day tolerance
+        ("2026-01-01", "birthDate: after the evaluation date"),
+        ("2026", "birthDate: after the evaluation date"),
+    ],
+    ids=["february-30", "garbage", "empty", "number", "day-after-tomorrow", "next-year", "next-year-partial"],
+)
+def test_birth_unusable_is_a_data_issue(birth_date: object, why: str) -> None:
+    found, issue = birth(patient(None, birthDate=birth_date), today=TODAY)
+    assert found is None
+    assert issue == DataIssue("malformed-resource", "Patient/p1", f"{why}; age unknown, adult ANC cut-offs used")
+
+
+def test_birth_of_an_invalid_patient_is_a_data_issue() -> None:
+    found, issue = birth(patient("2001-02-03", gender=5), today=TODAY)
+    assert found is None and issue is not None and issue.detail is not None and issue.detail.startswith("gender")
