@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
@@ -231,6 +232,17 @@ def _read_json(limit: int) -> Any:
     if not raw.strip():
         raise InvalidRequest("the request body is empty; a JSON object is required")
     try:
+        # Fast path. orjson refuses all that the slow path below refuses (invalid UTF-8, NaN and Infinity, lone
+        # surrogate escapes, nesting past 1024) and also what it cannot represent (numbers beyond a double, a
+        # BOM): anything it refuses goes the slow way, which says precisely what is wrong or accepts it.
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _read_json_slowly(raw)
+
+
+def _read_json_slowly(raw: bytes) -> Any:
+    """``raw`` parsed with the standard library, or an InvalidRequest naming what is wrong."""
+    try:
         # RFC 8259: JSON exchanged between systems is UTF-8; json.loads would guess UTF-16/32 from bytes.
         text = raw.decode("utf-8")
         body = json.loads(text, parse_constant=_reject_constant)
@@ -304,8 +316,11 @@ def _apply_cors(response: Response, origins: tuple[str, ...]) -> None:
 
 
 def _json_response(status: int, body: Any) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")), status=status,
-                    mimetype="application/json")
+    try:
+        text = orjson.dumps(body)
+    except TypeError:  # an integer beyond 64 bits (echoed from a request), which only the standard library writes
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Response(text, status=status, mimetype="application/json")
 
 
 def _outcome_response(status: int, outcome: dict[str, Any], headers: dict[str, str] | None = None) -> Response:

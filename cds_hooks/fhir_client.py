@@ -22,6 +22,7 @@ from typing import Any, TypeGuard
 from urllib.parse import unquote, urljoin, urlsplit
 from urllib.request import Request
 
+import orjson
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -402,10 +403,18 @@ def _reject_constant(name: str) -> Any:
 
 def _parse_json(body: bytes) -> Mapping[str, Any]:
     try:
-        parsed = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise _FetchFailed("the FHIR server's response is not JSON") from None
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = _parse_json_slowly(body)
     if not is_resource(parsed):
         raise _FetchFailed("the FHIR server's response is not a FHIR resource")
     result: Mapping[str, Any] = parsed
     return result
+
+
+def _parse_json_slowly(body: bytes) -> Any:
+    """What orjson refuses but the standard library reads (numbers beyond a double), or _FetchFailed."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _FetchFailed("the FHIR server's response is not JSON") from None
