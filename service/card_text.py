@@ -77,6 +77,9 @@ DATA_ISSUE_LABELS: Mapping[str, str] = {
     "temperature-uninterpretable": "Temperature not usable",
     "anc-not-computable": "ANC could not be calculated",
     "malformed-resource": "Record could not be read",
+    "conflicting-duplicates": "Copies of one record disagree",
+    "missing-effective-time": "Result without a time",
+    "future-dated": "Result dated in the future",
     "data-unavailable": "Data could not be obtained",
 }
 #: Data issues shown elsewhere (the results tables flag preliminary values); they alone make no card.

@@ -101,12 +101,16 @@ class Facts:
     issues: tuple[DataIssue, ...] = ()
     #: Lab Observations older than the ANC currency window, not yet validated: see :func:`older_labs`.
     deferred: tuple[tuple[Mapping[str, Any], timing.Timing], ...] = ()
+    #: Resources whose copies contradict each other ("Type/id", number of copies; ``service.fhir.deduplicated``).
+    conflicts: tuple[tuple[str, int], ...] = ()
 
 
 def extract(resources: Iterable[Any], *, now: datetime, policy: ClinicalPolicy = DEFAULT_POLICY) -> Facts:
     """Reduce raw FHIR resources (dicts, Bundles allowed) to ``Facts`` as seen at ``now``."""
-    flat = list(deduplicated(flatten(resources)))
-    collector = _Collector(now, policy, records.medication_index(flat), now - policy.anc_current_window)
+    unique = deduplicated(flatten(resources))
+    flat = unique.resources
+    defer_before = now - policy.anc_current_window
+    collector = _Collector(now, policy, records.medication_index(flat), defer_before, unique.conflicts)
     for resource in flat:
         collector.add(resource)
     return collector.facts()
@@ -122,7 +126,7 @@ def older_labs(facts: Facts, *, now: datetime, policy: ClinicalPolicy = DEFAULT_
     while remaining:
         edge = timing.earlier(remaining[0][1].latest, policy.anc_current_window)
         size = next((n for n, item in enumerate(remaining) if n and item[1].latest <= edge), len(remaining))
-        collector = _Collector(now, policy, {}, None)
+        collector = _Collector(now, policy, {}, None, dict(facts.conflicts))
         for resource, _ in remaining[:size]:
             collector.add(resource)
         remaining = remaining[size:]
@@ -138,8 +142,10 @@ class _Collector:
         policy: ClinicalPolicy,
         medications: Mapping[str, frozenset[Code]],
         defer_before: datetime | None,
+        conflicts: Mapping[str, int],
     ) -> None:
         self.now, self.policy, self.medication_index, self.defer_before = now, policy, medications, defer_before
+        self.conflicts = conflicts
         self.deferred: list[tuple[Mapping[str, Any], timing.Timing]] = []
         self.labs: set[LabResult] = set()
         self.temperatures: set[Temperature] = set()
@@ -158,9 +164,27 @@ class _Collector:
             medications=tuple(sorted(self.medications, key=repr)),
             birth_date=min(self.births)[1] if self.births else None,
             links=tuple(sorted(self.links, key=sorted)),
-            issues=tuple(sorted(self.issues, key=repr)),
+            issues=tuple(sorted(self.issues | self._conflict_issues(), key=repr)),
             deferred=tuple(self.deferred),
+            conflicts=tuple(sorted(self.conflicts.items())),
         )
+
+    def _conflict_issues(self) -> set[DataIssue]:
+        """A ``conflicting-duplicates`` issue for each resource read whose copies contradict each other.
+
+        Only resources the engine read count (those that gave a fact or an issue): conflicting copies of an
+        irrelevant resource, or of an older lab never needed, change nothing and are not reported. Every copy was
+        used, so the most severe value counts (the lowest ANC of a group, the highest temperature).
+        """
+        read = {lab.source for lab in self.labs} | {t.source for t in self.temperatures}
+        read |= {c.ref.source for c in self.conditions} | {m.ref.source for m in self.medications}
+        read |= {source for source, _ in self.births} | {i.source for i in self.issues if i.source}
+        return {
+            DataIssue("conflicting-duplicates", source, f"{copies} different copies with this id, none marked as "
+                      "newer (meta.versionId, meta.lastUpdated): all were used, the most severe value counts")
+            for source, copies in self.conflicts.items()
+            if source in read
+        }
 
     def add(self, resource: Mapping[str, Any]) -> None:
         """Classify one raw resource and extract what the rules need from it."""

@@ -5,7 +5,9 @@ Every function accepts anything JSON can hold (and more) and never raises on bad
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -45,26 +47,56 @@ def _version(resource: Mapping[str, Any]) -> tuple[int, float | None]:
     return number, None if updated is None else updated.effective.timestamp()
 
 
-def deduplicated(resources: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+@dataclass(frozen=True)
+class Deduplicated:
+    """Resources with older versions dropped, and the ones whose copies contradict each other."""
+
+    resources: tuple[Mapping[str, Any], ...]
+    #: "Type/id" -> how many different copies were all kept because nothing tells which one is current.
+    conflicts: Mapping[str, int]
+
+
+def deduplicated(resources: Iterable[Mapping[str, Any]]) -> Deduplicated:
     """Drop older versions of a resource that arrives more than once (same type and id, older ``meta``).
 
-    Copies that cannot be told apart (no ``versionId`` or ``lastUpdated`` on one of them) are all kept.
+    Identical copies count once. Different copies that cannot be told apart (no ``versionId`` or
+    ``lastUpdated`` on one of them, or the same on both) are all kept, so the rules see every value and grade the
+    most severe (conservative), and are listed in ``conflicts``: the source contradicts itself.
     """
+    kept: list[Mapping[str, Any]] = []
     by_key: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for resource in resources:
         rid, rtype = resource.get("id"), resource.get("resourceType")
-        if isinstance(rid, str) and isinstance(rtype, str):
+        if isinstance(rid, str) and rid and isinstance(rtype, str):
             by_key.setdefault((rtype, rid), []).append(resource)
         else:
-            yield resource
+            kept.append(resource)
+    conflicts: dict[str, int] = {}
     for versions in by_key.values():
-        if len(versions) == 1:
-            yield versions[0]
-            continue
-        keys = [_version(v) for v in versions]
-        newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
-        distinguishable = all(k[0] >= 0 or k[1] is not None for k in keys)
-        yield from (v for v, k in zip(versions, keys) if not distinguishable or k == newest)
+        if len(versions) > 1:
+            keys = [_version(v) for v in versions]
+            newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
+            distinguishable = all(k[0] >= 0 or k[1] is not None for k in keys)
+            versions = _distinct([v for v, k in zip(versions, keys) if not distinguishable or k == newest])
+            if len(versions) > 1:
+                conflicts[source_of(versions[0])] = len(versions)
+        kept += versions
+    return Deduplicated(tuple(kept), conflicts)
+
+
+def _distinct(copies: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``copies`` without repeats, in order; compared by canonical JSON (linear, however many copies arrive)."""
+    seen: set[str] = set()
+    distinct = []
+    for n, copy in enumerate(copies):
+        try:
+            text = json.dumps(copy, sort_keys=True, default=repr)
+        except (TypeError, ValueError, RecursionError):  # not JSON (keys of mixed types): count it as different
+            text = f"#{n}"
+        if text not in seen:
+            seen.add(text)
+            distinct.append(copy)
+    return distinct
 
 
 def reference(value: object) -> str | None:

@@ -90,7 +90,9 @@ class CodedRef:
 class DataIssue:
     """A problem with the data that the clinician should know about."""
 
-    code: str  # "anc-uninterpretable", "anc-not-computable", "malformed-resource", "preliminary-result", ...
+    #: "anc-uninterpretable", "anc-not-computable", "temperature-uninterpretable", "malformed-resource",
+    #: "conflicting-duplicates", "missing-effective-time", "future-dated", "preliminary-result", "data-unavailable"
+    code: str
     source: str | None
     detail: str | None
 

@@ -521,6 +521,10 @@ IDENTITY_CASES: list[Case] = [
     ("duplicate-id-newer-version-wins", Send(request(labs=[
         observation(value=3000, meta={"versionId": "1"}), observation(value=400, meta={"versionId": "2"})])),
      Assessed(SEVERE)),
+    # Nothing says which copy is current: both are used (the lower ANC is graded, whatever the order; see
+    # test_conflicting_copies_of_one_resource_give_one_answer_in_any_order) and the contradiction is reported.
+    ("duplicate-id-conflicting-copies", Send(request(labs=[observation(value=3000), observation(value=400)])),
+     Issue("conflicting-duplicates", "Observation/anc-1", SEVERE)),
     ("duplicate-id-same-resource-in-two-keys", Send(request(labs=[observation()], vitals=[observation()])),
      Assessed(SEVERE)),
     ("observation-about-another-patient", Send(request(labs=[observation(subject={"reference": "Patient/p2"})])),
@@ -701,24 +705,6 @@ def test_odd_but_valid_feedback_is_stored(client: FlaskClient, app: Flask, spec:
         assert store.feedback_for_card(item["card"]), item
 
 
-# --- engine defects: the outcome the case should have, held as strict xfails until the engine is fixed -----------
-
-ENGINE_DEFECTS: list[tuple[str, Send, Outcome, str]] = [
-    ("duplicate-id-conflicting-copies", Send(request(labs=[observation(value=3000), observation(value=400)])),
-     Issue("malformed-resource", "Observation/anc-1"),
-     "engine defect: two copies of Observation/anc-1 (no meta to order them) say ANC 3000 and 400 at the same "
-     "time; the lower is graded (conservative, and order-independent since 26e1a45), but no data issue says the "
-     "source contradicts itself (service/fhir.py deduplicated keeps both silently)"),
-]
-
-
-@pytest.mark.parametrize(("spec", "expected"), [
-    pytest.param(spec, expected, id=name, marks=pytest.mark.xfail(strict=True, reason=reason))
-    for name, spec, expected, reason in ENGINE_DEFECTS])
-def test_engine_defect(client: FlaskClient, spec: Send, expected: Outcome) -> None:
-    check(send(client, spec), expected)
-
-
 def test_conflicting_copies_of_one_resource_give_one_answer_in_any_order(client: FlaskClient) -> None:
     # Regression (cds_hooks/prefetch.py, 26e1a45): only the first copy of an id reached the engine, so the order
     # of the prefetch chose between ANC 3000 (anc-normal) and 400 (neutropenia-severe).
@@ -806,6 +792,6 @@ def test_hostile_input_against_postgresql(postgres_server: Any) -> None:
 
 
 def test_the_catalogue_is_large_and_its_ids_unique() -> None:
-    names = [c[0] for c in CASES + FEEDBACK_STORED_CASES] + [c[0] for c in ENGINE_DEFECTS] + [c[0] for c in AUTH_CASES]
+    names = [c[0] for c in CASES + FEEDBACK_STORED_CASES] + [c[0] for c in AUTH_CASES]
     assert len(names) == len(set(names))
     assert len(CASES) >= 60

@@ -326,3 +326,28 @@ def test_unusable_birth_date_is_reported_and_adult_cut_offs_apply(
     if issue:
         ext = assessment_extension(result)
         assert ext["dataIssues"] == [{"code": "malformed-resource", "source": "Patient/p1", "detail": issue}]
+
+
+@pytest.mark.parametrize(
+    ("resources", "findings", "source"),
+    [
+        ([anc(3000, id="d"), anc(400, id="d")], ["neutropenia-severe", "medication-review"], "Observation/d"),
+        ([anc(400, id="d"), anc(3000, id="d")], ["neutropenia-severe", "medication-review"], "Observation/d"),
+        ([anc(400, id="a"), temperature(36.6, "Cel", ago(minutes=30), id="d"),
+          temperature(39.1, "Cel", ago(minutes=30), id="d")],
+         ["febrile-neutropenia", "neutropenia-severe", "medication-review"], "Observation/d"),
+        ([anc(900, "/uL", ago(days=9), id="d"), anc(300, "/uL", ago(days=9), id="d")], ["anc-stale"],
+         "Observation/d"),  # an older lab, read because no current ANC exists
+    ],
+    ids=["anc-high-first", "anc-low-first", "temperature", "older-lab-read"],
+)
+def test_conflicting_copies_grade_the_worst_and_are_reported(
+    resources: list[dict[str, Any]], findings: list[str], source: str
+) -> None:
+    result = assess(resources, now=NOW)
+    assert [f.value for f in result.findings] == findings
+    assert [(i.code, i.source) for i in result.data_issues] == [("conflicting-duplicates", source)]
+    assert result.anc is not None and result.anc.cells_per_ul == min(
+        D(r["valueQuantity"]["value"]) for r in resources if r["code"]["coding"][0]["code"] == "751-8")
+    if result.fever is not None:
+        assert result.fever.max_celsius == D("39.10")

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -458,6 +459,30 @@ def test_data_quality_lists_issues() -> None:
 def test_summary_without_a_finding_of_the_kind(name: str, kind: str, summary: str) -> None:
     (a,) = [a for n, a, _ in COMBINATIONS if n == name]
     assert card_of(kind, a).summary == summary
+
+
+def test_every_data_issue_the_engine_reports_has_a_label() -> None:
+    """Each code written into a DataIssue in service/ is named in words on the data-quality card."""
+    source = "\n".join(path.read_text() for path in Path(card_text.__file__).parent.glob("*.py"))
+    codes = set(re.findall(r'(?:DataIssue|_issue|_malformed)\("([a-z][a-z-]+)"', source))
+    assert {"conflicting-duplicates", "temperature-uninterpretable", "malformed-resource"} <= codes
+    assert codes - set(card_text.DATA_ISSUE_LABELS) <= card_text.DATA_ISSUES_SHOWN_ELSEWHERE
+
+
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [
+        ("conflicting-duplicates", "Copies of one record disagree"),
+        ("temperature-uninterpretable", "Temperature not usable"),
+        ("anc-uninterpretable", "ANC result not usable"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_data_quality_card_names_the_issue(code: str, label: str) -> None:
+    issue = DataIssue(code, "Observation/d", "why")
+    card = card_of("data-quality", assessment(data_issues=(issue,)))
+    assert card.summary == "Some data could not be used: 1 problem(s), the assessment may be incomplete"
+    assert f"- {label} (Observation/d): why" in (card.detail or "")
 
 
 def test_patient_data_cannot_inject_markup() -> None:

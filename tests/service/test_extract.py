@@ -380,7 +380,49 @@ def test_newer_version_of_the_same_resource_wins() -> None:
 
 
 def test_same_id_without_versions_keeps_both() -> None:
-    assert len(facts(anc(400, id="v"), anc(400, id="v", status="entered-in-error")).labs) == 1
+    found = facts(anc(400, id="v"), anc(400, id="v", status="entered-in-error"))
+    assert len(found.labs) == 1
+    assert [(i.code, i.source) for i in found.issues] == [("conflicting-duplicates", "Observation/v")]
+
+
+@pytest.mark.parametrize(
+    ("copies", "source"),
+    [
+        ([anc(3000, id="d"), anc(400, id="d")], "Observation/d"),
+        ([temperature(36.6, id="d"), temperature(39.1, id="d")], "Observation/d"),
+        ([anc(3000, id="d"), anc(400, id="d", meta={"versionId": "7"})], "Observation/d"),  # one unversioned
+        ([anc(400, id="d", meta={"versionId": "7"}), anc(900, id="d", meta={"versionId": "7"})], "Observation/d"),
+        ([anc(3000, id="d"), anc(400, id="d", note="not a list")], "Observation/d"),  # one copy malformed
+        ([condition("425229001", id="d"), condition("425229001", id="d", clinical="resolved")], "Condition/d"),
+        ([medication_request("338036", id="d"), medication_request("338036", id="d", authored=ago(days=2))],
+         "MedicationRequest/d"),
+        ([patient("2025-03-05", id="d"), patient("1970-01-01", id="d")], "Patient/d"),
+    ],
+    ids=["anc", "temperature", "one-unversioned", "same-version", "one-malformed", "condition", "medication",
+         "patient"],
+)
+def test_conflicting_copies_are_all_used_and_reported(copies: list[dict[str, Any]], source: str) -> None:
+    found = facts(*copies)
+    conflicts = [i for i in found.issues if i.code == "conflicting-duplicates"]
+    assert [(i.source, i.detail) for i in conflicts] == [(source, (
+        "2 different copies with this id, none marked as newer (meta.versionId, meta.lastUpdated): all were used, "
+        "the most severe value counts"))]
+
+
+@pytest.mark.parametrize(
+    "copies",
+    [
+        [anc(400, id="d"), anc(400, id="d")],  # identical
+        [anc(3000, id="d", meta={"versionId": "1"}), anc(400, id="d", meta={"versionId": "2"})],  # ordered
+        [observation("8867-4", 80, "/min", id="d"), observation("8867-4", 90, "/min", id="d")],  # irrelevant
+        [condition("38341003", id="d"), condition("38341003", id="d", clinical="resolved")],  # not a risk factor
+        [anc(400, effective=ago(days=1)), anc(300, effective=ago(days=9), id="d"),
+         anc(900, effective=ago(days=9), id="d")],  # an older lab, not read while a current ANC exists
+    ],
+    ids=["identical", "versions-order-them", "irrelevant-observation", "irrelevant-condition", "older-lab-unread"],
+)
+def test_copies_that_agree_or_are_not_read_are_not_reported(copies: list[dict[str, Any]]) -> None:
+    assert not [i for i in facts(*copies).issues if i.code == "conflicting-duplicates"]
 
 
 @pytest.mark.parametrize(

@@ -87,19 +87,45 @@ def test_flatten_stops_at_depth() -> None:
 
 
 @pytest.mark.parametrize(
-    ("metas", "kept"),
+    ("metas", "kept", "conflicts"),
     [
-        ([{"versionId": "1"}, {"versionId": "2"}], [1]),
-        ([{"versionId": "3"}, {"versionId": "2"}], [0]),
-        ([{"lastUpdated": "2025-03-10T10:00:00Z"}, {"lastUpdated": "2025-03-09T10:00:00Z"}], [0]),
-        ([{}, {"versionId": "2"}], [0, 1]),  # cannot tell: keep both
-        ([{"versionId": "2"}, {"versionId": "2"}], [0, 1]),
+        ([{"versionId": "1"}, {"versionId": "2"}], [1], {}),
+        ([{"versionId": "3"}, {"versionId": "2"}], [0], {}),
+        ([{"lastUpdated": "2025-03-10T10:00:00Z"}, {"lastUpdated": "2025-03-09T10:00:00Z"}], [0], {}),
+        ([{}, {"versionId": "2"}], [0, 1], {"Observation/o": 2}),  # cannot tell: keep both, and say so
+        ([{"versionId": "2"}, {"versionId": "2"}], [0, 1], {"Observation/o": 2}),
+        ([{}, {}, {}], [0, 1, 2], {"Observation/o": 3}),
+        ([{"versionId": "1"}, {"versionId": "2"}, {"versionId": "2"}], [1, 2], {"Observation/o": 2}),
     ],
-    ids=["v2-wins", "v3-wins", "last-updated", "unknown", "tie"],
+    ids=["v2-wins", "v3-wins", "last-updated", "unknown", "tie", "three-unversioned", "tie-for-newest"],
 )
-def test_deduplicated_keeps_the_newest_version(metas: list[dict[str, str]], kept: list[int]) -> None:
+def test_deduplicated_keeps_the_newest_version(
+    metas: list[dict[str, str]], kept: list[int], conflicts: dict[str, int]
+) -> None:
     copies = [{"resourceType": "Observation", "id": "o", "meta": meta, "n": n} for n, meta in enumerate(metas)]
-    assert sorted(r["n"] for r in deduplicated(copies)) == kept
+    result = deduplicated(copies)
+    assert sorted(r["n"] for r in result.resources) == kept
+    assert result.conflicts == conflicts
+
+
+@pytest.mark.parametrize(
+    ("copies", "kept", "conflicts"),
+    [
+        ([{"id": "o", "v": 1}, {"v": 1, "id": "o"}], 1, {}),  # identical (key order aside): one copy, no conflict
+        ([{"id": "o", "v": 1}] * 1000, 1, {}),
+        ([{"id": "o", "v": 1}, {"id": "o", "v": 2}, {"id": "o", "v": 1}], 2, {"Observation/o": 2}),
+        ([{"id": "", "v": 1}, {"id": "", "v": 2}], 2, {}),  # an empty id is no id: nothing to contradict
+        ([{"v": 1}, {"v": 2}], 2, {}),
+        ([{"id": "o", 1: "x", "a": 1}, {"id": "o", 1: "x", "a": 1}], 2, {"Observation/o": 2}),  # not JSON: distinct
+    ],
+    ids=["identical", "many-identical", "two-differ", "empty-id", "no-id", "mixed-key-types"],
+)
+def test_deduplicated_reports_copies_that_contradict_each_other(
+    copies: list[dict[Any, Any]], kept: int, conflicts: dict[str, int]
+) -> None:
+    result = deduplicated({"resourceType": "Observation", **c} for c in copies)
+    assert len(result.resources) == kept
+    assert result.conflicts == conflicts
 
 
 def test_references_and_sources() -> None:
