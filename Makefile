@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PORT ?= 8080
 
-.PHONY: run test demo venv lock clean
+.PHONY: run test bench demo venv lock clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ run: $(STAMP)
 ## Run the whole suite (starts its own PostgreSQL and gunicorn on loopback).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Benchmark (issue 5): in-process time vs json.loads, HTTP vs a do-nothing app, memory, no-prefetch path.
+## Prints a table and writes bench/results.json (a few minutes). Uses wrk if installed (Debian: apt-get install
+## wrk), else a Python load generator. Pass options with e.g. `make bench BENCH_ARGS="--only in-process"`.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 ## Fixture FHIR server + service (auth on, throwaway key) + the CLI client, with and without prefetch; stops all.
 ## Free ports by default; choose with e.g. `make demo DEMO_CDS_PORT=9000 DEMO_FHIR_PORT=9001 DEMO_PATIENT=fn-0001`.
