@@ -30,6 +30,7 @@ from service.thresholds import DEFAULT_POLICY, ClinicalPolicy, neutropenia_below
         ("TEMPERATURE_PLAUSIBLE_MIN", Decimal("25.00")),
         ("TEMPERATURE_PLAUSIBLE_MAX", Decimal("45.00")),
         ("COUNT_PLAUSIBLE_MAX", Decimal(2_000_000)),
+        ("BIRTH_DATE_TOLERANCE", timedelta(days=1)),
     ],
     ids=lambda v: str(v),
 )
