@@ -99,13 +99,16 @@ def run_benchmark(config: BenchConfig, sections: Sequence[str], loader: str, wor
     }
     if "in-process" in sections:
         results["settings"]["in_process"] = {name: vars(plan) for name, plan in config.in_process.items()}
-        measured = {}
+        measured, seen_before = {}, {}
         with inprocess.local_app(work_dir) as app:
             for name, tier in config.tiers.items():
                 _progress(f"in-process: {name} ({tier.resources} resources)")
                 measured[name] = inprocess.measure_tier(app, name, tier.resources, bodies[name],
                                                         config.in_process[name])
-        results["in_process"] = inprocess.summarize(measured)
+                _progress(f"in-process: {name}, resources seen before")
+                seen_before[name] = inprocess.measure_tier(app, name, tier.resources, bodies[name],
+                                                           config.in_process[name], seen_before=True)
+        results["in_process"] = inprocess.summarize(measured, seen_before)
     if "http" in sections:
         plan = throughput.LoadPlan(loader=loader, workers=config.workers, connections=config.workers * threads,
                                    warmup_seconds=config.warmup_seconds, seconds=config.http_seconds)

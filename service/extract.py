@@ -31,12 +31,12 @@ from service.fhir import (
     reference,
     references,
     source_of,
-    validation_error,
 )
 from service.model import DataIssue
 from service.records import ConditionFact, MedicationFact
 from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
 from service.units import celsius, count_per_ul, percent
+from service.validation import validation_error
 
 #: Observation.status -> whether the result is preliminary; statuses not listed are not used (brief §2).
 USED_STATUSES: Mapping[str, bool] = {"final": False, "amended": False, "corrected": False, "preliminary": True}

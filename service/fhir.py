@@ -169,18 +169,3 @@ def quoted_decimal(observation: Mapping[str, Any]) -> str | None:
             if isinstance(quantity, Mapping) and isinstance(quantity.get("value"), str):
                 return f"{prefix}{path}.value: a JSON string, not a number (FHIR JSON decimals are numbers)"
     return None
-
-
-def validation_error(model: type[Any], resource: Mapping[str, Any]) -> str | None:
-    """Why ``resource`` is not a valid ``model`` (a fhir.resources R4B class), or None when it is."""
-    try:
-        model.model_validate(resource)
-    except Exception as error:  # noqa: BLE001 - untrusted input; pydantic raises several kinds
-        errors = getattr(error, "errors", None)
-        details = errors() if callable(errors) else None
-        first = details[0] if isinstance(details, list) and details else None
-        if isinstance(first, Mapping):
-            where = ".".join(str(part) for part in first.get("loc", ())) or "resource"
-            return f"{where}: {first.get('msg', 'invalid')}"[:200]
-        return f"invalid {model.__name__}"
-    return None

@@ -18,8 +18,9 @@ from fhir.resources.R4B.patient import Patient
 from service import timing
 from service.codes import CONDITION_DISPLAY, CONDITION_ROLES, Code, ConditionRole
 from service.drugs import MedicationRole, medication_display, medication_role
-from service.fhir import codes_of, reference, source_of, status_codes, validation_error
+from service.fhir import codes_of, reference, source_of, status_codes
 from service.model import CodedRef, DataIssue
+from service.validation import validation_error
 from service.thresholds import BIRTH_DATE_TOLERANCE
 
 #: Condition.clinicalStatus codes that count, and verificationStatus codes that exclude (brief §2).

@@ -83,6 +83,7 @@ def test_bench_quick_run_writes_results_and_prints_the_table(tmp_path: Path) -> 
     results = json.loads(output.read_text())
     assert {"machine", "settings", "in_process", "http", "memory", "no_prefetch", "targets"} <= set(results)
     assert [row["tier"] for row in results["in_process"]["tiers"]] == ["typical", "heavy", "extreme"]
+    assert [row["tier"] for row in results["in_process"]["tiers_seen_before"]] == ["typical", "heavy", "extreme"]
     assert results["http"][0]["service"]["errors"] == {} and results["http"][0]["service"]["requests"] > 0
     assert len(results["targets"]) == len(TARGETS)
     for heading in ("In-process service time", "HTTP under gunicorn", "Peak resident memory", "No-prefetch path",

@@ -16,7 +16,6 @@ from service.fhir import (
     quoted_decimal,
     references,
     source_of,
-    validation_error,
 )
 
 D = Decimal
@@ -139,11 +138,3 @@ def test_codes_of_ignores_malformed_codings() -> None:
     concept = {"coding": [{"system": "http://loinc.org", "code": "751-8"}, {"code": "x"}, "junk", {"system": 1}]}
     assert codes_of(concept) == {("http://loinc.org", "751-8")}
     assert codes_of({"coding": "x"}) == frozenset() and codes_of(None) == frozenset()
-
-
-def test_validation_error_names_the_field() -> None:
-    valid = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
-    assert validation_error(Observation, valid) is None
-    problem = validation_error(Observation, {**valid, "note": "x"})
-    assert problem is not None and problem.startswith("note:")
-    assert validation_error(Observation, {**valid, "status": None}) is not None
