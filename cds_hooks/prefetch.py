@@ -13,6 +13,7 @@ access token has expired (never used after `expires_in`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -99,17 +100,26 @@ class PrefetchResult:
         one counts (``meta.versionId``/``lastUpdated``), or that they conflict, is for the consumer to decide;
         keeping the first seen would silently let the order of the prefetch pick the value.
         """
-        # Copies are compared by their canonical JSON, in a set: comparing each copy with every earlier one
-        # took seconds for a request packed with thousands of versions of one id.
-        seen: set[tuple[str, str, bytes]] = set()
+        # Copies of one id are compared by a digest of their canonical JSON, and only when an id repeats:
+        # comparing each copy with every earlier one took seconds for a request packed with thousands of
+        # versions of one id, and keeping every resource's JSON cost memory for the common case of no repeats.
+        first: dict[tuple[str, str], Mapping[str, Any]] = {}
+        digests: dict[tuple[str, str], set[bytes]] = {}
         for result in self.keys.values():
             for resource in result.resources:
                 resource_id = resource.get("id")
                 if isinstance(resource_id, str) and resource_id:
-                    key = (str(resource["resourceType"]), resource_id, _canonical(resource))
-                    if key in seen:
-                        continue
-                    seen.add(key)
+                    key = (str(resource["resourceType"]), resource_id)
+                    if key in first:
+                        known = digests.get(key)
+                        if known is None:
+                            known = digests[key] = {_digest(first[key])}
+                        digest = _digest(resource)
+                        if digest in known:
+                            continue
+                        known.add(digest)
+                    else:
+                        first[key] = resource
                 yield resource
 
     def unavailable(self) -> dict[str, str]:
@@ -127,12 +137,13 @@ class PrefetchResult:
         return sum(r.dropped_entries for r in self.keys.values())
 
 
-def _canonical(resource: Mapping[str, Any]) -> bytes:
-    """The resource as JSON with sorted keys: equal for copies equal in every field."""
+def _digest(resource: Mapping[str, Any]) -> bytes:
+    """A digest of the resource's JSON with sorted keys: equal for copies equal in every field."""
     try:
-        return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+        canonical = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # an integer beyond 64 bits, read by the standard library
-        return json.dumps(resource, sort_keys=True, default=str).encode("utf-8")
+        canonical = json.dumps(resource, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
 @dataclass(frozen=True)

@@ -497,9 +497,17 @@ def test_prefetch_keeps_thousands_of_versions_of_one_id_in_linear_time() -> None
     # minute. Counted, not timed: equality is never used now.
     versions = tuple({**ANC, "valueQuantity": {"value": n}} for n in range(5000))
     result = PrefetchResult(MappingProxyType({"labs": KeyResult("labs", KeyState.DATA, versions + versions)}))
-    with mock.patch.object(prefetch_module, "_canonical", wraps=prefetch_module._canonical) as canonical:
+    with mock.patch.object(prefetch_module, "_digest", wraps=prefetch_module._digest) as digest:
         assert list(result.resources()) == list(versions)
-    assert canonical.call_count == 10000
+    assert digest.call_count == 10000  # one per copy after the first, and the first once
+
+
+def test_prefetch_resources_with_distinct_ids_are_not_serialised() -> None:
+    distinct = tuple({**ANC, "id": f"anc-{n}"} for n in range(100))
+    result = PrefetchResult(MappingProxyType({"labs": KeyResult("labs", KeyState.DATA, distinct)}))
+    with mock.patch.object(prefetch_module, "_digest", wraps=prefetch_module._digest) as digest:
+        assert list(result.resources()) == list(distinct)
+    assert digest.call_count == 0
 
 
 @pytest.mark.parametrize("reference", ["Patient/456", "https://ehr.example.org/fhir/Patient/456",
