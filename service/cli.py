@@ -30,7 +30,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from cds_hooks.testing import console
 from cds_hooks.testing.client import SandboxClient
-from cds_hooks.testing.fixtures import to_now
+from cds_hooks.testing.fixtures import birth_date_relative, move_birth_dates, to_now
 from cds_hooks.testing.tokens import ClientKey, TokenSigner, write_issuer_config
 
 PROG = "neutropenia-cds"
@@ -315,8 +315,10 @@ def _load_fixture(path: Path) -> dict[str, Any]:
         raise CliError(f"the fixture {path} is not valid JSON: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("context"), dict):
         raise CliError(f"the fixture {path} is not a CDS Hooks request (no 'context' object)")
-    shifted: dict[str, Any] = to_now(data)
-    return shifted
+    now = datetime.now(timezone.utc)
+    shifted: dict[str, Any] = to_now(data, now)
+    # The same clock as the fixture FHIR server and the tests: a marked infant keeps its age.
+    return move_birth_dates(shifted, now) if birth_date_relative(path) else shifted
 
 
 def _call(what: str, url: str, send: Callable[[], T]) -> T:

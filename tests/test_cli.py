@@ -314,6 +314,19 @@ def test_invoke_json_prints_the_raw_response(capsys: pytest.CaptureFixture[str],
 
 
 @gunicorn
+def test_invoke_fixture_keeps_a_marked_infants_age(capsys: pytest.CaptureFixture[str],
+                                                   deployment: Deployment) -> None:
+    # Regression: the CLI moved the fixture's times to now but not the birthDate the fixture marks relative, so
+    # the infant grew older with the calendar and was graded on a child's cut-offs.
+    request = ROOT / "fixtures" / "patient-view.paediatric-infant-anc-1200.request.json"
+    expected = json.loads(request.with_name(request.name.replace(".request.", ".expected.")).read_text())
+    assert expected["birthDateRelative"] is True
+    status, out, _ = run(capsys, "invoke", *deployment.signed(), "--fixture", str(request), "--json")
+    assert status == 0
+    assert json.loads(out)["extension"]["org.neutropenia-cds.assessment"].get("findings", []) == expected["findings"]
+
+
+@gunicorn
 @pytest.mark.parametrize("no_prefetch", (False, True), ids=["prefetch-from-fhir", "service-fetches"])
 def test_invoke_patient_on_a_fhir_server(capsys: pytest.CaptureFixture[str], deployment: Deployment,
                                          no_prefetch: bool) -> None:

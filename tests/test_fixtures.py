@@ -4,7 +4,6 @@ finding code and card kind; regenerating them with fixtures/build.py changes not
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import re
@@ -21,7 +20,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cds_hooks.testing.fhir_server import FixtureServer, create_fhir_app
-from cds_hooks.testing.fixtures import FIXTURE_BASE, main, shift_times, to_now
+from cds_hooks.testing.fixtures import FIXTURE_BASE, main, move_birth_dates, shift_times, to_now
 from service.app import create_app
 from service.definition import EXTENSION_KEY, PREFETCH, SERVICE_ID
 
@@ -77,30 +76,8 @@ def _params() -> list[Any]:
 
 def replay_form(document: Any, expected: Mapping[str, Any], now: datetime) -> Any:
     """``document`` moved to ``now``; for ``birthDateRelative`` fixtures the birthDate moves too (whole days)."""
-    original = copy.deepcopy(document)
     shifted = to_now(document, now)
-    if expected.get("birthDateRelative"):
-        days = (now.date() - FIXTURE_BASE.date()).days
-        for before, after in zip(_resources_of(original), _resources_of(shifted)):
-            if before.get("resourceType") == "Patient" and "birthDate" in before:
-                born = datetime.fromisoformat(before["birthDate"]).date()
-                after["birthDate"] = (born + timedelta(days=days)).isoformat()
-    return shifted
-
-
-def _resources_of(document: Any) -> Iterator[dict[str, Any]]:
-    """Every resource in a request's prefetch or a Bundle, in document order (Bundles opened)."""
-    if isinstance(document, dict) and "hook" in document:
-        for value in (document.get("prefetch") or {}).values():
-            yield from _resources_of(value)
-    elif isinstance(document, dict) and document.get("resourceType") == "Bundle":
-        for entry in document.get("entry", []):
-            yield from _resources_of(entry["resource"])
-    elif isinstance(document, dict):
-        yield document
-
-
-# --- replay ---------------------------------------------------------------------------------------------------
+    return move_birth_dates(shifted, now) if expected.get("birthDateRelative") else shifted
 
 
 @pytest.mark.parametrize("name", _params())
@@ -388,6 +365,29 @@ def test_shift_command(capsys: pytest.CaptureFixture[str]) -> None:
     shifted = json.loads(capsys.readouterr().out)
     observation = shifted["prefetch"]["labs"]["entry"][0]["resource"]
     assert observation["effectiveDateTime"] == "2025-03-11T08:00:00Z"
+
+
+@pytest.mark.parametrize(("file", "born"), [
+    ("paediatric-infant-anc-1200.bundle.json", "2024-09-09"),
+    ("patient-view.paediatric-infant-anc-1200.request.json", "2024-09-09"),
+    ("febrile-neutropenia.bundle.json", None),
+], ids=["marked-bundle", "marked-request", "unmarked"])
+def test_shift_command_moves_only_marked_birth_dates(capsys: pytest.CaptureFixture[str], file: str,
+                                                     born: str | None) -> None:
+    original = {r["id"]: r.get("birthDate") for r in _patients(json.loads((FIXTURES / file).read_text()))}
+    assert main(["shift", str(FIXTURES / file), "--now", "2025-03-11T12:00:00Z"]) == 0  # one day later
+    shifted = {r["id"]: r.get("birthDate") for r in _patients(json.loads(capsys.readouterr().out))}
+    assert set(shifted.values()) == ({born} if born else set(original.values()))
+
+
+def _patients(document: Any) -> list[dict[str, Any]]:
+    """The Patient resources anywhere in ``document``."""
+    if isinstance(document, list):
+        return [p for item in document for p in _patients(item)]
+    if not isinstance(document, dict):
+        return []
+    found = [document] if document.get("resourceType") == "Patient" else []
+    return found + [p for value in document.values() for p in _patients(value)]
 
 
 @pytest.mark.parametrize("argv", [["shift", "/no/such/file.json"], ["shift", str(REQUESTS[0]), "--now", "noon"],

@@ -32,7 +32,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -52,7 +52,7 @@ from cds_hooks.testing.fhir_search import (
     search,
     split_values,
 )
-from cds_hooks.testing.fixtures import FIXTURE_BASE, shift_times
+from cds_hooks.testing.fixtures import FIXTURE_BASE, move_birth_dates, shift_times
 
 log = logging.getLogger(__name__)
 
@@ -421,16 +421,8 @@ class _State:
         if not self.shift_to_now:
             return resources
         now = self.now()
-        shifted: list[dict[str, Any]] = shift_times(resources, now - FIXTURE_BASE)
-        days = (now.date() - FIXTURE_BASE.date()).days
-        for resource in shifted:
-            if (resource.get("resourceType") == "Patient" and resource.get("id") in self.relative_birth_dates
-                    and isinstance(resource.get("birthDate"), str)):
-                try:
-                    born = date.fromisoformat(resource["birthDate"])
-                except ValueError:
-                    continue
-                resource["birthDate"] = (born + timedelta(days=days)).isoformat()
+        shifted: list[dict[str, Any]] = move_birth_dates(shift_times(resources, now - FIXTURE_BASE), now,
+                                                         self.relative_birth_dates)
         return shifted
 
     def known(self, resource_type: str) -> bool:

@@ -3,7 +3,9 @@
 Every fixture's clinical times are written relative to ``FIXTURE_BASE`` (2025-03-10T12:00:00Z). Before a
 fixture request is sent, every FHIR dateTime/instant that carries a time of day is moved by
 ``now - FIXTURE_BASE``, so "two hours before the base" becomes "two hours ago". Plain dates (`birthDate`)
-are left alone, so ages do not drift by more than the calendar does.
+are left alone, so ages do not drift by more than the calendar does, except for the patients a fixture marks
+``"birthDateRelative": true`` in its expected file (an infant whose age-specific cut-off must not drift): their
+``birthDate`` moves by whole days (:func:`move_birth_dates`).
 
 Command line: ``python -m cds_hooks.testing.fixtures shift FILE [--now RFC3339]`` prints the shifted JSON.
 """
@@ -14,7 +16,8 @@ import argparse
 import json
 import re
 import sys
-from datetime import datetime, timedelta, timezone
+from collections.abc import Collection
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,41 @@ def to_now(fixture: Any, now: datetime | None = None) -> Any:
     return shift_times(fixture, (now or datetime.now(timezone.utc)) - FIXTURE_BASE)
 
 
+def move_birth_dates(value: Any, now: datetime, patient_ids: Collection[str] | None = None) -> Any:
+    """A copy of ``value`` with the birthDate of every Patient (of those in ``patient_ids``, when given) moved by
+    the whole days from ``FIXTURE_BASE`` to ``now``; a birthDate that is not a full date is left as it is."""
+    if isinstance(value, list):
+        return [move_birth_dates(item, now, patient_ids) for item in value]
+    if not isinstance(value, dict):
+        return value
+    moved = {key: move_birth_dates(item, now, patient_ids) for key, item in value.items()}
+    born = value.get("birthDate")
+    if (value.get("resourceType") == "Patient" and isinstance(born, str)
+            and (patient_ids is None or value.get("id") in patient_ids)):
+        try:
+            moved["birthDate"] = (date.fromisoformat(born) + (now.date() - FIXTURE_BASE.date())).isoformat()
+        except ValueError:
+            pass
+    return moved
+
+
+def birth_date_relative(path: Path) -> bool:
+    """Whether the fixture at ``path`` (``patient-view.<name>.request.json`` or ``<name>.bundle.json``) is marked
+    ``birthDateRelative`` in its ``patient-view.<name>.expected.json``."""
+    name = path.name
+    if name.startswith("patient-view.") and name.endswith(".request.json"):
+        expected_path = path.with_name(name.removesuffix(".request.json") + ".expected.json")
+    elif name.endswith(".bundle.json"):
+        expected_path = path.with_name(f"patient-view.{name.removesuffix('.bundle.json')}.expected.json")
+    else:
+        return False
+    try:
+        expected = json.loads(expected_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(expected, dict) and expected.get("birthDateRelative") is True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print a fixture file shifted to now (or ``--now``)."""
     parser = argparse.ArgumentParser(prog="python -m cds_hooks.testing.fixtures")
@@ -55,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if now is not None and now.tzinfo is None:
         parser.exit(2, f"{parser.prog}: error: --now needs a time zone, e.g. 2025-03-10T12:00:00Z\n")
-    json.dump(to_now(fixture, now), sys.stdout, indent=2, ensure_ascii=False)
+    now = now or datetime.now(timezone.utc)
+    shifted = to_now(fixture, now)
+    if birth_date_relative(args.file):
+        shifted = move_birth_dates(shifted, now)
+    json.dump(shifted, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
     return 0
 
