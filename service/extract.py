@@ -145,6 +145,9 @@ class _Collector:
         conflicts: Mapping[str, int],
     ) -> None:
         self.now, self.policy, self.medication_index, self.defer_before = now, policy, medications, defer_before
+        # Computed once, not for each of the thousands of Observations a large request holds.
+        self.future_limit = now + policy.future_tolerance
+        self.temperatures_from = now - policy.temperature_window
         self.conflicts = conflicts
         self.deferred: list[tuple[Mapping[str, Any], timing.Timing]] = []
         self.labs: set[LabResult] = set()
@@ -231,7 +234,7 @@ class _Collector:
         components = r.get("component")
         parts = [(r, codes_of(r.get("code")) & OBSERVATION_CODES)]
         if isinstance(components, list):
-            parts += [(c, codes_of(c.get("code")) & OBSERVATION_CODES) for c in components if isinstance(c, Mapping)]
+            parts += [(c, codes_of(c.get("code")) & OBSERVATION_CODES) for c in components if isinstance(c, (dict, Mapping))]
         parts = [(holder, codes) for holder, codes in parts if codes]
         if not parts or status in IGNORED_STATUSES:
             return  # not an observation the rules read, or one that does not count
@@ -240,10 +243,10 @@ class _Collector:
         when = timing.observation_timing(r)
         if when is None:
             return self._issue("missing-effective-time", source, "no usable effective time or issued date")
-        if when.effective > self.now + self.policy.future_tolerance:
+        if when.effective > self.future_limit:
             return self._issue("future-dated", source, "effective time is in the future; ignored")
         temperature_only = all(codes <= TEMPERATURE for _, codes in parts)
-        if temperature_only and when.latest < self.now - self.policy.temperature_window:
+        if temperature_only and when.latest < self.temperatures_from:
             return  # outside the temperature window: never read, so never validated
         if not temperature_only and self.defer_before is not None and when.latest < self.defer_before:
             self.deferred.append((r, when))  # an older lab: read only if no current ANC exists
@@ -295,7 +298,7 @@ class _Collector:
                 effective=when.effective,
                 latest=when.latest,
                 status=status,
-                specimen=reference(specimen.get("reference")) if isinstance(specimen, Mapping) else None,
+                specimen=reference(specimen.get("reference")) if isinstance(specimen, (dict, Mapping)) else None,
                 reference_low=_reference_low(holder, quantity) if role is LabRole.ANC else None,
                 problem=problem,
             )
@@ -305,7 +308,7 @@ class _Collector:
 def _value(holder: Mapping[str, Any]) -> tuple[Decimal | None, Mapping[str, Any], str | None]:
     """The numeric value and its Quantity; a problem when the value is not a Quantity with a number."""
     quantity = holder.get("valueQuantity")
-    if isinstance(quantity, Mapping):
+    if isinstance(quantity, (dict, Mapping)):
         value = decimal(quantity.get("value"))
         return value, quantity, None if value is not None or "value" not in quantity else "value is not a number"
     if any(isinstance(key, str) and key.startswith("value") for key in holder):
