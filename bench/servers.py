@@ -8,10 +8,7 @@ stops if the benchmark dies, and its output goes to a log file in the run's work
 from __future__ import annotations
 
 import ast
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,20 +19,13 @@ from pathlib import Path
 import requests
 
 from bench.timing import BenchmarkError
+from cds_hooks.testing.processes import child_pids, die_with_parent, free_port, stop
 from service.config import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 SERVICE_APP = "service.app:create_app()"
 NULL_APP = "bench.null_app:app"
-_PR_SET_PDEATHSIG = 1
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def default_workers() -> int:
@@ -63,8 +53,7 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """The pids of the process's children (gunicorn's workers)."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        return child_pids(self.process.pid)
 
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines of the server's output."""
@@ -72,13 +61,7 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop(self.process)
 
     def __enter__(self) -> Server:
         return self
@@ -118,7 +101,7 @@ def _spawn(name: str, command: list[str], env: Mapping[str, str], base_url: str,
     log_path = work_dir / f"{name}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=die_with_parent)
     return Server(name, base_url, process, log_path)
 
 
@@ -136,8 +119,3 @@ def _wait_until(server: Server, url: str, ready: Callable[[], bool], timeout: fl
         time.sleep(0.1)
     server.stop()
     raise BenchmarkError(f"{server.name} did not answer {url} within {timeout:.0f} s:\n{server.log_tail()}")
-
-
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM it when the benchmark process dies, so no server outlives a run."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -16,12 +16,10 @@ servers up after the calls until Ctrl-C, to explore them with the client, curl o
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,23 +31,18 @@ from types import FrameType
 
 import requests
 
+from cds_hooks.testing.processes import die_with_parent, free_port
 from service.cli import DEV_ISS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FIXTURE = ROOT / "fixtures" / "patient-view.febrile-neutropenia.request.json"
-_PR_SET_PDEATHSIG = 1
 
 
 class StepFailed(Exception):
     """A demo step failed; the message says which and why."""
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli() -> list[str]:
@@ -62,14 +55,6 @@ def say(text: str) -> None:
     """A step heading, bold on a terminal."""
     bold = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(f"\n\x1b[1m{text}\x1b[0m" if bold else f"\n{text}", flush=True)
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM it if this script dies, even by SIGKILL, so nothing is orphaned (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the trap in ``servers`` still stops everything on any normal exit
 
 
 class Servers:
@@ -87,7 +72,7 @@ class Servers:
         with (self.log_dir / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(list(command), cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=die_with_parent)
         self.processes[name] = process
         return process
 

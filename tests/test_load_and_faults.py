@@ -30,6 +30,7 @@ import requests
 from sqlalchemy import select
 
 from cds_hooks.store import FeedbackStore, feedback_table
+from cds_hooks.testing.processes import child_pids
 from cds_hooks.testing.tokens import ClientKey, TokenSigner, write_issuer_config
 from tests.support.gunicorn import GunicornServer
 from tests.support.load import (
@@ -245,8 +246,7 @@ def test_service_starts_while_postgres_is_down_and_recovers_when_it_is_back(
 def _frozen(postgres_server: PostgresServer) -> Iterator[None]:
     """PostgreSQL hung rather than down: its processes stopped (SIGSTOP), its port still accepting connections."""
     postmaster = int((postgres_server.data / "postmaster.pid").read_text().split()[0])
-    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
-    pids = [postmaster, *(int(pid) for pid in children)]
+    pids = [postmaster, *child_pids(postmaster)]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:

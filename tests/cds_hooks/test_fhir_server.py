@@ -43,6 +43,7 @@ from cds_hooks.testing.fhir_server import (
     run,
 )
 from cds_hooks.testing.fixtures import FIXTURE_BASE, to_now
+from cds_hooks.testing.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
@@ -682,13 +683,6 @@ def test_load_errors(tmp_path: Path, setup: str) -> None:
 
 
 # --- the command line ---------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_run_as_a_subcommand_serves_until_stopped(tmp_path: Path) -> None:

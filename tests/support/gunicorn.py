@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from cds_hooks.testing.processes import child_pids, die_with_parent, free_port, stop
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -41,18 +33,11 @@ class GunicornServer:
 
     def worker_pids(self) -> list[int]:
         """The pids of the gunicorn workers (children of the arbiter)."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        return child_pids(self.process.pid)
 
     def stop(self) -> None:
         """Stop gracefully, then kill if it lingers."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop(self.process)
 
 
 def start_gunicorn(env: Mapping[str, str], log_path: Path, *, timeout: float = 30.0) -> GunicornServer:
@@ -67,7 +52,7 @@ def start_gunicorn(env: Mapping[str, str], log_path: Path, *, timeout: float = 3
     log_file = log_path.open("wb")
     process = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "service.app:create_app()"],
                                cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                               preexec_fn=_die_with_parent)
+                               preexec_fn=die_with_parent)
     log_file.close()
     server = GunicornServer(base_url, process, log_path, full_env)
     try:
@@ -90,15 +75,6 @@ def _wait_healthy(server: GunicornServer, timeout: float) -> None:
             pass  # not listening yet, or the workers are still booting
         time.sleep(0.1)
     raise RuntimeError(f"gunicorn did not become healthy in {timeout} s:\n{server.log()}")
-
-
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM gunicorn if the test process dies, so no server outlives a run."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 @pytest.fixture

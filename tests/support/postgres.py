@@ -18,17 +18,18 @@ import pwd
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy.engine import URL
+
+from cds_hooks.testing.processes import free_port
 
 #: Where Debian and Ubuntu (``apt-get install postgresql``) put the server binaries, one folder per version.
 DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"
@@ -62,13 +63,6 @@ def find_bindir() -> Path | None:
         if all(os.access(bindir / name, os.X_OK) for name in REQUIRED_BINARIES):
             return bindir
     return None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PostgresServer:
