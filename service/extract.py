@@ -234,7 +234,8 @@ class _Collector:
         components = r.get("component")
         parts = [(r, codes_of(r.get("code")) & OBSERVATION_CODES)]
         if isinstance(components, list):
-            parts += [(c, codes_of(c.get("code")) & OBSERVATION_CODES) for c in components if isinstance(c, (dict, Mapping))]
+            parts += [(c, codes_of(c.get("code")) & OBSERVATION_CODES)
+                      for c in components if isinstance(c, (dict, Mapping))]
         parts = [(holder, codes) for holder, codes in parts if codes]
         if not parts or status in IGNORED_STATUSES:
             return  # not an observation the rules read, or one that does not count

@@ -36,7 +36,8 @@ def flatten(resources: object, depth: int = 0) -> Iterator[Mapping[str, Any]]:
             continue
         if item.get("resourceType") == "Bundle" and depth < MAX_BUNDLE_DEPTH:
             entries = item.get("entry")
-            inner = [e.get("resource") for e in entries if isinstance(e, (dict, Mapping))] if isinstance(entries, list) else []
+            inner = ([e.get("resource") for e in entries if isinstance(e, (dict, Mapping))]
+                     if isinstance(entries, list) else [])
             yield from flatten(inner, depth + 1)
         else:
             yield item
@@ -115,7 +116,8 @@ def references(items: object) -> frozenset[str]:
     """The "Type/id" targets of a raw list of Reference objects."""
     if not isinstance(items, list):
         return frozenset()
-    return frozenset(ref for item in items if isinstance(item, (dict, Mapping)) and (ref := reference(item.get("reference"))))
+    return frozenset(ref for item in items
+                     if isinstance(item, (dict, Mapping)) and (ref := reference(item.get("reference"))))
 
 
 def source_of(resource: Mapping[str, Any]) -> str:
