@@ -20,8 +20,8 @@ from service.codes import CONDITION_DISPLAY, CONDITION_ROLES, Code, ConditionRol
 from service.drugs import MedicationRole, medication_display, medication_role
 from service.fhir import codes_of, reference, source_of, status_codes
 from service.model import CodedRef, DataIssue
-from service.validation import validation_error
 from service.thresholds import BIRTH_DATE_TOLERANCE
+from service.validation import validation_error
 
 #: Condition.clinicalStatus codes that count, and verificationStatus codes that exclude (brief §2).
 ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
