@@ -351,7 +351,8 @@ def _only_about(patient_id: str, result: KeyResult) -> KeyResult:
     Patient (a client or FHIR server mixing up records, or a hostile one) must never be graded as this patient's.
     Resources that name no patient (no subject, a contained or non-Patient reference) are kept.
     """
-    kept = tuple(r for r in result.resources if not _about_other_patient(r, patient_id))
+    targets: dict[str, str | None] = {}  # reference -> Patient id: every result of a chart names the same one
+    kept = tuple(r for r in result.resources if not _about_other_patient(r, patient_id, targets))
     dropped = len(result.resources) - len(kept)
     if not dropped:
         return result
@@ -360,26 +361,30 @@ def _only_about(patient_id: str, result: KeyResult) -> KeyResult:
     return _with_note(narrowed, f"{dropped} resource(s) about another patient than context.patientId were dropped")
 
 
-def _about_other_patient(resource: Mapping[str, Any], patient_id: str) -> bool:
+def _about_other_patient(resource: Mapping[str, Any], patient_id: str, targets: dict[str, str | None]) -> bool:
+    """Whether ``resource`` is another Patient, or its subject/patient is; ``targets`` caches the references read."""
     if resource.get("resourceType") == "Patient":
         resource_id = resource.get("id")
         return isinstance(resource_id, str) and bool(resource_id) and resource_id != patient_id
     for name in ("subject", "patient"):
         value = resource.get(name)
-        if value is None:  # the usual case for one of the two: skip the call (this runs for every resource)
+        if value is None:  # the usual case for one of the two: skip the rest (this runs for every resource)
             continue
-        target = _patient_reference(value)
+        # A dict is tested first: it is what JSON gives, and the Mapping ABC's check costs five times more.
+        reference = value.get("reference") if isinstance(value, (dict, Mapping)) else None
+        if not isinstance(reference, str):
+            continue
+        if reference in targets:
+            target = targets[reference]
+        else:
+            target = targets[reference] = _patient_reference(reference)
         if target is not None and target != patient_id:
             return True
     return False
 
 
-def _patient_reference(value: Any) -> str | None:
-    """The id in a Reference to a Patient ("Patient/x", absolute, or with _history), else None."""
-    # A dict is tested first: it is what JSON gives, and the Mapping ABC's check costs five times more.
-    reference = value.get("reference") if isinstance(value, (dict, Mapping)) else None
-    if not isinstance(reference, str):
-        return None
+def _patient_reference(reference: str) -> str | None:
+    """The id in a reference to a Patient ("Patient/x", absolute, or with _history), else None."""
     parts = reference.split("/_history/")[0].rstrip("/").split("/")
     return parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1] else None
 

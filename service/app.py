@@ -5,14 +5,13 @@ gunicorn runs ``service.app:create_app()``; tests call ``create_app({...})`` wit
 
 from __future__ import annotations
 
-import gc
 import logging
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from flask import Flask
+from flask import Flask, g
 
 from cds_hooks.auth import AuthPolicy, TokenVerifier, load_trusted_issuers
 from cds_hooks.blueprint import ProtocolOptions, create_blueprint
@@ -21,14 +20,12 @@ from cds_hooks.prefetch import FetchPolicy
 from cds_hooks.registry import ServiceRegistry
 from cds_hooks.replay import SharedReplayCache
 from cds_hooks.store import FeedbackStore
+from service import heap
 from service.config import Settings, load_settings, warn_if_insecure
 from service.definition import neutropenia_service
 from service.logs import configure_logging
 
 log = logging.getLogger("service.app")
-
-#: Whether this process's start-up objects were moved to the collector's permanent generation (once per process).
-_startup_heap_frozen = False
 
 
 def create_app(config: Mapping[str, Any] | None = None, *,
@@ -73,26 +70,10 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         **blueprint_kwargs,
     ))
     app.extensions["neutropenia_cds"] = {"settings": settings, "store": store}
+    pause_collector_during_requests(app)
     log.info("neutropenia-cds ready", extra={"service_id": "neutropenia-patient-view"})
-    _freeze_startup_heap()
+    heap.freeze_startup_heap()
     return app
-
-
-def _freeze_startup_heap() -> None:
-    """Exempt the objects alive after the process's first app is made from garbage collection (once per process).
-
-    The start leaves some 100,000 long-lived objects (modules, the fhir.resources models and their pydantic
-    schemas), and every full collection walked them all again: about 45 ms each, which a large request (thousands of
-    Observations parsed from JSON) triggers about once and one typical request in twenty. Frozen objects are never
-    walked but are still freed when no longer referenced; only a reference cycle among them would never be
-    collected, so the start's garbage is collected first, and later apps (tests make many) are not frozen.
-    """
-    global _startup_heap_frozen
-    if _startup_heap_frozen:
-        return
-    gc.collect()
-    gc.freeze()
-    _startup_heap_frozen = True
 
 
 def _verifier(settings: Settings, store: FeedbackStore) -> TokenVerifier | None:
@@ -105,3 +86,18 @@ def _verifier(settings: Settings, store: FeedbackStore) -> TokenVerifier | None:
         max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
     )
     return TokenVerifier(policy, replay_cache=SharedReplayCache(store))
+
+
+def pause_collector_during_requests(app: Flask, pause: heap.CollectorPause = heap.PAUSE) -> None:
+    """Pause the cyclic collector from the start of each of ``app``'s requests to its teardown."""
+
+    @app.before_request
+    def _pause() -> None:
+        pause.begin()
+        g.collector_paused = True
+
+    @app.teardown_request
+    def _resume(_error: BaseException | None) -> None:
+        # Teardown runs even when an earlier before-request hook answered first, and _pause never ran.
+        if g.pop("collector_paused", False):
+            pause.end()

@@ -227,36 +227,44 @@ class _Collector:
             self.links.add(refs)
 
     def _observation(self, r: Mapping[str, Any]) -> None:
-        source, status = source_of(r), r.get("status")
+        # Most Observations of a large request are older than the windows: everything needed to see that comes
+        # first and cheaply (their "Type/id" is only built for the ones that give a fact or an issue).
+        status = r.get("status")
         status = status if isinstance(status, str) else repr(status)
         if status not in IGNORED_STATUSES:
-            self._link(r.get("hasMember"))
+            members = r.get("hasMember")
+            if members is not None:
+                self._link(members)
+        codes = codes_of(r.get("code")) & OBSERVATION_CODES
+        parts = [(r, codes)] if codes else []
         components = r.get("component")
-        parts = [(r, codes_of(r.get("code")) & OBSERVATION_CODES)]
         if isinstance(components, list):
-            parts += [(c, codes_of(c.get("code")) & OBSERVATION_CODES)
-                      for c in components if isinstance(c, (dict, Mapping))]
-        parts = [(holder, codes) for holder, codes in parts if codes]
+            for component in components:
+                if isinstance(component, (dict, Mapping)):
+                    component_codes = codes_of(component.get("code")) & OBSERVATION_CODES
+                    if component_codes:
+                        parts.append((component, component_codes))
         if not parts or status in IGNORED_STATUSES:
             return  # not an observation the rules read, or one that does not count
         if status not in USED_STATUSES:
-            return self._issue("malformed-resource", source, f"status: unknown value {status!r}")
+            return self._issue("malformed-resource", source_of(r), f"status: unknown value {status!r}")
         when = timing.observation_timing(r)
         if when is None:
-            return self._issue("missing-effective-time", source, "no usable effective time or issued date")
+            return self._issue("missing-effective-time", source_of(r), "no usable effective time or issued date")
         if when.effective > self.future_limit:
-            return self._issue("future-dated", source, "effective time is in the future; ignored")
-        temperature_only = all(codes <= TEMPERATURE for _, codes in parts)
+            return self._issue("future-dated", source_of(r), "effective time is in the future; ignored")
+        temperature_only = all(held <= TEMPERATURE for _, held in parts)
         if temperature_only and when.latest < self.temperatures_from:
             return  # outside the temperature window: never read, so never validated
         if not temperature_only and self.defer_before is not None and when.latest < self.defer_before:
             self.deferred.append((r, when))  # an older lab: read only if no current ANC exists
             return
+        source = source_of(r)
         problem = validation_error(Observation, r) or quoted_decimal(r)
         if problem is not None:
             return self._issue("malformed-resource", source, problem)
-        for holder, codes in parts:
-            self._reading(source, status, r, holder, codes, when)
+        for holder, holder_codes in parts:
+            self._reading(source, status, r, holder, holder_codes, when)
 
     def _reading(
         self,

@@ -69,22 +69,32 @@ def deduplicated(resources: Iterable[Mapping[str, Any]]) -> Deduplicated:
     most severe (conservative), and are listed in ``conflicts``: the source contradicts itself.
     """
     kept: list[Mapping[str, Any]] = []
-    by_key: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    # The first copy of each id, and a list only for the ids that repeat (rare): a list for every one of the
+    # thousands of resources of a large request cost a tenth of the whole extraction.
+    first: dict[tuple[str, str], Mapping[str, Any]] = {}
+    repeated: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for resource in resources:
         rid, rtype = resource.get("id"), resource.get("resourceType")
         if isinstance(rid, str) and rid and isinstance(rtype, str):
-            by_key.setdefault((rtype, rid), []).append(resource)
+            key = (rtype, rid)
+            if key in first:
+                repeated.setdefault(key, [first[key]]).append(resource)
+            else:
+                first[key] = resource
         else:
             kept.append(resource)
     conflicts: dict[str, int] = {}
-    for versions in by_key.values():
+    for key, resource in first.items():
+        versions = repeated.get(key)
+        if versions is None:
+            kept.append(resource)
+            continue
+        keys = [_version(v) for v in versions]
+        newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
+        distinguishable = all(k[0] >= 0 or k[1] is not None for k in keys)
+        versions = _distinct([v for v, k in zip(versions, keys) if not distinguishable or k == newest])
         if len(versions) > 1:
-            keys = [_version(v) for v in versions]
-            newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
-            distinguishable = all(k[0] >= 0 or k[1] is not None for k in keys)
-            versions = _distinct([v for v, k in zip(versions, keys) if not distinguishable or k == newest])
-            if len(versions) > 1:
-                conflicts[source_of(versions[0])] = len(versions)
+            conflicts[source_of(versions[0])] = len(versions)
         kept += versions
     return Deduplicated(tuple(kept), conflicts)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+import random
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -40,6 +41,49 @@ def test_parse_gives_an_interval(value: str, effective: datetime, latest: dateti
 )
 def test_parse_rejects_what_is_not_a_date(value: object) -> None:
     assert parse(value) is None
+
+
+def _by_fields(value: str) -> datetime | None:
+    """A dateTime with a time, built field by field (the oracle for the fast path of ``parse``)."""
+    y, mo, d = int(value[0:4]), int(value[5:7]), int(value[8:10])
+    clock, zone = (value[11:-1], "Z") if value.endswith("Z") else (value[11:-6], value[-6:])
+    hour, minute = int(clock[0:2]), int(clock[3:5])
+    second = int(clock[6:8]) if len(clock) >= 8 else 0
+    micro = int(clock[9:15].ljust(6, "0")) if len(clock) > 9 else 0
+    sign = -1 if zone[0] == "-" else 1
+    offset = timedelta() if zone == "Z" else sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    try:
+        return datetime(y, mo, d, hour, minute, second, micro, tzinfo=timezone(offset)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _date_times(count: int) -> list[str]:
+    """Random dateTimes in the FHIR form: each field usually valid (often at its limit), sometimes past it."""
+    rng = random.Random(20251129)
+
+    def field(valid: tuple[int, ...], invalid: tuple[int, ...]) -> int:
+        return rng.choice(invalid if rng.random() < 0.05 else valid)
+
+    values = []
+    for _ in range(count):
+        day = (f"{field((1, 1970, 2025, 9999), (0,)):04d}-{field((1, 2, 6, 12), (0, 13)):02d}"
+               f"-{field((1, 15, 28, 29, 30, 31), (0, 32)):02d}")
+        clock = f"{field((0, 9, 12, 23), (24, 99)):02d}:{field((0, 30, 59), (60,)):02d}"
+        if rng.random() < 0.8:
+            clock += f":{field((0, 30, 59), (60, 61)):02d}"
+            if rng.random() < 0.5:
+                clock += "." + "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12)))
+        zone = "Z" if rng.random() < 0.3 else (
+            f"{rng.choice('+-')}{field((0, 1, 5, 9, 14, 23), (24, 99)):02d}:{field((0, 30, 45, 59), (75, 99)):02d}")
+        values.append(f"{day}T{clock}{zone}")
+    return values
+
+
+@pytest.mark.parametrize("value", _date_times(400))
+def test_parse_of_a_date_time_equals_building_it_field_by_field(value: str) -> None:
+    expected = _by_fields(value)
+    assert parse(value) == (None if expected is None else Timing(expected, expected))
 
 
 def test_precise_only_for_instants() -> None:
