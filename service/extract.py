@@ -4,7 +4,10 @@ Cheap first: each raw dict is classified by ``resourceType`` and code, and by st
 it, before anything is validated. Only the resources that can matter (ANC-related labs of the currency window,
 temperatures of the temperature window, risk-factor conditions, relevant medication orders, the Patient) are
 validated with the ``fhir.resources.R4B`` models; older labs are read later, only if no current ANC exists
-(:func:`older_labs`). A relevant resource that fails validation becomes a ``malformed-resource`` data issue and
+(:func:`older_labs`). A white cell count or differential taken at the same time as a usable measured ANC is not
+validated either: the measured ANC of a group comes before anything computed from them (``service.anc``), so
+their values are not read (they are still classified, and a unit or number problem still reported). A relevant
+resource that fails validation becomes a ``malformed-resource`` data issue and
 is not used, and so does an Observation whose Quantity value is a JSON string such as "0.4" (FHIR JSON decimals
 are numbers, R4 §2.6.2; the models' lax mode would accept it); nothing here raises on bad data.
 """
@@ -157,9 +160,12 @@ class _Collector:
         self.births: set[tuple[str, date]] = set()
         self.links: set[frozenset[str]] = set()
         self.issues: set[DataIssue] = set()
+        #: In-window lab results without an ANC code, waiting to see whether a measured ANC makes them unused.
+        self.components: list[_Pending] = []
 
     def facts(self) -> Facts:
         """The collected facts, each kind in a fixed order."""
+        self._read_components()
         return Facts(
             labs=tuple(sorted(self.labs, key=repr)),
             temperatures=tuple(sorted(self.temperatures, key=repr)),
@@ -259,12 +265,31 @@ class _Collector:
         if not temperature_only and self.defer_before is not None and when.latest < self.defer_before:
             self.deferred.append((r, when))  # an older lab: read only if no current ANC exists
             return
-        source = source_of(r)
-        problem = validation_error(Observation, r) or quoted_decimal(r)
+        pending = _Pending(r, source_of(r), status, parts, when)
+        if temperature_only or any(LAB_ROLES.get(code) is LabRole.ANC for _, held in parts for code in held):
+            self._read(pending, validate=True)
+        else:
+            self.components.append(pending)  # read by facts(), once every measured ANC is known
+
+    def _read_components(self) -> None:
+        """Read the pending WBC and differential results, validating those no usable measured ANC makes unused.
+
+        Results of one effective time always form one group in ``service.anc``, and a group's usable measured ANC
+        is its ANC: the other results of that time are then never part of it, so validating them is wasted work
+        (two thirds of the lab results of a typical full blood count).
+        """
+        measured = {lab.effective for lab in self.labs if lab.role is LabRole.ANC and lab.value is not None}
+        for pending in self.components:
+            self._read(pending, validate=pending.when.effective not in measured)
+        self.components.clear()
+
+    def _read(self, pending: _Pending, *, validate: bool) -> None:
+        problem = (validation_error(Observation, pending.resource) if validate else None) or quoted_decimal(
+            pending.resource)
         if problem is not None:
-            return self._issue("malformed-resource", source, problem)
-        for holder, holder_codes in parts:
-            self._reading(source, status, r, holder, holder_codes, when)
+            return self._issue("malformed-resource", pending.source, problem)
+        for holder, codes in pending.parts:
+            self._reading(pending.source, pending.status, pending.resource, holder, codes, pending.when)
 
     def _reading(
         self,
@@ -312,6 +337,17 @@ class _Collector:
                 problem=problem,
             )
         )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An Observation in its window, classified but not yet read: its parts are (holder, codes the rules read)."""
+
+    resource: Mapping[str, Any]
+    source: str
+    status: str
+    parts: list[tuple[Mapping[str, Any], frozenset[Code]]]
+    when: timing.Timing
 
 
 def _value(holder: Mapping[str, Any]) -> tuple[Decimal | None, Mapping[str, Any], str | None]:

@@ -16,6 +16,7 @@ from service.model import DataIssue
 from service.thresholds import ClinicalPolicy
 from tests.service.factories import (
     ICD10CM,
+    NEUTROPHILS_PCT,
     NOW,
     RXNORM,
     SNOMED,
@@ -28,6 +29,7 @@ from tests.service.factories import (
     medication_request,
     observation,
     patient,
+    percent,
     temperature,
     vital_signs_panel,
     wbc,
@@ -205,6 +207,38 @@ def test_malformed_relevant_resource_is_a_data_issue() -> None:
     (issue,) = found.issues
     assert (issue.code, issue.source) == ("malformed-resource", "Observation/m")
     assert issue.detail is not None and issue.detail.startswith("note")
+
+
+def _broken(resource: dict[str, Any]) -> dict[str, Any]:
+    """``resource`` made invalid for fhir.resources (Observation.note must be a list) and nothing else."""
+    return {**resource, "note": "not a list"}
+
+
+@pytest.mark.parametrize(
+    ("resources", "malformed"),
+    [
+        ([anc(400, id="a"), _broken(wbc(3.0, id="w")), _broken(percent(NEUTROPHILS_PCT, 13, id="p"))], set()),
+        ([_broken(wbc(3.0, id="w")), percent(NEUTROPHILS_PCT, 13, id="p")], {"Observation/w"}),
+        ([anc(400, id="a", effective=ago(hours=1)), _broken(wbc(3.0, id="w"))], {"Observation/w"}),
+        ([anc(400, "furlongs", id="a"), _broken(wbc(3.0, id="w"))], {"Observation/w"}),
+        ([anc(None, id="a"), _broken(wbc(3.0, id="w"))], {"Observation/w"}),
+        ([_broken(anc(400, id="a")), _broken(wbc(3.0, id="w"))], {"Observation/a", "Observation/w"}),
+        ([anc(400, id="a"), _quoted(wbc(3.0, id="w"), "3.0")], {"Observation/w"}),
+    ],
+    ids=["measured-anc-same-time", "no-anc", "anc-at-another-time", "anc-unit-unknown", "anc-without-value",
+         "anc-malformed-too", "quoted-value-still-checked"],
+)
+def test_white_cells_and_differential_validated_unless_a_measured_anc_makes_them_unused(
+    resources: list[dict[str, Any]], malformed: set[str]
+) -> None:
+    found = facts(*resources)
+    assert {i.source for i in found.issues if i.code == "malformed-resource"} == malformed
+
+
+def test_white_cells_beside_a_measured_anc_are_still_classified() -> None:
+    found = facts(anc(400, id="a"), _broken(wbc(3.0, id="w")))
+    assert {(lab.source, lab.role) for lab in found.labs} == {("Observation/a", LabRole.ANC),
+                                                             ("Observation/w", LabRole.WBC)}
 
 
 def test_malformed_irrelevant_resource_is_ignored_silently() -> None:
