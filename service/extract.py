@@ -102,7 +102,8 @@ class Facts:
     birth_date: date | None = None
     links: tuple[frozenset[str], ...] = ()  # results reported together (DiagnosticReport.result, hasMember)
     issues: tuple[DataIssue, ...] = ()
-    #: Lab Observations older than the ANC currency window, not yet validated: see :func:`older_labs`.
+    #: Observations older than every window (the ANC currency window, the temperature window), with their time:
+    #: not validated, most not even classified by code; :func:`older_labs` reads the lab results among them.
     deferred: tuple[tuple[Mapping[str, Any], timing.Timing], ...] = ()
     #: Resources whose copies contradict each other ("Type/id", number of copies; ``service.fhir.deduplicated``).
     conflicts: tuple[tuple[str, int], ...] = ()
@@ -125,7 +126,8 @@ def older_labs(facts: Facts, *, now: datetime, policy: ClinicalPolicy = DEFAULT_
     A slab holds the results within one ANC currency window of the newest result not yet read, so the caller can
     stop as soon as a slab yields an ANC.
     """
-    remaining = sorted(facts.deferred, key=lambda item: (item[1].latest, source_of(item[0])), reverse=True)
+    labs = [item for item in facts.deferred if _is_lab(_parts(item[0]))]
+    remaining = sorted(labs, key=lambda item: (item[1].latest, source_of(item[0])), reverse=True)
     while remaining:
         edge = timing.earlier(remaining[0][1].latest, policy.anc_current_window)
         size = next((n for n, item in enumerate(remaining) if n and item[1].latest <= edge), len(remaining))
@@ -151,6 +153,8 @@ class _Collector:
         # Computed once, not for each of the thousands of Observations a large request holds.
         self.future_limit = now + policy.future_tolerance
         self.temperatures_from = now - policy.temperature_window
+        # Before this, an Observation is outside every window (both are configurable: the earlier one counts).
+        self.older_than_windows = None if defer_before is None else min(defer_before, self.temperatures_from)
         self.conflicts = conflicts
         self.deferred: list[tuple[Mapping[str, Any], timing.Timing]] = []
         self.labs: set[LabResult] = set()
@@ -241,25 +245,25 @@ class _Collector:
             members = r.get("hasMember")
             if members is not None:
                 self._link(members)
-        codes = codes_of(r.get("code")) & OBSERVATION_CODES
-        parts = [(r, codes)] if codes else []
-        components = r.get("component")
-        if isinstance(components, list):
-            for component in components:
-                if isinstance(component, (dict, Mapping)):
-                    component_codes = codes_of(component.get("code")) & OBSERVATION_CODES
-                    if component_codes:
-                        parts.append((component, component_codes))
+        when = None
+        if self.older_than_windows is not None and status in USED_STATUSES:
+            when = timing.observation_timing(r)
+            if when is not None and when.latest < self.older_than_windows:
+                # A temperature this old is never read, and a lab result only when no current ANC exists: not even
+                # its codes are looked at now (older_labs does that, if it is ever needed).
+                self.deferred.append((r, when))
+                return
+        parts = _parts(r)
         if not parts or status in IGNORED_STATUSES:
             return  # not an observation the rules read, or one that does not count
         if status not in USED_STATUSES:
             return self._issue("malformed-resource", source_of(r), f"status: unknown value {status!r}")
-        when = timing.observation_timing(r)
+        when = when or timing.observation_timing(r)
         if when is None:
             return self._issue("missing-effective-time", source_of(r), "no usable effective time or issued date")
         if when.effective > self.future_limit:
             return self._issue("future-dated", source_of(r), "effective time is in the future; ignored")
-        temperature_only = all(held <= TEMPERATURE for _, held in parts)
+        temperature_only = not _is_lab(parts)
         if temperature_only and when.latest < self.temperatures_from:
             return  # outside the temperature window: never read, so never validated
         if not temperature_only and self.defer_before is not None and when.latest < self.defer_before:
@@ -337,6 +341,25 @@ class _Collector:
                 problem=problem,
             )
         )
+
+
+def _parts(r: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], frozenset[Code]]]:
+    """The Observation and its components that carry a code the rules read, each with those codes."""
+    codes = codes_of(r.get("code")) & OBSERVATION_CODES
+    parts = [(r, codes)] if codes else []
+    components = r.get("component")
+    if isinstance(components, list):
+        for component in components:
+            if isinstance(component, (dict, Mapping)):
+                component_codes = codes_of(component.get("code")) & OBSERVATION_CODES
+                if component_codes:
+                    parts.append((component, component_codes))
+    return parts
+
+
+def _is_lab(parts: list[tuple[Mapping[str, Any], frozenset[Code]]]) -> bool:
+    """Whether ``parts`` (see :func:`_parts`) hold a lab result (anything but a temperature)."""
+    return any(not held <= TEMPERATURE for _, held in parts)
 
 
 @dataclass(frozen=True)

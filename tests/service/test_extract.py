@@ -497,6 +497,43 @@ def test_older_labs_are_deferred_not_validated() -> None:
     assert [item[0]["id"] for item in found.deferred] == ["old"]
 
 
+@pytest.mark.parametrize(
+    "old",
+    [temperature(39.5, effective=ago(days=8), id="t"), observation("8867-4", 80, "/min", effective=ago(days=8)),
+     anc(400, effective=ago(days=8), status="entered-in-error")],
+    ids=["temperature", "irrelevant-code", "ignored-status"],
+)
+def test_older_than_every_window_gives_no_lab(old: dict[str, Any]) -> None:
+    from service.extract import older_labs
+
+    found = facts(old)
+    assert (found.labs, found.temperatures, found.issues) == ((), (), ())
+    assert all(not slab.labs and not slab.issues for slab in older_labs(found, now=NOW))
+
+
+def test_older_slabs_are_cut_at_lab_times_only() -> None:
+    from service.extract import older_labs
+
+    found = facts(temperature(36.8, effective=ago(days=8)), anc(100, effective=ago(days=9), id="d9"),
+                  anc(200, effective=ago(days=15.5), id="d15"))
+    slabs = [sorted(lab.source for lab in slab.labs) for slab in older_labs(found, now=NOW)]
+    assert slabs == [["Observation/d15", "Observation/d9"]]
+
+
+@pytest.mark.parametrize(
+    ("anc_window", "temperature_window", "anc_current"),
+    [(timedelta(hours=12), timedelta(hours=24), False), (timedelta(days=7), timedelta(hours=24), True)],
+    ids=["anc-window-shorter", "temperature-window-shorter"],
+)
+def test_a_temperature_inside_its_window_is_read_whichever_window_is_longer(
+    anc_window: timedelta, temperature_window: timedelta, anc_current: bool
+) -> None:
+    policy = ClinicalPolicy(anc_current_window=anc_window, temperature_window=temperature_window)
+    found = facts(temperature(38.6, effective=ago(hours=20)), anc(500, effective=ago(hours=20)), policy=policy)
+    assert len(found.temperatures) == 1
+    assert bool(found.labs) is anc_current
+
+
 def test_older_labs_come_in_slabs_newest_first() -> None:
     from service.extract import older_labs
 
