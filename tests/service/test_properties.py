@@ -220,3 +220,43 @@ def test_damaged_resources_never_raise(resources: list[dict[str, Any]], data: st
         elif isinstance(target, list) and target:
             target[data.draw(st.integers(0, len(target) - 1))] = data.draw(json_like)
     assessment_extension(assess(damaged, now=NOW))
+
+
+@st.composite
+def draws_with_broken_parts(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A scenario plus full blood counts (ANC, WBC, neutrophil %) of one time each, some parts not valid FHIR."""
+    resources = draw(scenarios())
+    for i in range(draw(st.integers(1, 3))):
+        when = ago(minutes=draw(minutes_ago))
+        draw_resources = [anc(draw(st.integers(0, 4000)), "/uL", when, id=f"cbc{i}-anc"),
+                          wbc(draw(st.integers(0, 9000)), "/uL", when, id=f"cbc{i}-wbc"),
+                          percent("770-8", draw(st.integers(0, 90)), when, id=f"cbc{i}-pct")]
+        for resource in draw_resources:
+            if draw(st.booleans()):
+                resource["note"] = "not a list"  # fhir.resources refuses it: Observation.note is a list
+        resources += draw_resources
+    return resources
+
+
+@PROPERTY
+@given(draws_with_broken_parts())
+def test_parts_left_unvalidated_beside_a_measured_anc_never_change_the_result(
+    resources: list[dict[str, Any]]
+) -> None:
+    from unittest import mock
+
+    from service.extract import _Collector
+
+    def validate_every_part(collector: _Collector) -> None:
+        for pending in collector.components:
+            collector._read(pending, validate=True)
+        collector.components.clear()
+
+    lazy = assess(resources, now=NOW)
+    with mock.patch.object(_Collector, "_read_components", validate_every_part):
+        strict = assess(resources, now=NOW)
+    assert (lazy.findings, lazy.anc, lazy.anc_trend, lazy.fever) == (strict.findings, strict.anc, strict.anc_trend,
+                                                                   strict.fever)
+    # The only difference: parts that were not read are not reported as malformed.
+    assert set(lazy.data_issues) <= set(strict.data_issues)
+    assert {i.code for i in set(strict.data_issues) - set(lazy.data_issues)} <= {"malformed-resource"}
