@@ -113,10 +113,9 @@ def bundle_entries(bundle: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], 
         raise ValueError("Bundle.entry is not an array")
     resources: list[Mapping[str, Any]] = []
     dropped = 0
-    for entry in entries:  # is_resource written out, dicts tested first: this runs for every entry
+    for entry in entries:  # dicts tested first, as in is_resource: this runs for every entry
         resource = entry.get("resource") if isinstance(entry, (dict, Mapping)) else None
-        kind = resource.get("resourceType") if isinstance(resource, (dict, Mapping)) else None
-        if not isinstance(kind, str) or not kind or resource is None:
+        if not is_resource(resource):
             dropped += 1
             continue
         search = entry.get("search")

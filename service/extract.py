@@ -245,20 +245,17 @@ class _Collector:
             members = r.get("hasMember")
             if members is not None:
                 self._link(members)
-        when = None
-        if self.older_than_windows is not None and status in USED_STATUSES:
-            when = timing.observation_timing(r)
-            if when is not None and when.latest < self.older_than_windows:
-                # A temperature this old is never read, and a lab result only when no current ANC exists: not even
-                # its codes are looked at now (older_labs does that, if it is ever needed).
-                self.deferred.append((r, when))
-                return
+        when = timing.observation_timing(r) if status in USED_STATUSES else None
+        if when is not None and self.older_than_windows is not None and when.latest < self.older_than_windows:
+            # A temperature this old is never read, and a lab result only when no current ANC exists: not even its
+            # codes are looked at now (older_labs does that, if it is ever needed).
+            self.deferred.append((r, when))
+            return
         parts = _parts(r)
         if not parts or status in IGNORED_STATUSES:
             return  # not an observation the rules read, or one that does not count
         if status not in USED_STATUSES:
             return self._issue("malformed-resource", source_of(r), f"status: unknown value {status!r}")
-        when = when or timing.observation_timing(r)
         if when is None:
             return self._issue("missing-effective-time", source_of(r), "no usable effective time or issued date")
         if when.effective > self.future_limit:
@@ -288,8 +285,8 @@ class _Collector:
         self.components.clear()
 
     def _read(self, pending: _Pending, *, validate: bool) -> None:
-        problem = (validation_error(Observation, pending.resource) if validate else None) or quoted_decimal(
-            pending.resource)
+        problem = validation_error(Observation, pending.resource) if validate else None
+        problem = problem or quoted_decimal(pending.resource)
         if problem is not None:
             return self._issue("malformed-resource", pending.source, problem)
         for holder, codes in pending.parts:
