@@ -58,7 +58,7 @@ class AncSeries:
 
 def compute(labs: Iterable[LabResult], links: Iterable[frozenset[str]] = ()) -> AncSeries:
     """The ANC of each group of ``labs`` (grouped by source, specimen, time and ``links``), oldest first."""
-    labs = sorted(set(labs), key=repr)
+    labs = sorted(set(labs), key=LabResult.order)
     values: list[AncValue] = []
     issues = [
         TimedIssue(DataIssue("anc-uninterpretable", lab.source, lab.problem), lab.latest)

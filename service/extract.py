@@ -69,6 +69,16 @@ class LabResult:
         """Whether the result is preliminary."""
         return USED_STATUSES.get(self.status, False)
 
+    def order(self) -> tuple[Any, ...]:
+        """Sort key of a total order on results that does not depend on the order they arrived in.
+
+        Every field counts, so only equal results tie. It replaces ``repr`` as the key: a repr costs about 5 us,
+        and a request sorts its results several times.
+        """
+        return (self.source, self.role.value, self.code, self.effective, self.latest, self.status,
+                _optional(self.value), _optional(self.comparator), _optional(self.specimen),
+                _optional(self.reference_low), _optional(self.problem))
+
 
 @dataclass(frozen=True)
 class Temperature:
@@ -89,6 +99,15 @@ class Temperature:
     def precise(self) -> bool:
         """Whether the reading is timed to an instant (only those can form a sustained run)."""
         return self.effective == self.latest
+
+    def order(self) -> tuple[Any, ...]:
+        """Sort key of a total order on readings that does not depend on the order they arrived in."""
+        return self.source, self.effective, self.latest, self.celsius, self.status
+
+
+def _optional(value: Any) -> tuple[bool, Any]:
+    """A sort key for a field that may be None: None first, then the values in their own order."""
+    return value is not None, value
 
 
 @dataclass(frozen=True)
@@ -171,8 +190,8 @@ class _Collector:
         """The collected facts, each kind in a fixed order."""
         self._read_components()
         return Facts(
-            labs=tuple(sorted(self.labs, key=repr)),
-            temperatures=tuple(sorted(self.temperatures, key=repr)),
+            labs=tuple(sorted(self.labs, key=LabResult.order)),
+            temperatures=tuple(sorted(self.temperatures, key=Temperature.order)),
             conditions=tuple(sorted(self.conditions, key=repr)),
             medications=tuple(sorted(self.medications, key=repr)),
             birth_date=min(self.births)[1] if self.births else None,

@@ -31,7 +31,7 @@ def in_window(
 ) -> list[Temperature]:
     """The readings that may fall inside the temperature window ending at ``now`` (future ones excluded)."""
     start, end = now - policy.temperature_window, now + policy.future_tolerance
-    return sorted({t for t in temperatures if t.latest >= start and t.effective <= end}, key=repr)
+    return sorted({t for t in temperatures if t.latest >= start and t.effective <= end}, key=Temperature.order)
 
 
 def assess_fever(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -10,7 +12,7 @@ import pytest
 
 from service.codes import ATC, ConditionRole, LabRole
 from service.drugs import MedicationRole
-from service.extract import extract
+from service.extract import LabResult, Temperature, extract
 from service.fhir import MAX_BUNDLE_DEPTH, reference
 from service.model import DataIssue
 from service.thresholds import ClinicalPolicy
@@ -540,3 +542,39 @@ def test_older_labs_come_in_slabs_newest_first() -> None:
     found = facts(*(anc(100 * d, effective=ago(days=d), id=f"d{d}") for d in (8, 9, 16, 30, 31)))
     slabs = [sorted(lab.source for lab in slab.labs) for slab in older_labs(found, now=NOW)]
     assert slabs == [["Observation/d8", "Observation/d9"], ["Observation/d16"], ["Observation/d30", "Observation/d31"]]
+
+
+_BASE_LAB = LabResult(source="Observation/a", role=LabRole.ANC, code=("http://loinc.org", "751-8"),
+                      value=Decimal(400), comparator=None, effective=NOW, latest=NOW, status="final")
+_BASE_TEMPERATURE = Temperature(source="Observation/t", celsius=Decimal("38.40"), effective=NOW, latest=NOW,
+                                status="final")
+
+
+def _one_field_changed(base: Any, changes: dict[str, Any]) -> list[Any]:
+    return [base] + [dataclasses.replace(base, **{name: value}) for name, value in changes.items()]
+
+
+@pytest.mark.parametrize(
+    "results",
+    [
+        _one_field_changed(_BASE_LAB, {
+            "source": "Observation/b", "role": LabRole.WBC, "code": ("http://loinc.org", "26499-4"),
+            "value": None, "comparator": "<", "effective": NOW - timedelta(hours=1),
+            "latest": NOW + timedelta(hours=1), "status": "preliminary", "specimen": "Specimen/s",
+            "reference_low": Decimal(1500), "problem": "unit 'x' is not a count unit",
+        }),
+        _one_field_changed(_BASE_TEMPERATURE, {
+            "source": "Observation/u", "celsius": Decimal("37.00"), "effective": NOW - timedelta(hours=1),
+            "latest": NOW + timedelta(hours=1), "status": "amended",
+        }),
+    ],
+    ids=["lab-results", "temperatures"],
+)
+def test_sort_order_is_total_and_independent_of_arrival(results: list[Any]) -> None:
+    # Every field counts (a field of None sorts before a value), so different results never tie and any arrival
+    # order gives one sequence: the findings and issue lists must not depend on how the EHR ordered its Bundle.
+    key = type(results[0]).order
+    assert len({key(r) for r in results}) == len(results) == len(set(results))
+    orders = {tuple(sorted(random.Random(seed).sample(results, len(results)), key=key)) for seed in range(20)}
+    assert len(orders) == 1
+    assert [key(r) for r in orders.pop()] == sorted(key(r) for r in results)
