@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import TypeVar
 
 from service.thresholds import (
     COUNT_PLAUSIBLE_MAX,
@@ -22,25 +23,34 @@ from service.thresholds import (
 #: Count units to the factor that gives cells/uL (mCODE EquivalentUnits-thousand-per-uL; OHDSI FN cohort).
 #: Keys are compared after :func:`normalise` (micro signs -> "u", spaces removed); matching is case-sensitive
 #: because case carries meaning in UCUM (``G/L`` giga vs ``g/L`` grams: only counts are looked up here, brief §2).
+#: UCUM has both ``L`` and ``l`` for the litre, so ``10*9/l`` and ``/ul`` are the same units as ``10*9/L`` and
+#: ``/uL``; "mcL" is the US printed form of the microlitre.
 COUNT_FACTORS: Mapping[str, Decimal] = {
     **dict.fromkeys(
-        ("10*3/uL", "10*3/mm3", "10*9/L", "10*6/mL", "K/uL", "k/uL", "10^3/uL", "x10E3/uL", "thou/uL",
-         "10^9/L", "G/L"),
+        ("10*3/uL", "10*3/ul", "10*3/mm3", "10*9/L", "10*9/l", "10*6/mL", "10*6/ml", "K/uL", "k/uL", "10^3/uL",
+         "x10E3/uL", "x10^3/uL", "thou/uL", "10^9/L", "G/L", "10*3/mcL", "10^3/mcL", "K/mcL"),
         THOUSAND_PER_UL,
     ),
-    **dict.fromkeys(("/uL", "/mm3", "{cells}/uL", "cells/uL", "cells/mm3", "/cumm"), Decimal(1)),
+    **dict.fromkeys(("/uL", "/ul", "/mm3", "{cells}/uL", "cells/uL", "cells/mm3", "/cumm", "/mcL", "cells/mcL"),
+                    Decimal(1)),
 }  # fmt: skip
 
-#: The only unit a "/100 leukocytes" result may carry (brief §2: "% (percent codes only)").
-PERCENT_UNITS = frozenset({"%"})
-#: Units accepted on the pure-number fraction code 71676-1 (brief §3.1: "fraction 0-1 (no unit)").
-FRACTION_UNITS = frozenset({"", "1"})
+#: Units of a "/100 leukocytes" result, to their UCUM code (brief §2: "% (percent codes only)").
+PERCENT_UNITS: Mapping[str, str] = {"%": "%", "percent": "%"}
+#: Units of the pure-number fraction code 71676-1 (brief §3.1: "fraction 0-1 (no unit)"), which may also come in
+#: percent.
+FRACTION_UNITS: Mapping[str, str] = {**PERCENT_UNITS, "1": "1"}
 
-#: Temperature units: UCUM codes (FHIR bodytemp value set) and unambiguous printed forms.
-CELSIUS_UNITS = frozenset({"Cel", "°C", "℃", "degC", "C"})
-FAHRENHEIT_UNITS = frozenset({"[degF]", "°F", "℉", "degF", "F"})
+CELSIUS, FAHRENHEIT = "Cel", "[degF]"
+#: Temperature units: the UCUM codes of the FHIR bodytemp value set and unambiguous printed forms.
+TEMPERATURE_UNITS: Mapping[str, str] = {
+    **dict.fromkeys(("Cel", "°C", "℃", "degC", "C", "Celsius", "celsius", "degreesC", "degreesCelsius"), CELSIUS),
+    **dict.fromkeys(("[degF]", "°F", "℉", "degF", "F", "Fahrenheit", "fahrenheit", "degreesF",
+                     "degreesFahrenheit"), FAHRENHEIT),
+}
 
 _TWO_PLACES = Decimal(1).scaleb(-TEMPERATURE_DECIMALS)
+_M = TypeVar("_M")
 
 
 def normalise(unit: str) -> str:
@@ -58,16 +68,22 @@ def quantity_unit(quantity: Mapping[str, object]) -> tuple[str | None, str | Non
     )
 
 
-def _lookup(quantity: Mapping[str, object], table: Mapping[str, Decimal]) -> tuple[Decimal | None, str | None]:
+def _lookup(quantity: Mapping[str, object], table: Mapping[str, _M]) -> tuple[_M | None, str | None]:
+    """What ``table`` says the Quantity's unit means, or (None, why).
+
+    The UCUM ``code`` and the printed ``unit`` must not contradict each other, but one that is not in the table
+    is not a contradiction: the printed unit is free text for people ("degrees C", "DegC" beside ``Cel``), and a
+    recognised one of the two is enough.
+    """
     code, unit = quantity_unit(quantity)
     if code is None and unit is None:
         return None, "no unit"
-    factors = {table[u] for u in (code, unit) if u is not None and u in table}
-    if len(factors) > 1:
+    meanings = {table[u] for u in (code, unit) if u is not None and u in table}
+    if len(meanings) > 1:
         return None, f"conflicting units {code!r} and {unit!r}"
-    if not factors:
+    if not meanings:
         return None, f"unknown unit {code or unit!r}"
-    return factors.pop(), None
+    return meanings.pop(), None
 
 
 def count_per_ul(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
@@ -83,34 +99,28 @@ def count_per_ul(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decima
 
 def percent(value: Decimal, quantity: Mapping[str, object], *, fraction: bool) -> tuple[Decimal | None, str | None]:
     """A neutrophil share in percent (0-100), from a "%" result or, with ``fraction``, a 0-1 pure number."""
-    code, unit = quantity_unit(quantity)
-    units = {u for u in (code, unit) if u is not None} or {""}
-    if units <= PERCENT_UNITS:
-        result = value
-    elif fraction and units <= FRACTION_UNITS:
+    if fraction and quantity_unit(quantity) == (None, None):
+        unit: str | None = "1"  # the fraction code's own unit is the pure number
+    else:
+        unit, problem = _lookup(quantity, FRACTION_UNITS if fraction else PERCENT_UNITS)
+        if unit is None:
+            return None, problem
+    if unit == "1":
         if value > 1:
             return None, f"fraction {value} is above 1"
-        result = value / PERCENT
-    else:
-        return None, "no unit" if units == {""} else f"unknown unit {sorted(units)[0]!r}"
-    if result > 100:
-        return None, f"percentage {result} is above 100"
-    return result, None
+        value = value / PERCENT
+    if value > 100:
+        return None, f"percentage {value} is above 100"
+    return value, None
 
 
 def celsius(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
     """A body temperature in degrees Celsius rounded to 2 decimals (brief §2), or (None, why) for a missing,
     unknown or conflicting unit or a temperature outside the plausible range (checked after conversion)."""
-    code, unit = quantity_unit(quantity)
-    units = {u for u in (code, unit) if u is not None}
-    if not units:
-        return None, "no unit"
-    if units <= CELSIUS_UNITS:
-        result = value
-    elif units <= FAHRENHEIT_UNITS:
-        result = (value - 32) * 5 / 9
-    else:
-        return None, f"unknown or conflicting unit {sorted(units)}"
+    unit, problem = _lookup(quantity, TEMPERATURE_UNITS)
+    if unit is None:
+        return None, problem
+    result = value if unit == CELSIUS else (value - 32) * 5 / 9
     try:
         degrees = round_celsius(result)
     except InvalidOperation:  # too many digits to round: not a body temperature

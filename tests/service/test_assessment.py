@@ -351,3 +351,17 @@ def test_conflicting_copies_grade_the_worst_and_are_reported(
         D(r["valueQuantity"]["value"]) for r in resources if r["code"]["coding"][0]["code"] == "751-8")
     if result.fever is not None:
         assert result.fever.max_celsius == D("39.10")
+
+
+@pytest.mark.parametrize(
+    "printed",
+    ["DegC", "degrees C", "Celsius", "°C", None],
+    ids=["DegC", "degrees-C", "Celsius", "degree-sign", "code-only"],
+)
+def test_fever_with_a_ucum_code_and_any_printed_unit_is_febrile_neutropenia(printed: str | None) -> None:
+    reading = temperature("38.6", "Cel", ago(hours=1))
+    reading["valueQuantity"] = {**reading["valueQuantity"], "unit": printed}
+    reading["valueQuantity"] = {k: v for k, v in reading["valueQuantity"].items() if v is not None}
+    result = assess([anc(300, "/uL", ago(hours=2)), reading], now=NOW)
+    assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
+    assert not result.data_issues

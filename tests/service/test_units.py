@@ -35,6 +35,12 @@ D = Decimal
         ("cells/mm3", "499", "499"),
         ("/cumm", "499", "499"),
         (" 10*9 / L ", "1", "1000"),
+        ("10*9/l", "0.5", "500"),  # UCUM's lower-case litre
+        ("10*3/ul", "0.5", "500"),
+        ("/ul", "499", "499"),
+        ("10^3/mcL", "1.2", "1200"),  # US printed microlitre
+        ("x10^3/uL", "1.2", "1200"),
+        ("cells/mcL", "499", "499"),
     ],
     ids=lambda v: str(v),
 )
@@ -64,6 +70,19 @@ def test_count_per_ul_never_guesses(quantity: dict[str, str], problem: str) -> N
     assert count_per_ul(D(1), quantity) == (None, problem)
 
 
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [
+        ({"code": "10*3/uL", "unit": "thousand per microliter"}, "400.0"),
+        ({"code": "10*3/uL", "unit": "K/uL"}, "400.0"),
+        ({"code": "{cells}", "unit": "K/uL"}, "400.0"),
+    ],
+    ids=["printed-free-text", "printed-agrees", "code-unknown-printed-known"],
+)
+def test_count_per_ul_one_recognised_unit_is_enough(quantity: dict[str, str], expected: str) -> None:
+    assert count_per_ul(D("0.4"), quantity) == (D(expected), None)
+
+
 def test_count_per_ul_code_and_matching_unit_agree() -> None:
     assert count_per_ul(D("0.4"), {"code": "10*3/uL", "unit": "K/uL"}) == (D("400.0"), None)
 
@@ -77,13 +96,18 @@ def test_count_per_ul_code_and_matching_unit_agree() -> None:
         ("100.1", {"unit": "%"}, False, (None, "percentage 100.1 is above 100")),
         ("45", {}, False, (None, "no unit")),
         ("45", {"unit": "10*9/L"}, False, (None, "unknown unit '10*9/L'")),
+        ("45", {"code": "%", "unit": "percent"}, False, ("45", None)),
+        ("45", {"code": "%", "unit": "per cent of leukocytes"}, False, ("45", None)),
+        ("45", {"code": "%", "unit": "10*9/L"}, False, ("45", None)),
+        ("0.45", {"code": "1", "unit": "%"}, True, (None, "conflicting units '1' and '%'")),
         ("0.45", {}, True, ("45", None)),
         ("0.45", {"unit": "1", "code": "1"}, True, ("45", None)),
         ("45", {"unit": "%"}, True, ("45", None)),
         ("1", {}, True, ("100", None)),
         ("1.2", {}, True, (None, "fraction 1.2 is above 1")),
     ],
-    ids=["pct", "zero", "hundred", "over-100", "pct-no-unit", "pct-count-unit", "fraction", "fraction-unit-1",
+    ids=["pct", "zero", "hundred", "over-100", "pct-no-unit", "pct-count-unit", "pct-printed-percent",
+         "pct-printed-free-text", "pct-printed-not-a-share", "fraction-conflict", "fraction", "fraction-unit-1",
          "fraction-as-pct", "fraction-one", "fraction-over-1"],
 )
 def test_percent(value: str, quantity: dict[str, str], fraction: bool, expected: tuple[str | None, str | None]) -> None:
@@ -143,6 +167,25 @@ def test_celsius_accepts_ucum_and_printed_units(value: str, unit: str, expected:
 def test_celsius_never_guesses(quantity: dict[str, str]) -> None:
     result, problem = celsius(D("38.5"), quantity)
     assert result is None and problem
+
+
+@pytest.mark.parametrize(
+    ("value", "quantity", "expected"),
+    [
+        ("38.6", {"system": "http://unitsofmeasure.org", "code": "Cel", "unit": "DegC"}, "38.60"),
+        ("38.6", {"system": "http://unitsofmeasure.org", "code": "Cel", "unit": "degrees C"}, "38.60"),
+        ("38.6", {"system": "http://unitsofmeasure.org", "code": "Cel", "unit": "Celsius"}, "38.60"),
+        ("101.5", {"system": "http://unitsofmeasure.org", "code": "[degF]", "unit": "DEG F"}, "38.61"),
+        ("101.5", {"system": "http://unitsofmeasure.org", "code": "[degF]", "unit": "Fahrenheit"}, "38.61"),
+        ("38.6", {"unit": "degrees Celsius"}, "38.60"),
+        ("101.5", {"unit": "degrees F"}, "38.61"),
+    ],
+    ids=["cel-DegC", "cel-degrees-C", "cel-Celsius", "degF-DEG-F", "degF-Fahrenheit", "printed-only-celsius",
+         "printed-only-fahrenheit"],
+)
+def test_celsius_takes_a_recognised_code_beside_free_text(value: str, quantity: dict[str, str], expected: str) -> None:
+    # Quantity.unit is text for people: an EHR printing "DegC" beside the UCUM code Cel must not hide a fever.
+    assert celsius(D(value), quantity) == (D(expected), None)
 
 
 def test_round_celsius_is_half_up() -> None:
