@@ -7,7 +7,8 @@ Every code here is VERIFIED in clinical-brief.md §3 or was confirmed in a publi
   (sargramostim): a complete public WHO ATC index (SubjectRaw/SubjectRaw subject/data/eng/atc.md).
 - RxNorm 68442 filgrastim, 338036 pegfilgrastim and the other G-CSF ingredients/products below: CIBMTR reporting
   IG value set "med-mobilizing-agents-vs" (nmdp-ig/cibmtr-reporting-ig).
-- ICD-10-CM D51.x, D52.x, E53.8, E61.0, D72.819 and D70.x names: medtrack-io/icd_code (ICD-10-CM tables).
+- ICD-10-CM D51.x, D52.x, E53.8, E61.0, D72.819 and D70.x names: medtrack-io/icd_code (ICD-10-CM tables); D70 and
+  P61.5 as brief §3.3 states them.
 - LOINC 8311-3/8312-1/8313-9/8314-7/8315-4 (1/8/10/12/24 h maximum temperature): OHDSI PhenotypeLibrary
   inst/cohorts/208.json; 33256-9 name: several public LOINC maps.
 - Code-system OIDs (urn:oid:2.16.840.1.113883.6.1/.96/.88/.90): public FHIR CodeSystem resources and OID maps.
@@ -161,11 +162,13 @@ _SEED_RISK_SCT = rows(SNOMED, """
 108290001|Radiation oncology AND/OR radiotherapy
 """)
 _NEUTROPENIA_ICD = rows(ICD10CM, """
+D70|Neutropenia
 D70.0|Congenital agranulocytosis
 D70.3|Neutropenia due to infection
 D70.4|Cyclic neutropenia
 D70.8|Other neutropenia
 D70.9|Neutropenia, unspecified
+P61.5|Transient neonatal neutropenia
 D72.819|Decreased white blood cell count, unspecified
 """)
 _DRUG_INDUCED_ICD = rows(ICD10CM, "D70.2|Other drug-induced agranulocytosis")

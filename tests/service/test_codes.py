@@ -62,6 +62,8 @@ def test_temperature_codes(code: str) -> None:
         ((ICD10CM, "D70.2"), {ConditionRole.RISK_FACTOR, ConditionRole.DRUG_INDUCED}),
         ((SNOMED, "55464009"), {ConditionRole.RISK_FACTOR}),
         ((ICD10CM, "E61.0"), {ConditionRole.RISK_FACTOR}),
+        ((ICD10CM, "D70"), {ConditionRole.RISK_FACTOR}),  # the category code itself (brief §3.3)
+        ((ICD10CM, "P61.5"), {ConditionRole.RISK_FACTOR}),  # neonatal: coded outside D70
     ],
     ids=lambda v: str(v),
 )
