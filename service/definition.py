@@ -32,7 +32,9 @@ PREFETCH = {
     "labs": f"Observation?patient={{{{context.patientId}}}}&code={_codes(_LAB_CODES)}&_sort=-date&_count=200",
     "vitals": f"Observation?patient={{{{context.patientId}}}}&code={_codes(_VITAL_CODES)}&_sort=-date&_count=200",
     "conditions": "Condition?patient={{context.patientId}}&clinical-status=active,recurrence,relapse",
-    "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
+    # Ended orders too: a G-CSF or chemotherapy order completed or stopped within its look-back still marks recent
+    # chemotherapy (service.records), and a one-off pegfilgrastim dose is usually a completed order.
+    "medications": "MedicationRequest?patient={{context.patientId}}&status=active,on-hold,completed,stopped",
 }
 
 DESCRIPTION = (
