@@ -84,6 +84,9 @@ DATA_ISSUE_LABELS: Mapping[str, str] = {
 }
 #: Data issues shown elsewhere (the results tables flag preliminary values); they alone make no card.
 DATA_ISSUES_SHOWN_ELSEWHERE = frozenset({"preliminary-result"})
+#: Data issues for whoever maintains the EHR interface, not for the clinician: in the assessment extension only.
+#: A record invalid only in elements the rules never read was used as it is; nothing about the patient changes.
+DATA_ISSUES_FOR_INTEGRATORS = frozenset({"invalid-unread-elements"})
 
 
 @dataclass(frozen=True)

@@ -146,8 +146,8 @@ class _View:
         self.present = frozenset(self.findings)
         valid_patient = isinstance(patient_id, str) and _FHIR_ID.fullmatch(patient_id)
         self.patient_reference = f"Patient/{patient_id}" if valid_patient else None
-        self.issues = tuple(i for i in assessment.data_issues
-                            if i.code not in card_text.DATA_ISSUES_SHOWN_ELSEWHERE)
+        hidden = card_text.DATA_ISSUES_SHOWN_ELSEWHERE | card_text.DATA_ISSUES_FOR_INTEGRATORS
+        self.issues = tuple(i for i in assessment.data_issues if i.code not in hidden)
         self.fields = self._fields()
 
     # -- which findings a card shows, and its indicator -------------------------------------------------------

@@ -7,9 +7,11 @@ validated with the ``fhir.resources.R4B`` models; older labs are read later, onl
 (:func:`older_labs`). A white cell count or differential taken at the same time as a usable measured ANC is not
 validated either: the measured ANC of a group comes before anything computed from them (``service.anc``), so
 their values are not read (they are still classified, and a unit or number problem still reported). A relevant
-resource that fails validation becomes a ``malformed-resource`` data issue and
-is not used, and so does an Observation whose Quantity value is a JSON string such as "0.4" (FHIR JSON decimals
-are numbers, R4 §2.6.2; the models' lax mode would accept it); nothing here raises on bad data.
+resource invalid in an element the rules read (:data:`OBSERVATION_READS`) becomes a ``malformed-resource`` data
+issue and is not used, and so does an Observation whose Quantity value is a JSON string such as "0.4" (FHIR JSON
+decimals are numbers, R4 §2.6.2; the models' lax mode would accept it). One invalid only elsewhere (an empty
+display, an extension, narrative) is used, with an ``invalid-unread-elements`` issue (``service.validation``).
+Nothing here raises on bad data.
 """
 
 from __future__ import annotations
@@ -39,13 +41,25 @@ from service.model import DataIssue
 from service.records import ConditionFact, MedicationFact
 from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
 from service.units import celsius, count_per_ul, percent
-from service.validation import validation_error
+from service.validation import screen
 
 #: Observation.status -> whether the result is preliminary; statuses not listed are not used (brief §2).
 USED_STATUSES: Mapping[str, bool] = {"final": False, "amended": False, "corrected": False, "preliminary": True}
 IGNORED_STATUSES = frozenset({"registered", "cancelled", "entered-in-error", "unknown"})
 COUNT_ROLES = frozenset({LabRole.ANC, LabRole.SEGS_ABS, LabRole.BANDS_ABS, LabRole.WBC})
 _COMPARATORS = {"<": "<", "<=": "<", ">": ">", ">=": ">"}  # "<": the value is an upper bound
+
+#: The Observation elements the rules read (``service.validation.screen``): an invalid one makes the result
+#: unusable; invalid elements elsewhere (display texts, narrative, extensions, meta) do not. ``issued`` is read only
+#: when there is no effective[x] (:func:`timing.observation_timing`).
+OBSERVATION_READS = frozenset({
+    "resourceType", "id", "implicitRules", "modifierExtension", "status", "code.coding.system", "code.coding.code",
+    "subject.reference", "effectiveDateTime", "effectiveInstant", "effectivePeriod", "valueQuantity",
+    "component.modifierExtension", "component.code.coding.system", "component.code.coding.code",
+    "component.valueQuantity", "specimen.reference", "referenceRange.low", "hasMember.reference",
+})
+_EFFECTIVE_KEYS = ("effectiveDateTime", "effectiveInstant", "effectivePeriod")
+_READS_WITH_ISSUED = OBSERVATION_READS | {"issued"}
 
 
 @dataclass(frozen=True)
@@ -304,8 +318,12 @@ class _Collector:
         self.components.clear()
 
     def _read(self, pending: _Pending, *, validate: bool) -> None:
-        problem = validation_error(Observation, pending.resource) if validate else None
-        problem = problem or quoted_decimal(pending.resource)
+        if validate:
+            usable, issue = screen(Observation, pending.resource, _observation_reads(pending.resource))
+            self.issues.update([issue] if issue else [])
+            if not usable:
+                return
+        problem = quoted_decimal(pending.resource)
         if problem is not None:
             return self._issue("malformed-resource", pending.source, problem)
         for holder, codes in pending.parts:
@@ -357,6 +375,11 @@ class _Collector:
                 problem=problem,
             )
         )
+
+
+def _observation_reads(r: Mapping[str, Any]) -> frozenset[str]:
+    """The elements of ``r`` the rules read: :data:`OBSERVATION_READS`, and ``issued`` when it gives the time."""
+    return OBSERVATION_READS if any(key in r for key in _EFFECTIVE_KEYS) else _READS_WITH_ISSUED
 
 
 def _parts(r: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], frozenset[Code]]]:

@@ -91,7 +91,8 @@ class DataIssue:
     """A problem with the data that the clinician should know about."""
 
     #: "anc-uninterpretable", "anc-not-computable", "temperature-uninterpretable", "malformed-resource",
-    #: "conflicting-duplicates", "missing-effective-time", "future-dated", "preliminary-result", "data-unavailable"
+    #: "conflicting-duplicates", "missing-effective-time", "future-dated", "preliminary-result", "data-unavailable",
+    #: "invalid-unread-elements" (used as it is; for the interface's maintainers, never on a card)
     code: str
     source: str | None
     detail: str | None

@@ -21,7 +21,7 @@ from service.drugs import MedicationRole, medication_display, medication_role
 from service.fhir import codes_of, reference, source_of, status_codes
 from service.model import CodedRef, DataIssue
 from service.thresholds import BIRTH_DATE_TOLERANCE
-from service.validation import validation_error
+from service.validation import screen
 
 #: Condition.clinicalStatus codes that count, and verificationStatus codes that exclude (brief §2).
 ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
@@ -30,6 +30,21 @@ EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 #: a completed or stopped G-CSF/chemotherapy order still marks recent chemotherapy).
 CURRENT_MEDICATION = frozenset({"active", "on-hold"})
 ENDED_MEDICATION = frozenset({"completed", "stopped"})
+
+#: The elements the rules read, by resource type (``service.validation.screen``): an invalid one makes the record
+#: unusable, invalid elements elsewhere (display texts, narrative, extensions, meta) do not.
+_ALWAYS_READ = frozenset({"resourceType", "id", "implicitRules", "modifierExtension", "subject.reference"})
+CONDITION_READS = _ALWAYS_READ | {
+    "code.coding.system", "code.coding.code", "clinicalStatus.coding.system", "clinicalStatus.coding.code",
+    "verificationStatus.coding.system", "verificationStatus.coding.code", "abatementDateTime", "abatementAge",
+    "abatementPeriod", "abatementRange", "abatementString",
+}
+MEDICATION_REQUEST_READS = _ALWAYS_READ | {
+    "status", "doNotPerform", "medicationCodeableConcept.coding.system", "medicationCodeableConcept.coding.code",
+    "medicationReference.reference", "contained", "authoredOn", "dispenseRequest.validityPeriod",
+    "dosageInstruction.timing.event", "dosageInstruction.timing.repeat.boundsPeriod",
+}
+PATIENT_READS = frozenset({"resourceType", "id", "implicitRules", "modifierExtension", "birthDate"})
 
 
 @dataclass(frozen=True)
@@ -64,12 +79,12 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
     # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).
     if (clinical and not clinical & ACTIVE_CONDITION) or (not clinical and abated):
         return None, None
-    problem = validation_error(Condition, r)
-    if problem is not None:
-        return None, _malformed(r, problem)
+    usable, issue = screen(Condition, r, CONDITION_READS)
+    if not usable:
+        return None, issue
     system, code = matched[0]
     roles = frozenset().union(*(CONDITION_ROLES[c] for c in matched))
-    return ConditionFact(CodedRef(system, code, CONDITION_DISPLAY.get((system, code)), source_of(r)), roles), None
+    return ConditionFact(CodedRef(system, code, CONDITION_DISPLAY.get((system, code)), source_of(r)), roles), issue
 
 
 def medication_index(resources: Iterable[Mapping[str, Any]]) -> Mapping[str, frozenset[Code]]:
@@ -94,15 +109,15 @@ def medication_facts(
     last = latest_order_date(r)
     if not matched or (status in ENDED_MEDICATION and last is None):
         return frozenset(), None  # an ended order without any date cannot be placed in a look-back window
-    problem = validation_error(MedicationRequest, r)
-    if problem is not None:
-        return frozenset(), _malformed(r, problem)
+    usable, issue = screen(MedicationRequest, r, MEDICATION_REQUEST_READS)
+    if not usable:
+        return frozenset(), issue
     facts = set()
     for role in {role for _, role in matched}:
         code = next(c for c, rl in matched if rl is role)
         ref = CodedRef(code[0], code[1], medication_display(code), source_of(r))
         facts.add(MedicationFact(ref, role, status in CURRENT_MEDICATION, last))
-    return frozenset(facts), None
+    return frozenset(facts), issue
 
 
 def _medication_codes(r: Mapping[str, Any], medications: Mapping[str, frozenset[Code]]) -> frozenset[Code]:
@@ -158,7 +173,7 @@ def birth(r: Mapping[str, Any], *, today: date) -> tuple[tuple[str, date] | None
         return None, _malformed(r, f"birthDate: not a valid date; {AGE_UNKNOWN}")
     if born > today + BIRTH_DATE_TOLERANCE:
         return None, _malformed(r, f"birthDate: after the evaluation date; {AGE_UNKNOWN}")
-    problem = validation_error(Patient, r)
-    if problem is not None:
-        return None, _malformed(r, problem)
-    return (source_of(r), born), None
+    usable, issue = screen(Patient, r, PATIENT_READS)
+    if not usable:
+        return None, issue
+    return (source_of(r), born), issue

@@ -21,6 +21,7 @@ from service.assessment import (
     rfc3339,
     tidy,
 )
+from service.cards import render
 from tests.service.factories import (
     NOW,
     SNOMED,
@@ -218,12 +219,12 @@ def test_newest_stale_anc_is_found_beyond_the_window() -> None:
 
 
 def test_old_malformed_lab_is_not_read_when_a_current_anc_exists() -> None:
-    result = assess([anc(300, "/uL", ago(days=40), note="bad"), anc(900, "/uL", ago(days=1))], now=NOW)
+    result = assess([anc(300, "/uL", ago(days=40), implicitRules=123), anc(900, "/uL", ago(days=1))], now=NOW)
     assert result.data_issues == ()
 
 
 def test_old_malformed_lab_is_reported_when_it_is_needed() -> None:
-    result = assess([anc(300, "/uL", ago(days=40), id="bad", note="bad")], now=NOW)
+    result = assess([anc(300, "/uL", ago(days=40), id="bad", implicitRules=123)], now=NOW)
     assert [(i.code, i.source) for i in result.data_issues] == [("malformed-resource", "Observation/bad")]
     assert result.anc is None
 
@@ -365,3 +366,44 @@ def test_fever_with_a_ucum_code_and_any_printed_unit_is_febrile_neutropenia(prin
     result = assess([anc(300, "/uL", ago(hours=2)), reading], now=NOW)
     assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
     assert not result.data_issues
+
+
+@pytest.mark.parametrize(
+    "invalid",
+    [
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8310-5", "display": ""}]}},
+        {"note": "not a list"},
+        {"triggeredBy": [{"type": "reflex"}]},  # an R5 element
+        {"extension": [{"url": "http://example.org/x", "valueInteger": 99999999999}]},
+        {"issued": "2025-03-10T11:00:00"},  # no zone, but effectiveDateTime gives the time
+        {"meta": {"lastUpdated": "2025-03-10T11:00Z"}},
+    ],
+    ids=["empty-display", "note", "later-fhir-version-element", "extension", "issued-without-zone", "meta"],
+)
+def test_fever_reading_invalid_only_where_the_rules_do_not_read_still_gives_febrile_neutropenia(
+    invalid: dict[str, Any]
+) -> None:
+    # Such a reading was dropped as malformed-resource: a fever hidden behind an EHR's empty display text.
+    reading = {**temperature("38.6", "Cel", ago(hours=1), id="t"), **invalid}
+    result = assess([anc(300, "/uL", ago(hours=2)), reading], now=NOW)
+    assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
+    assert [(i.code, i.source) for i in result.data_issues] == [("invalid-unread-elements", "Observation/t")]
+    assert "data-quality" not in {card.kind for card in render(result)}  # nothing for the clinician to do
+
+
+@pytest.mark.parametrize(
+    "invalid",
+    [
+        {"valueQuantity": {"value": 38.6, "unit": "Cel", "system": 5, "code": "Cel"}},
+        {"subject": {"reference": 5}},
+        {"implicitRules": 123},
+        {"modifierExtension": [{}]},
+    ],
+    ids=["value", "subject", "implicit-rules", "modifier-extension"],
+)
+def test_fever_reading_invalid_where_the_rules_read_is_not_used(invalid: dict[str, Any]) -> None:
+    reading = {**temperature("38.6", "Cel", ago(hours=1), id="t"), **invalid}
+    result = assess([anc(300, "/uL", ago(hours=2)), reading], now=NOW)
+    assert Finding.FEBRILE_NEUTROPENIA not in result.findings
+    assert ("malformed-resource", "Observation/t") in [(i.code, i.source) for i in result.data_issues]
+    assert "data-quality" in {card.kind for card in render(result)}

@@ -199,21 +199,21 @@ def test_temperature_without_unit_is_a_data_issue() -> None:
 
 
 def test_old_temperatures_are_not_even_validated() -> None:
-    old_and_broken = temperature(39, effective=ago(hours=25), note="not a list")
+    old_and_broken = temperature(39, effective=ago(hours=25), implicitRules=123)
     assert facts(old_and_broken) == facts()
 
 
 def test_malformed_relevant_resource_is_a_data_issue() -> None:
-    found = facts(anc(400, id="m", note="not a list"))
+    found = facts(anc(400, id="m", implicitRules=123))
     assert not found.labs
     (issue,) = found.issues
     assert (issue.code, issue.source) == ("malformed-resource", "Observation/m")
-    assert issue.detail is not None and issue.detail.startswith("note")
+    assert issue.detail is not None and issue.detail.startswith("implicitRules")
 
 
 def _broken(resource: dict[str, Any]) -> dict[str, Any]:
-    """``resource`` made invalid for fhir.resources (Observation.note must be a list) and nothing else."""
-    return {**resource, "note": "not a list"}
+    """``resource`` made invalid for fhir.resources in an element the rules read (implicitRules is a uri)."""
+    return {**resource, "implicitRules": 123}
 
 
 @pytest.mark.parametrize(
@@ -244,7 +244,7 @@ def test_white_cells_beside_a_measured_anc_are_still_classified() -> None:
 
 
 def test_malformed_irrelevant_resource_is_ignored_silently() -> None:
-    assert facts(observation("8867-4", 80, "/min", note="bad"), {"resourceType": "Encounter", "x": 1}) == facts()
+    assert facts(observation("8867-4", 80, "/min", implicitRules=123), {"resourceType": "Encounter", "x": 1}) == facts()
 
 
 def test_conflicting_codings_are_malformed() -> None:
@@ -428,7 +428,7 @@ def test_same_id_without_versions_keeps_both() -> None:
         ([temperature(36.6, id="d"), temperature(39.1, id="d")], "Observation/d"),
         ([anc(3000, id="d"), anc(400, id="d", meta={"versionId": "7"})], "Observation/d"),  # one unversioned
         ([anc(400, id="d", meta={"versionId": "7"}), anc(900, id="d", meta={"versionId": "7"})], "Observation/d"),
-        ([anc(3000, id="d"), anc(400, id="d", note="not a list")], "Observation/d"),  # one copy malformed
+        ([anc(3000, id="d"), anc(400, id="d", implicitRules=123)], "Observation/d"),  # one copy malformed
         ([condition("425229001", id="d"), condition("425229001", id="d", clinical="resolved")], "Condition/d"),
         ([medication_request("338036", id="d"), medication_request("338036", id="d", authored=ago(days=2))],
          "MedicationRequest/d"),
@@ -494,7 +494,7 @@ def test_reference_normalisation(value: object, expected: str | None) -> None:
 
 
 def test_older_labs_are_deferred_not_validated() -> None:
-    found = facts(anc(400, effective=ago(days=8), id="old", note="not a list"), anc(500, effective=ago(days=1)))
+    found = facts(anc(400, effective=ago(days=8), id="old", implicitRules=123), anc(500, effective=ago(days=1)))
     assert len(found.labs) == 1 and not found.issues
     assert [item[0]["id"] for item in found.deferred] == ["old"]
 

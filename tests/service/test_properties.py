@@ -233,7 +233,7 @@ def draws_with_broken_parts(draw: st.DrawFn) -> list[dict[str, Any]]:
                           percent("770-8", draw(st.integers(0, 90)), when, id=f"cbc{i}-pct")]
         for resource in draw_resources:
             if draw(st.booleans()):
-                resource["note"] = "not a list"  # fhir.resources refuses it: Observation.note is a list
+                resource["implicitRules"] = 123  # fhir.resources refuses it (a uri), and the rules read it
         resources += draw_resources
     return resources
 

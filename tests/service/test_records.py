@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 import pytest
 
+from service.codes import ConditionRole
 from service.drugs import MedicationRole
 from service.model import DataIssue
 from service.records import birth, condition_fact, latest_order_date, medication_facts, medication_index
-from tests.service.factories import ATC, NOW, ago, condition, medication_request, patient
+from tests.service.factories import ATC, NOW, SNOMED, ago, condition, medication_request, patient
 
 
 def test_condition_fact_uses_our_display() -> None:
@@ -18,8 +20,32 @@ def test_condition_fact_uses_our_display() -> None:
 
 
 def test_malformed_condition_is_an_issue() -> None:
-    fact, issue = condition_fact(condition("165517008", id="n", note="bad"))
-    assert fact is None and issue is not None and issue.source == "Condition/n"
+    fact, issue = condition_fact(condition("165517008", id="n", implicitRules=123))
+    assert fact is None and issue is not None and (issue.code, issue.source) == ("malformed-resource", "Condition/n")
+
+
+@pytest.mark.parametrize(
+    "invalid",
+    [{"note": "not a list"}, {"code": {"coding": [{"system": SNOMED, "code": "165517008", "display": ""}]}},
+     {"onsetDateTime": "last spring"}, {"participant": [{}]}],
+    ids=["note", "empty-display", "onset", "later-fhir-version-element"],
+)
+def test_condition_invalid_only_where_the_rules_do_not_read_is_used(invalid: dict[str, Any]) -> None:
+    fact, issue = condition_fact({**condition("165517008", id="n"), **invalid})
+    assert fact is not None and fact.roles == {ConditionRole.RISK_FACTOR}
+    assert issue is not None and (issue.code, issue.source) == ("invalid-unread-elements", "Condition/n")
+
+
+@pytest.mark.parametrize(
+    ("invalid", "usable"),
+    [({"note": "not a list"}, True), ({"authoredOn": "last week"}, False), ({"doNotPerform": "maybe"}, False),
+     ({"dosageInstruction": [{"text": ""}]}, True)],
+    ids=["note", "authored-on", "do-not-perform", "dosage-text"],
+)
+def test_medication_request_invalid_where_read_is_not_used(invalid: dict[str, Any], usable: bool) -> None:
+    facts, issue = medication_facts({**medication_request("338036", id="m"), **invalid}, {})
+    assert bool(facts) is usable
+    assert issue is not None and issue.code == ("invalid-unread-elements" if usable else "malformed-resource")
 
 
 def test_medication_index_and_reference() -> None:
@@ -77,5 +103,13 @@ def test_birth_unusable_is_a_data_issue(birth_date: object, why: str) -> None:
 
 
 def test_birth_of_an_invalid_patient_is_a_data_issue() -> None:
-    found, issue = birth(patient("2001-02-03", gender=5), today=TODAY)
-    assert found is None and issue is not None and issue.detail is not None and issue.detail.startswith("gender")
+    found, issue = birth(patient("2001-02-03", implicitRules=5), today=TODAY)
+    assert found is None and issue is not None and issue.code == "malformed-resource"
+    assert issue.detail is not None and issue.detail.startswith("implicitRules")
+
+
+def test_birth_of_a_patient_invalid_elsewhere_is_used() -> None:
+    found, issue = birth(patient("2001-02-03", id="p", gender=5), today=TODAY)
+    assert found == ("Patient/p", date(2001, 2, 3))
+    assert issue is not None and issue.code == "invalid-unread-elements" and issue.detail is not None
+    assert issue.detail.startswith("gender")

@@ -10,16 +10,65 @@ from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.observation import Observation
 
 from service import validation
-from service.validation import VerdictMemo, validate
+from service.validation import WHOLE_RESOURCE, Verdict, VerdictMemo, screen, touches, validate
 
 VALID = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
 
 
 def test_validate_names_the_field() -> None:
     assert validate(Observation, VALID) is None
-    problem = validate(Observation, {**VALID, "note": "x"})
-    assert problem is not None and problem.startswith("note:")
+    verdict = validate(Observation, {**VALID, "note": "x"})
+    assert verdict is not None and verdict.problem.startswith("note:") and verdict.elements == {"note"}
     assert validate(Observation, {**VALID, "status": None}) is not None
+
+
+@pytest.mark.parametrize(
+    ("invalid", "elements"),
+    [
+        ({"code": {"coding": [{"code": "x", "display": ""}]}}, {"code.coding.display"}),
+        ({"note": "x", "issued": "today"}, {"note", "issued"}),
+        ({"component": [{"code": {"text": "c"}, "valueQuantity": {"value": "x"}}]}, {"component.valueQuantity.value"}),
+        ({"valueString": "a", "valueBoolean": True}, {WHOLE_RESOURCE}),  # a rule across elements
+    ],
+    ids=["nested-in-a-list", "every-error", "in-a-component", "across-elements"],
+)
+def test_validate_names_every_invalid_element_without_list_indexes(invalid: dict[str, Any],
+                                                                   elements: set[str]) -> None:
+    verdict = validate(Observation, {**VALID, **invalid})
+    assert verdict is not None and verdict.elements == elements
+
+
+@pytest.mark.parametrize(
+    ("elements", "touched"),
+    [
+        ({"code.coding.code"}, True),  # the element read
+        ({"code.coding"}, True),  # holds an element read
+        ({"valueQuantity.value"}, True),  # inside an element read
+        ({"code.coding.display"}, False),  # a sibling of an element read
+        ({"code.codingx"}, False),  # a longer name is not inside
+        ({"note", "valueQuantity"}, True),  # any one is enough
+        ({WHOLE_RESOURCE}, True),  # about the whole resource: cannot be ruled out
+    ],
+    ids=["same", "holds", "inside", "sibling", "longer-name", "any-one", "whole-resource"],
+)
+def test_touches(elements: set[str], touched: bool) -> None:
+    verdict = Verdict("x", frozenset(elements))
+    assert touches(verdict, {"code.coding.code", "valueQuantity"}) is touched
+
+
+@pytest.mark.parametrize(
+    ("resource", "usable", "code"),
+    [
+        (VALID, True, None),
+        ({**VALID, "note": "x"}, True, "invalid-unread-elements"),
+        ({**VALID, "implicitRules": 1}, False, "malformed-resource"),
+    ],
+    ids=["valid", "invalid-elsewhere", "invalid-where-read"],
+)
+def test_screen(resource: dict[str, Any], usable: bool, code: str | None) -> None:
+    found, issue = screen(Observation, {**resource, "id": "o"}, {"status", "implicitRules"})
+    assert found is usable
+    assert (issue.code, issue.source) == (code, "Observation/o") if code else issue is None
 
 
 @pytest.mark.parametrize("resource", [
