@@ -21,8 +21,11 @@ from cds_hooks.errors import InvalidRequest
 _ABSENT = object()
 
 _RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(?P<second>\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
 )
+#: RFC 3339 §5.6 allows second 60, a leap second, which ``datetime`` cannot hold.
+_LEAP_SECOND = "60"
+_SECOND = slice(17, 19)  # "YYYY-MM-DDTHH:MM:SS": where the seconds are in a value the pattern matched
 
 
 class _StrictString(fields.String):
@@ -58,10 +61,19 @@ class _Timestamp(fields.Field[datetime]):
     """An RFC 3339 date-time with a time zone, as feedback's `outcomeTimestamp` requires."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
-        if not isinstance(value, str) or not _RFC3339.match(value):
+        match = _RFC3339.match(value) if isinstance(value, str) else None
+        if match is None:
             raise ValidationError("must be an RFC 3339 date-time with a time zone, e.g. 2021-12-11T10:05:31Z")
+        text = value.replace("z", "Z").replace("Z", "+00:00")
+        leap = match.group("second") == _LEAP_SECOND
+        if leap:
+            # Read as the last instant of its minute (59.999999 s), as service/timing.py reads FHIR times: the
+            # order of timestamps is kept and the instant never moves into the next minute, day or year.
+            text = text[: _SECOND.start] + "59" + text[_SECOND.stop :]
         try:
-            parsed = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(text)
+            if leap:
+                parsed = parsed.replace(microsecond=999_999)
             return parsed.astimezone(timezone.utc)
         except (ValueError, OverflowError):
             # OverflowError: a valid offset that moves the instant outside years 1-9999.

@@ -17,6 +17,8 @@ _PATTERN = re.compile(
     r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d+)?)?(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$"
 )
 _TICK = timedelta(microseconds=1)
+#: A leap second ("...:60", allowed by FHIR dateTime/instant and RFC 3339 §5.6) cannot be held by ``datetime``.
+_LEAP_SECOND = "60"
 
 
 class Timing(NamedTuple):
@@ -46,7 +48,8 @@ def parse(value: object) -> Timing | None:
     y, m, d, hour, minute, second, fraction, zone = match.groups()
     if hour is not None:
         # The pattern has checked the FHIR form; the C parser builds the value (a third of the cost of building
-        # it from the groups). It truncates a fraction to microseconds, as below.
+        # it from the groups). It truncates a fraction to microseconds, as below; a leap second (":60") it
+        # refuses, and it is read below.
         try:
             moment = datetime.fromisoformat(match.group()).astimezone(timezone.utc)
             return Timing(moment, moment)
@@ -56,6 +59,11 @@ def parse(value: object) -> Timing | None:
         year, month, day = int(y), int(m or 1), int(d or 1)
         if hour is not None:
             micro = int(fraction[1:7].ljust(6, "0")) if fraction else 0  # truncated to microseconds
+            if second == _LEAP_SECOND:
+                # A leap second is read as the last instant of its minute (59.999999 s, whatever its fraction),
+                # not as 59 s plus the fraction: that keeps the order of the readings (nothing of second 60
+                # comes before anything of second 59) and never moves the time into the next minute, day or year.
+                second, micro = "59", 999_999
             moment = datetime(
                 year, month, day, int(hour), int(minute), int(second or 0), micro, tzinfo=_offset(zone)
             ).astimezone(timezone.utc)

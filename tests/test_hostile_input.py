@@ -480,7 +480,14 @@ DATE_CASES: list[Case] = [
      Issue("missing-effective-time", "Observation/anc-1")),
     ("date-hour-24", Send(request(labs=[observation(effectiveDateTime="2025-03-10T24:00:00Z")])),
      Issue("missing-effective-time", "Observation/anc-1")),
+    # A leap second (FHIR and RFC 3339 allow second 60) is read as 59.999999 s (service/timing.py): a real one
+    # (the last, 2016) is a stale ANC, and a fever in one still makes the emergency.
     ("date-leap-second", Send(request(labs=[observation(effectiveDateTime="2016-12-31T23:59:60Z")])),
+     Assessed(("anc-stale",))),
+    ("date-leap-second-fever", Send(request(labs=[observation()], vitals=[
+        temperature() | {"effectiveDateTime": "2025-03-09T23:59:60.5Z"}])),
+     Assessed(("febrile-neutropenia", "neutropenia-severe", "medication-review"))),
+    ("date-second-61", Send(request(labs=[observation(effectiveDateTime="2016-12-31T23:59:61Z")])),
      Issue("missing-effective-time", "Observation/anc-1")),
     ("date-zone-plus-25", Send(request(labs=[observation(effectiveDateTime="2025-03-10T08:00:00+25:00")])),
      Issue("missing-effective-time", "Observation/anc-1")),
@@ -589,6 +596,8 @@ FEEDBACK_CASES: list[Case] = [
      Rejected(400, "feedback[0].outcomeTimestamp")),
     ("feedback-timestamp-trailing-newline", feedback(outcomeTimestamp="2025-03-10T12:05:00Z\n"),
      Rejected(400, "feedback[0].outcomeTimestamp")),
+    ("feedback-timestamp-second-61", feedback(outcomeTimestamp="2016-12-31T23:59:61Z"),
+     Rejected(400, "feedback[0].outcomeTimestamp")),
     ("feedback-accepted-without-suggestions", feedback(outcome="accepted"),
      Rejected(400, "feedback[0].acceptedSuggestions")),
     ("feedback-accepted-suggestions-not-a-list", feedback(outcome="accepted", acceptedSuggestions="s-1"),
@@ -620,6 +629,7 @@ FEEDBACK_STORED_CASES: list[Case] = [
      Assessed()),
     ("feedback-duplicate-report", feedback(OVERRIDDEN, OVERRIDDEN), Assessed()),
     ("feedback-unknown-fields", feedback(OVERRIDDEN | {"x": {"y": [1]}}), Assessed()),
+    ("feedback-timestamp-leap-second", feedback(outcomeTimestamp="2016-12-31T23:59:60Z"), Assessed()),
 ]
 
 CASES: list[Case] = (BODY_CASES + ENVELOPE_CASES + PREFETCH_CASES + OBSERVATION_CASES + DATE_CASES

@@ -125,6 +125,19 @@ def test_feedback_loads_accepted_and_overridden() -> None:
     assert bare.override_reason is None
 
 
+@pytest.mark.parametrize(("timestamp", "expected"), [
+    ("2016-12-31T23:59:59Z", datetime(2016, 12, 31, 23, 59, 59, tzinfo=timezone.utc)),
+    ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)),
+    ("2016-12-31T23:59:60.5Z", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)),
+    ("2017-01-01T00:59:60+01:00", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)),
+    ("2017-01-01T00:00:00Z", datetime(2017, 1, 1, tzinfo=timezone.utc)),
+], ids=["second-59", "leap-second", "leap-second-fraction", "leap-second-offset", "next-minute"])
+def test_feedback_timestamp_leap_second_is_the_last_instant_of_its_minute(timestamp: str, expected: datetime) -> None:
+    # RFC 3339 §5.6 allows second 60; it is read as service/timing.py reads FHIR times (59.999999 s).
+    (item,) = load_feedback({"feedback": [{**ACCEPTED, "outcomeTimestamp": timestamp}]})
+    assert item.outcome_timestamp == expected
+
+
 @pytest.mark.parametrize("body, field", [
     ({}, "feedback"),
     ({"feedback": []}, "feedback"),
@@ -136,6 +149,8 @@ def test_feedback_loads_accepted_and_overridden() -> None:
     ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "yesterday"}]}, "feedback[0].outcomeTimestamp"),
     ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2021-12-11T10:05:31"}]}, "feedback[0].outcomeTimestamp"),
     ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2021-13-41T10:05:31Z"}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2016-12-31T23:59:61Z"}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2016-12-31T23:59:60Z\n"}]}, "feedback[0].outcomeTimestamp"),
     ({"feedback": [{k: v for k, v in ACCEPTED.items() if k != "acceptedSuggestions"}]},
      "feedback[0].acceptedSuggestions"),
     ({"feedback": [{**ACCEPTED, "acceptedSuggestions": [{}]}]}, "feedback[0].acceptedSuggestions[0].id"),
@@ -143,6 +158,7 @@ def test_feedback_loads_accepted_and_overridden() -> None:
      "feedback[1].overrideReason.reason.system"),
 ], ids=["no-feedback-key", "empty-list", "not-a-list", "card-null", "card-missing", "unknown-outcome",
         "timestamp-missing", "timestamp-not-a-date", "timestamp-without-zone", "timestamp-impossible",
+        "timestamp-second-61", "timestamp-leap-second-trailing-newline",
         "accepted-without-suggestions", "suggestion-without-id", "reason-without-system"])
 def test_invalid_feedback_names_the_field(body: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequest) as caught:

@@ -26,8 +26,13 @@ def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: 
         ("2025-02", at(2025, 2, 1), at(2025, 2, 28, 23, 59, 59, 999999)),
         ("2024-12", at(2024, 12, 1), at(2024, 12, 31, 23, 59, 59, 999999)),
         ("2025", at(2025, 1, 1), at(2025, 12, 31, 23, 59, 59, 999999)),
+        ("2016-12-31T23:59:60Z", at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999)),
+        ("2016-12-31T23:59:60.25Z", at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999)),
+        ("2017-01-01T08:59:60+09:00", at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999)),
+        ("9999-12-31T23:59:60Z", at(9999, 12, 31, 23, 59, 59, 999999), at(9999, 12, 31, 23, 59, 59, 999999)),
     ],
-    ids=["utc", "offset", "fraction", "date", "month", "december", "year"],
+    ids=["utc", "offset", "fraction", "date", "month", "december", "year", "leap-second", "leap-second-fraction",
+         "leap-second-offset", "leap-second-last-minute-of-9999"],
 )
 def test_parse_gives_an_interval(value: str, effective: datetime, latest: datetime) -> None:
     assert parse(value) == Timing(effective, latest)
@@ -36,7 +41,7 @@ def test_parse_gives_an_interval(value: str, effective: datetime, latest: dateti
 @pytest.mark.parametrize(
     "value",
     ["", "yesterday", "2025-02-30", "2025-13", "2025-03-10T25:00:00Z", "2025-03-10T10:00:00+25:00", "9999-12-31",
-     "0001-01-01T00:00:00+05:00", None, 20250310, ["2025"]],
+     "0001-01-01T00:00:00+05:00", "2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z", None, 20250310, ["2025"]],
     ids=lambda v: repr(v),
 )
 def test_parse_rejects_what_is_not_a_date(value: object) -> None:
@@ -44,12 +49,16 @@ def test_parse_rejects_what_is_not_a_date(value: object) -> None:
 
 
 def _by_fields(value: str) -> datetime | None:
-    """A dateTime with a time, built field by field (the oracle for the fast path of ``parse``)."""
+    """A dateTime with a time, built field by field (the oracle for the fast path of ``parse``).
+
+    A leap second (second 60) is the last instant of its minute, whatever its fraction."""
     y, mo, d = int(value[0:4]), int(value[5:7]), int(value[8:10])
     clock, zone = (value[11:-1], "Z") if value.endswith("Z") else (value[11:-6], value[-6:])
     hour, minute = int(clock[0:2]), int(clock[3:5])
     second = int(clock[6:8]) if len(clock) >= 8 else 0
     micro = int(clock[9:15].ljust(6, "0")) if len(clock) > 9 else 0
+    if second == 60:
+        second, micro = 59, 999999
     sign = -1 if zone[0] == "-" else 1
     offset = timedelta() if zone == "Z" else sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
     try:
@@ -71,7 +80,7 @@ def _date_times(count: int) -> list[str]:
                f"-{field((1, 15, 28, 29, 30, 31), (0, 32)):02d}")
         clock = f"{field((0, 9, 12, 23), (24, 99)):02d}:{field((0, 30, 59), (60,)):02d}"
         if rng.random() < 0.8:
-            clock += f":{field((0, 30, 59), (60, 61)):02d}"
+            clock += f":{field((0, 30, 59, 60), (61, 99)):02d}"
             if rng.random() < 0.5:
                 clock += "." + "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12)))
         zone = "Z" if rng.random() < 0.3 else (
