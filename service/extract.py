@@ -291,7 +291,7 @@ class _Collector:
             return self._issue("malformed-resource", source_of(r), f"status: unknown value {status!r}")
         if when is None:
             return self._issue("missing-effective-time", source_of(r), "no usable effective time or issued date")
-        if when.effective > self.future_limit:
+        if not timing.begun_by(when, self.future_limit):
             return self._issue("future-dated", source_of(r), "effective time is in the future; ignored")
         temperature_only = not _is_lab(parts)
         if temperature_only and when.latest < self.temperatures_from:

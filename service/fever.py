@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 
+from service import timing
 from service.extract import Temperature
 from service.model import Fever
 from service.thresholds import (
@@ -29,9 +30,13 @@ SINGLE_READING, SUSTAINED, NONE = "single-reading", "sustained", "none"
 def in_window(
     temperatures: Iterable[Temperature], *, now: datetime, policy: ClinicalPolicy = DEFAULT_POLICY
 ) -> list[Temperature]:
-    """The readings that may fall inside the temperature window ending at ``now`` (future ones excluded)."""
+    """The readings that may fall inside the temperature window ending at ``now`` (future ones excluded).
+
+    A reading is future when it cannot have begun by ``now`` plus the tolerance (:func:`service.timing.begun_by`:
+    a date-only reading may have begun in the earliest time zone, as :mod:`service.extract` also allows).
+    """
     start, end = now - policy.temperature_window, now + policy.future_tolerance
-    return sorted({t for t in temperatures if t.latest >= start and t.effective <= end}, key=Temperature.order)
+    return sorted({t for t in temperatures if t.latest >= start and timing.begun_by(t, end)}, key=Temperature.order)
 
 
 def assess_fever(

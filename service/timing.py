@@ -2,7 +2,8 @@
 
 A value with less than full precision covers an interval: "2025-03-10" is the whole day (in UTC - DESIGN, a date
 has no zone), "2025-03" the whole month. ``Timing.effective`` is the start of that interval (so a date-only
-result of today is not "in the future") and ``Timing.latest`` its end (so it still counts as recent).
+result of today is not "in the future") and ``Timing.latest`` its end (so it still counts as recent). Whether a
+result lies in the future is asked of :func:`begun_by`, which allows a date to start in the earliest time zone.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta, timezone
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 _PATTERN = re.compile(
     r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
@@ -19,6 +20,11 @@ _PATTERN = re.compile(
 _TICK = timedelta(microseconds=1)
 #: A leap second ("...:60", allowed by FHIR dateTime/instant and RFC 3339 §5.6) cannot be held by ``datetime``.
 _LEAP_SECOND = "60"
+
+#: How long before its UTC start a date (or month, or year) may already have begun somewhere: UTC offsets in use
+#: range from -12:00 to +14:00 (UTC+14:00, the Line Islands, is the furthest zone ahead), and a FHIR date has no
+#: zone, so "2025-03-11" has begun at UTC+14 by 2025-03-10T10:00Z. A calendar fact, not a clinical threshold.
+EARLIEST_ZONE_LEAD = timedelta(hours=14)
 
 
 class Timing(NamedTuple):
@@ -35,6 +41,31 @@ class Timing(NamedTuple):
     def precise(self) -> bool:
         """Whether the time is a single instant (not a date, month or period)."""
         return self.effective == self.latest
+
+
+class Timed(Protocol):
+    """Anything that keeps a result's time as a ``Timing`` does: a ``Timing``, a lab result, a temperature."""
+
+    @property
+    def effective(self) -> datetime: ...
+
+    @property
+    def latest(self) -> datetime: ...
+
+
+def begun_by(when: Timed, limit: datetime) -> bool:
+    """Whether ``when`` may have begun by ``limit``: an instant at or before it, a date begun in any time zone.
+
+    A result that has not is future-dated (brief §2). A date, month or year (``effective`` its UTC start, before
+    ``latest``) has no zone, so it may have begun up to ``EARLIEST_ZONE_LEAD`` before its UTC start: without
+    that, a fever dated with the local date at UTC+10 would be ignored as future from 14:00Z to midnight UTC, and
+    febrile neutropenia missed. An instant (also a Period ending at one, see :func:`period`) carries its zone and
+    is held to ``limit`` exactly.
+    """
+    # The plain comparison first: it decides nearly every result (those before ``limit``) without arithmetic.
+    return when.effective <= limit or (
+        when.effective != when.latest and earlier(when.effective, EARLIEST_ZONE_LEAD) <= limit
+    )
 
 
 def parse(value: object) -> Timing | None:

@@ -489,6 +489,13 @@ DATE_CASES: list[Case] = [
      Assessed(("febrile-neutropenia", "neutropenia-severe", "medication-review"))),
     ("date-second-61", Send(request(labs=[observation(effectiveDateTime="2016-12-31T23:59:61Z")])),
      Issue("missing-effective-time", "Observation/anc-1")),
+    # A date has no zone: at 12:00Z it is 11 March from UTC+12:00 on, so a fever dated so may have been taken.
+    ("date-fever-tomorrow-in-utc", Send(request(labs=[observation()], vitals=[
+        temperature() | {"effectiveDateTime": "2025-03-11"}])),
+     Assessed(("febrile-neutropenia", "neutropenia-severe", "medication-review"))),
+    ("date-fever-two-days-ahead", Send(request(labs=[observation()], vitals=[
+        temperature() | {"effectiveDateTime": "2025-03-12"}])),
+     Issue("future-dated", "Observation/temp-1", SEVERE)),
     ("date-zone-plus-25", Send(request(labs=[observation(effectiveDateTime="2025-03-10T08:00:00+25:00")])),
      Issue("missing-effective-time", "Observation/anc-1")),
     ("date-zone-without-colon", Send(request(labs=[observation(effectiveDateTime="2025-03-10T08:00:00+0000")])),

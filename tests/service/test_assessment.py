@@ -22,6 +22,7 @@ from service.assessment import (
     tidy,
 )
 from service.cards import render
+from service.rules import INDICATOR
 from tests.service.factories import (
     NOW,
     SNOMED,
@@ -407,3 +408,29 @@ def test_fever_reading_invalid_where_the_rules_read_is_not_used(invalid: dict[st
     assert Finding.FEBRILE_NEUTROPENIA not in result.findings
     assert ("malformed-resource", "Observation/t") in [(i.code, i.source) for i in result.data_issues]
     assert "data-quality" in {card.kind for card in render(result)}
+
+
+@pytest.mark.parametrize(
+    ("fever_dated", "findings"),
+    [
+        ("2025-03-11", ["febrile-neutropenia", "neutropenia-severe", "medication-review"]),
+        ("2025-03-10", ["febrile-neutropenia", "neutropenia-severe", "medication-review"]),
+        ("2025-03-12", ["neutropenia-severe", "medication-review"]),
+    ],
+    ids=["tomorrow-in-utc", "today-in-utc", "two-days-ahead"],
+)
+def test_fever_dated_with_a_local_date_ahead_of_utc_makes_febrile_neutropenia(
+    fever_dated: str, findings: list[str]
+) -> None:
+    # At 20:00Z it is already 11 March from UTC+04:00 eastwards (10:00 on the 11th at UTC+14:00): a temperature
+    # dated "2025-03-11" may have been taken, and ignoring it as future missed febrile neutropenia. 12 March
+    # has begun nowhere (it is 10:00 on the 11th at UTC+14:00), so that reading stays future-dated.
+    now = datetime(2025, 3, 10, 20, 0, tzinfo=timezone.utc)
+    result = assess([anc(300, "/uL", ago(hours=1, now=now), id="a"), temperature("38.6", "Cel", fever_dated, id="t")],
+                    now=now)
+    assert [f.value for f in result.findings] == findings
+    if Finding.FEBRILE_NEUTROPENIA in result.findings:
+        assert INDICATOR[result.findings[0]] == "critical"
+        assert result.fever is not None and result.fever.sources == ("Observation/t",)
+    else:
+        assert [(i.code, i.source) for i in result.data_issues] == [("future-dated", "Observation/t")]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -15,7 +16,7 @@ from service.drugs import MedicationRole
 from service.extract import LabResult, Temperature, extract
 from service.fhir import MAX_BUNDLE_DEPTH, reference
 from service.model import DataIssue
-from service.thresholds import ClinicalPolicy
+from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
 from tests.service.factories import (
     ICD10CM,
     NEUTROPHILS_PCT,
@@ -81,6 +82,45 @@ def test_future_dated_results_are_ignored(minutes_ahead: float, used: bool) -> N
     found = facts(anc(400, effective=ago(minutes=-minutes_ahead), id="f"))
     assert bool(found.labs) is used
     assert bool(found.issues) is not used
+
+
+#: The UTC start of the date "2025-03-11"; the tests below put the future limit (now + tolerance) before it.
+TOMORROW_IN_UTC = datetime(2025, 3, 11, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda when: anc(400, effective=when, id="f"), lambda when: temperature("38.6", "Cel", when, id="f")],
+    ids=["anc", "temperature"],
+)
+@pytest.mark.parametrize(
+    ("effective", "ahead", "used"),
+    [
+        ("2025-03-11", timedelta(hours=13, minutes=59), True),
+        ("2025-03-11", timedelta(hours=14), True),
+        ("2025-03-11", timedelta(hours=14, minutes=1), False),
+        ("2025-03", timedelta(days=1), True),  # March began days before 11 March, which "ahead" counts from
+        ("2025-03-11T00:00:00Z", timedelta(0), True),
+        ("2025-03-11T00:00:00Z", timedelta(seconds=1), False),
+        ("2025-03-11T10:00:00+10:00", timedelta(seconds=1), False),
+        ({"start": "2025-03-10T23:00:00Z", "end": "2025-03-11T00:00:00Z"}, timedelta(seconds=1), False),
+    ],
+    ids=["date-13h59-ahead", "date-14h-ahead", "date-14h01-ahead", "month-begun", "timed-at-limit",
+         "timed-1s-past-limit", "timed-in-plus-10-1s-past-limit", "period-1s-past-limit"],
+)
+def test_date_only_results_may_begin_in_the_earliest_time_zone(
+    make: Callable[[str], dict[str, Any]], effective: str | dict[str, str], ahead: timedelta, used: bool
+) -> None:
+    # A date has no zone: "2025-03-11" has begun at UTC+14 from 14 h before its UTC start (service/timing.py).
+    # Instants and Periods of instants stay strict: 1 s past now + 5 min is future, as before.
+    now = TOMORROW_IN_UTC - DEFAULT_POLICY.future_tolerance - ahead
+    resource = make("2025-03-11T00:00:00Z")
+    resource.pop("effectiveDateTime")
+    resource["effectivePeriod" if isinstance(effective, dict) else "effectiveDateTime"] = effective
+    found = extract([resource], now=now)
+    assert bool(found.labs or found.temperatures) is used
+    assert found.issues == (() if used else (DataIssue("future-dated", "Observation/f",
+                                                       "effective time is in the future; ignored"),))
 
 
 @pytest.mark.parametrize(

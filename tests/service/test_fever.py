@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from service.extract import extract
-from service.fever import assess_fever
+from service import timing
+from service.extract import Temperature, extract
+from service.fever import assess_fever, in_window
 from service.model import Fever
+from service.thresholds import DEFAULT_POLICY
 from tests.service.factories import NOW, ago, temperature, vital_signs_panel, component
 
 D = Decimal
@@ -104,6 +107,32 @@ def test_date_only_reading_counts_once_but_not_in_a_run() -> None:
     today = NOW.date().isoformat()
     assert criterion(temperature("38.4", "Cel", today)) == "single-reading"
     assert criterion(temperature("38.1", "Cel", today), temperature("38.1", "Cel", ago(minutes=1))) == "none"
+
+
+#: The UTC start of the date "2025-03-11"; the test below puts the future limit (now + tolerance) before it.
+TOMORROW_IN_UTC = datetime(2025, 3, 11, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("effective", "ahead", "kept"),
+    [
+        ("2025-03-11", timedelta(hours=13, minutes=59), True),
+        ("2025-03-11", timedelta(hours=14), True),
+        ("2025-03-11", timedelta(hours=14, minutes=1), False),
+        ("2025-03-11T00:00:00Z", timedelta(0), True),
+        ("2025-03-11T00:00:00Z", timedelta(seconds=1), False),
+    ],
+    ids=["date-13h59-ahead", "date-14h-ahead", "date-14h01-ahead", "timed-at-limit", "timed-1s-past-limit"],
+)
+def test_in_window_keeps_a_date_begun_in_the_earliest_time_zone(effective: str, ahead: timedelta,
+                                                                 kept: bool) -> None:
+    # The reading is built directly, so this checks in_window's own end test, not extract's future check.
+    when = timing.parse(effective)
+    assert when is not None
+    reading = Temperature("Observation/t", D("38.60"), when.effective, when.latest, "final")
+    now = TOMORROW_IN_UTC - DEFAULT_POLICY.future_tolerance - ahead
+    assert in_window([reading], now=now) == ([reading] if kept else [])
+    assert (assess_fever([reading], now=now) is not None) is kept
 
 
 def test_fever_details() -> None:

@@ -7,7 +7,16 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from service.timing import Timing, age, birth_date, observation_timing, parse, period
+from service.timing import (
+    EARLIEST_ZONE_LEAD,
+    Timing,
+    age,
+    begun_by,
+    birth_date,
+    observation_timing,
+    parse,
+    period,
+)
 
 UTC = timezone.utc
 
@@ -137,3 +146,45 @@ def test_earlier_saturates_at_year_one() -> None:
 
     assert earlier(at(2025, 3, 10), timedelta(days=1)) == at(2025, 3, 9)
     assert earlier(at(1, 1, 2), timedelta(days=7)) == datetime.min.replace(tzinfo=UTC)
+
+
+#: A date-only value and the instant at its UTC start: the tests below move ``now`` around that start.
+DATE = parse("2025-03-11")
+STARTS = at(2025, 3, 11)
+
+
+@pytest.mark.parametrize(
+    ("when", "ahead", "begun"),
+    [
+        (DATE, timedelta(0), True),
+        (DATE, timedelta(hours=13, minutes=59), True),
+        (DATE, EARLIEST_ZONE_LEAD, True),
+        (DATE, timedelta(hours=14, minutes=1), False),
+        (DATE, timedelta(days=1), False),
+        (parse("2025-03"), EARLIEST_ZONE_LEAD, True),
+        (parse("2025-03"), EARLIEST_ZONE_LEAD + timedelta(microseconds=1), False),
+        (parse("2025"), EARLIEST_ZONE_LEAD, True),
+        (parse("2025"), EARLIEST_ZONE_LEAD + timedelta(microseconds=1), False),
+        (parse("2025-03-11T00:00:00Z"), timedelta(0), True),
+        (parse("2025-03-11T00:00:00Z"), timedelta(microseconds=1), False),
+        (parse("2025-03-11T00:00:00Z"), timedelta(hours=1), False),
+        (parse("2025-03-11T14:00:00+14:00"), timedelta(microseconds=1), False),
+        (period({"start": "2025-03-10T23:00:00Z", "end": "2025-03-11T00:00:00Z"}), timedelta(0), True),
+        (period({"start": "2025-03-10T23:00:00Z", "end": "2025-03-11T00:00:00Z"}), timedelta(seconds=1), False),
+        (period({"end": "2025-03-11"}), EARLIEST_ZONE_LEAD, True),
+        (period({"end": "2025-03-11"}), timedelta(hours=14, minutes=1), False),
+    ],
+    ids=["date-at-utc-start", "date-13h59-ahead", "date-14h-ahead", "date-14h01-ahead", "date-a-day-ahead",
+         "month-14h-ahead", "month-past-14h-ahead", "year-14h-ahead", "year-past-14h-ahead", "instant-at-limit",
+         "instant-1us-ahead", "instant-1h-ahead", "instant-at-plus-14-1us-ahead", "period-at-limit",
+         "period-1s-ahead", "period-ending-on-a-date-14h-ahead", "period-ending-on-a-date-14h01-ahead"],
+)
+def test_begun_by_allows_a_date_to_start_in_the_earliest_zone(when: Timing | None, ahead: timedelta,
+                                                                begun: bool) -> None:
+    # ``ahead``: how long after the limit the value starts in UTC (the limit is now plus the future tolerance).
+    assert when is not None
+    assert begun_by(when, when.effective - ahead) is begun
+
+
+def test_begun_by_at_year_one() -> None:
+    assert begun_by(parse("0001-01-01"), datetime.min.replace(tzinfo=UTC))  # type: ignore[arg-type]
