@@ -38,12 +38,20 @@ RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
 UCUM = "http://unitsofmeasure.org"
 
-#: Other spellings of the same code systems (HL7 OIDs).
+#: Other spellings of the same code systems: HL7 OIDs, and the canonical URL with https or a trailing slash (not
+#: the canonical form, but no other system is meant by it: read as something else, a fever was dropped unnoticed).
 SYSTEM_ALIASES: Mapping[str, str] = {
     "urn:oid:2.16.840.1.113883.6.1": LOINC,
     "urn:oid:2.16.840.1.113883.6.96": SNOMED,
     "urn:oid:2.16.840.1.113883.6.88": RXNORM,
     "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
+    **{
+        f"{scheme}{url.removeprefix('http')}{slash}": url
+        for url in (LOINC, SNOMED, ICD10CM, RXNORM, ATC)
+        for scheme in ("http", "https")
+        for slash in ("", "/")
+        if (scheme, slash) != ("http", "")
+    },
 }
 
 Code = tuple[str, str]

@@ -114,10 +114,15 @@ def test_medication_display_for_class_and_code() -> None:
         ("urn:oid:2.16.840.1.113883.6.88", "68442", (RXNORM, "68442")),
         ("urn:oid:2.16.840.1.113883.6.90", "D70.1", (ICD10CM, "D70.1")),
         (" http://loinc.org ", " 751-8 ", (LOINC, "751-8")),
+        ("http://loinc.org/", "8310-5", (LOINC, "8310-5")),
+        ("https://loinc.org", "8310-5", (LOINC, "8310-5")),
+        ("https://snomed.info/sct/", "165517008", (SNOMED, "165517008")),
+        ("http://example.org/loinc.org", "751-8", ("http://example.org/loinc.org", "751-8")),
         (None, "751-8", None),
         ("http://loinc.org", 751, None),
     ],
-    ids=["loinc", "loinc-oid", "snomed-oid", "rxnorm-oid", "icd-oid", "spaces", "no-system", "numeric-code"],
+    ids=["loinc", "loinc-oid", "snomed-oid", "rxnorm-oid", "icd-oid", "spaces", "trailing-slash", "https",
+         "https-and-slash", "other-system", "no-system", "numeric-code"],
 )
 def test_canonical(system: object, code: object, expected: tuple[str, str] | None) -> None:
     assert canonical(system, code) == expected
