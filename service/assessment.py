@@ -28,6 +28,7 @@ from service.records import MedicationFact
 from service.rules import RuleInput, ctcae_grade, evaluate
 from service.thresholds import DEFAULT_POLICY as DEFAULT_POLICY
 from service.thresholds import ClinicalPolicy as ClinicalPolicy
+from service.thresholds import neutropenia_below
 
 #: The key of the response extension (design.md §3).
 EXTENSION_KEY = "org.neutropenia-cds.assessment"
@@ -91,6 +92,7 @@ def assess(
         medications=medications,
         chemotherapy_context=bool(context),
         age_years=years,
+        neutropenia_below=neutropenia_below(years, days),
         data_issues=tuple(sorted(issues, key=lambda i: (i.code, i.source or "", i.detail or ""))),
         context=context,
     )

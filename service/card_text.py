@@ -7,8 +7,9 @@ and other EHRs do not render HTML). Counts are written "/uL" throughout.
 Summary format fields, filled by `service.cards` (each already includes its unit):
 ``{anc}`` "400/uL (grade 4, preliminary)" · ``{temp}`` "38.4 °C" · ``{date}`` "2025-03-10" ·
 ``{days}`` "12" · ``{falling}`` ", falling" or "" · ``{count}`` "3" · ``{medicines}`` "3 active medicines" ·
-``{fn_anc}`` "1000/uL" (the febrile-neutropenia cut-off; from `CardSettings`).
-Numbers written into the text (100, 1500/uL; 38.0, 38.3 °C, 60 minutes) are checked against
+``{fn_anc}`` "1000/uL" (the febrile-neutropenia cut-off; from `CardSettings`) · ``{normal_anc}`` "1500/uL" (the
+lower limit of a normal ANC for the patient's age, brief §1.5).
+Numbers written into the text (100/uL; 38.0, 38.3 °C, 60 minutes) are checked against
 `service.thresholds` by the tests.
 Details may use the same fields.
 
@@ -194,16 +195,18 @@ FEVER_ESCALATION = CardTemplate(
         "fever-normal-anc": "Fever {temp} with ANC {anc}: not neutropenic, usual fever assessment",
     },
     advice={
-        "temperature-elevated": "One reading from 38.0 °C to 38.29 °C: not yet a fever by our rule, but the "
-                                "patient is neutropenic. Recheck the temperature within 1 hour.\n\n"
+        "temperature-elevated": "A temperature from 38.0 °C to 38.29 °C, not yet held for 60 minutes: not yet a "
+                                "fever by our rule, but the patient is neutropenic. Recheck the temperature within "
+                                "1 hour.\n\n"
                                 + _ESCALATION_RULE,
-        "fever-mild-neutropenia": "Fever with an ANC from {fn_anc} to 1499/uL: not febrile neutropenia by our rule. "
+        "fever-mild-neutropenia": "Fever with an ANC of {fn_anc} or more but below {normal_anc}, the lower limit for "
+                                  "the patient's age: not febrile neutropenia by our rule. "
                                   "See the patient today, repeat the CBC with differential and look for a source "
                                   "of infection.\n\n" + _ESCALATION_RULE,
         "fever-no-anc": "Fever without a current ANC. Get a CBC with differential urgently: an ANC below "
                         "{fn_anc} makes this febrile neutropenia, an emergency.",
-        "fever-normal-anc": "Fever with an ANC of 1500/uL or more: not febrile neutropenia. Assess the fever in "
-                            "the usual way.",
+        "fever-normal-anc": "Fever with an ANC of {normal_anc} or more, normal for the patient's age: not febrile "
+                            "neutropenia. Assess the fever in the usual way.",
     },
     suggested=Suggested(orders=(CBC_WITH_DIFFERENTIAL,), priority="urgent", reason="Fever; ANC needed",
                         recommended=True, findings=frozenset({"fever-mild-neutropenia", "fever-no-anc"})),

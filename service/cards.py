@@ -322,6 +322,7 @@ class _View:
             "count": str(len(self.issues)),
             "medicines": f"{medicines} active medicine{'s' if medicines != 1 else ''}",
             "fn_anc": f"{_count(self.settings.febrile_neutropenia_anc_below)}/uL",
+            "normal_anc": f"{_count(a.neutropenia_below)}/uL",
         }
 
 

@@ -12,6 +12,8 @@ from datetime import datetime
 from decimal import Decimal
 from enum import Enum
 
+from service.thresholds import ANC_NORMAL_LOWER
+
 
 class Finding(str, Enum):
     """Finding codes of design.md §3; declaration order is urgency order (most urgent first)."""
@@ -120,6 +122,8 @@ class Assessment:
     medications: tuple[CodedRef, ...] = ()  # active medicines that can cause neutropenia
     chemotherapy_context: bool = False
     age_years: int | None = None
+    #: The ANC below which a patient of this age is neutropenic (brief §1.5; the adult one when the age is unknown).
+    neutropenia_below: Decimal = ANC_NORMAL_LOWER
     data_issues: tuple[DataIssue, ...] = ()
     #: Addition: what established the chemotherapy/high-risk context (conditions, chemotherapy, G-CSF).
     context: tuple[CodedRef, ...] = ()

@@ -17,9 +17,11 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from cds_hooks.models import SUMMARY_MAX_CHARS, Card, Indicator, LinkType, SelectionBehavior
 from service import card_text, thresholds
-from service.assessment import DEFAULT_POLICY, Anc, AncPoint, Assessment, CodedRef, DataIssue, Fever, Finding
+from service.assessment import DEFAULT_POLICY, Anc, AncPoint, Assessment, CodedRef, DataIssue, Fever, Finding, assess
 from service.card_text import CARD_TEMPLATES, FINDING_KINDS
 from service.cards import DEFAULT_CARD_SETTINGS, CardSettings, render
+from tests.service.factories import ago, patient, temperature
+from tests.service.factories import anc as anc_result
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 F = Finding
@@ -173,7 +175,7 @@ def every_card() -> list[tuple[str, Card]]:
 #: a temperature at its plausible maximum of 45.00 °C, ...; service.thresholds).
 EXTREME_FIELDS = {"anc": "at least 2000000/uL (grade 4, preliminary)", "temp": "45.00 °C",
                   "date": "2025-12-31", "days": "99999", "falling": ", falling", "count": "999",
-                  "medicines": "999 active medicines", "fn_anc": "1500/uL"}
+                  "medicines": "999 active medicines", "fn_anc": "1500/uL", "normal_anc": "5000/uL"}
 TEMPLATE_IDS = list(CARD_TEMPLATES)
 
 
@@ -225,8 +227,10 @@ def test_text_numbers_match_thresholds() -> None:
         assert f"{thresholds.FEVER_SUSTAINED} °C" in text
     assert f"{int(thresholds.FEVER_SUSTAINED_DURATION.total_seconds() // 60)} minutes" in fever_text
     assert f"{thresholds.ANC_PROFOUND_BELOW}/uL" in card_text.PROFOUND_NOTE
-    assert f"{thresholds.ANC_NORMAL_LOWER}/uL" in card_text.FEVER_ESCALATION.advice["fever-normal-anc"]
-    assert f"{thresholds.ANC_NORMAL_LOWER - 1}/uL" in card_text.FEVER_ESCALATION.advice["fever-mild-neutropenia"]
+    # The normal ANC depends on the age (brief §1.5): the text takes the patient's, never a written 1500.
+    for finding in ("fever-normal-anc", "fever-mild-neutropenia"):
+        advice = card_text.FEVER_ESCALATION.advice[finding]
+        assert "{normal_anc}" in advice and str(thresholds.ANC_NORMAL_LOWER) not in advice
     assert DEFAULT_CARD_SETTINGS.febrile_neutropenia_anc_below == DEFAULT_POLICY.fn_anc_cutoff
 
 
@@ -572,3 +576,23 @@ def test_settings_refuse_bad_values(overrides: dict[str, Any]) -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT_CARD_SETTINGS.source_label = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("born", "anc", "finding", "limit"),
+    [
+        ("1970-01-01", 1200, "fever-mild-neutropenia", "1500/uL"),
+        ("1970-01-01", 1500, "fever-normal-anc", "1500/uL"),
+        ("2025-03-05", 3000, "fever-mild-neutropenia", "5000/uL"),  # 5 days old (brief §1.5)
+        ("2025-03-05", 5000, "fever-normal-anc", "5000/uL"),
+        ("2024-09-10", 1000, "fever-normal-anc", "1000/uL"),  # 6 months old
+    ],
+    ids=["adult-mild", "adult-normal", "neonate-mild", "neonate-normal", "infant-normal"],
+)
+def test_fever_card_names_the_normal_anc_for_the_patients_age(born: str, anc: int, finding: str, limit: str) -> None:
+    # The card used to print 1500/uL whatever the age: a neonate's ANC of 3000 read as "from 1000 to 1499".
+    assessed = assess([patient(born), anc_result(anc, "/uL", ago(hours=2)), temperature("38.6", "Cel", ago(hours=1))],
+                      now=NOW)
+    assert finding in {f.value for f in assessed.findings}
+    (card,) = [c for c in render(assessed) if c.kind == "fever-escalation"]
+    assert limit in (card.detail or "")
