@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
 from cds_hooks.errors import InvalidRequest
 
@@ -80,6 +80,28 @@ class _Timestamp(fields.Field[datetime]):
             raise ValidationError("is not a valid date-time") from None
 
 
+class _Body(Schema):
+    """A JSON object a client sends: unknown members are ignored, and an OPTIONAL member sent as ``null`` is absent.
+
+    The spec says an optional member without a value is omitted (§Use of JSON), but clients do send ``null``
+    ("fhirServer": null beside "fhirAuthorization": null); it means "no value" either way, so every optional
+    member reads it as absent, alike. A REQUIRED member sent as ``null`` is still refused, naming the member.
+    """
+
+    class Meta:
+        unknown = EXCLUDE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._optional_keys = frozenset(f.data_key or name for name, f in self.load_fields.items() if not f.required)
+
+    @pre_load
+    def _null_means_absent(self, data: Any, **_: Any) -> Any:
+        if not isinstance(data, Mapping) or not any(data.get(key, _ABSENT) is None for key in self._optional_keys):
+            return data
+        return {key: value for key, value in data.items() if value is not None or key not in self._optional_keys}
+
+
 def _non_empty(value: str) -> bool:
     if not value.strip():
         raise ValidationError("must not be empty")
@@ -111,11 +133,8 @@ class HookRequest:
     extension: Mapping[str, Any] = field(default_factory=dict)
 
 
-class FhirAuthorizationSchema(Schema):
+class FhirAuthorizationSchema(_Body):
     """`fhirAuthorization`: all fields the spec marks REQUIRED are required here."""
-
-    class Meta:
-        unknown = EXCLUDE
 
     access_token = _StrictString(required=True, validate=_non_empty)
     token_type = _StrictString(required=True, validate=validate.OneOf(["Bearer", "bearer"]))
@@ -130,11 +149,8 @@ class FhirAuthorizationSchema(Schema):
         return FhirAuthorization(**data)
 
 
-class HookRequestSchema(Schema):
+class HookRequestSchema(_Body):
     """The request envelope (spec §HTTP Request). Unknown fields are ignored, not rejected."""
-
-    class Meta:
-        unknown = EXCLUDE
 
     hook = _StrictString(required=True, validate=_non_empty)
     hookInstance = _StrictString(required=True, validate=_non_empty, data_key="hookInstance",
@@ -142,10 +158,10 @@ class HookRequestSchema(Schema):
     fhirServer = _StrictString(data_key="fhirServer", attribute="fhir_server",
                                validate=validate.URL(schemes={"http", "https"}, require_tld=False))
     fhirAuthorization = fields.Nested(FhirAuthorizationSchema, data_key="fhirAuthorization",
-                                      attribute="fhir_authorization", allow_none=True)
+                                      attribute="fhir_authorization")
     context = _JSONObject(required=True)
-    prefetch = _JSONObject(allow_none=True)
-    extension = _JSONObject(allow_none=True)
+    prefetch = _JSONObject()
+    extension = _JSONObject()
 
     @validates_schema
     def _authorization_needs_server(self, data: dict[str, Any], **_: Any) -> None:
@@ -186,19 +202,13 @@ class Feedback:
     override_reason: OverrideReason | None = None
 
 
-class _CodingSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class _CodingSchema(_Body):
     system = _StrictString(required=True, validate=_non_empty)
     code = _StrictString(required=True, validate=_non_empty)
     display = _StrictString()
 
 
-class _OverrideReasonSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class _OverrideReasonSchema(_Body):
     reason = fields.Nested(_CodingSchema)
     userComment = _StrictString(data_key="userComment", attribute="user_comment")
 
@@ -209,18 +219,12 @@ class _OverrideReasonSchema(Schema):
                               display=reason.get("display"), user_comment=data.get("user_comment"))
 
 
-class _AcceptedSuggestionSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class _AcceptedSuggestionSchema(_Body):
     id = _StrictString(required=True, validate=_non_empty)
 
 
-class FeedbackItemSchema(Schema):
+class FeedbackItemSchema(_Body):
     """One element of `feedback`: card uuid, outcome, timestamp, accepted suggestions or a reason."""
-
-    class Meta:
-        unknown = EXCLUDE
 
     card = _StrictString(required=True, validate=_non_empty)
     outcome = _StrictString(required=True, validate=validate.OneOf(["accepted", "overridden"]))
@@ -246,11 +250,8 @@ class FeedbackItemSchema(Schema):
         )
 
 
-class FeedbackRequestSchema(Schema):
+class FeedbackRequestSchema(_Body):
     """The feedback body: ``{"feedback": [Feedback, ...]}`` with at least one element."""
-
-    class Meta:
-        unknown = EXCLUDE
 
     feedback = fields.List(fields.Nested(FeedbackItemSchema), required=True,
                            validate=validate.Length(min=1, error="must hold at least one feedback element"))

@@ -291,6 +291,12 @@ ENVELOPE_CASES: list[Case] = [
      Send(request(fhirServer="http://169.254.169.254/latest/meta-data", prefetch={})), Rejected(412, "prefetch.labs")),
     ("fhirAuthorization-without-fhirServer", Send(request(fhirAuthorization=AUTHORIZATION)),
      Rejected(400, "fhirServer")),
+    # An optional member sent as null is absent, every one alike (fhirServer: null was a 400 "may not be null").
+    ("fhirServer-null-means-absent", Send(request(labs=[observation()], fhirServer=None)), Assessed(SEVERE)),
+    ("optional-members-all-null", Send(request(labs=[observation()], fhirServer=None, fhirAuthorization=None,
+                                               extension=None)), Assessed(SEVERE)),
+    ("fhirAuthorization-with-null-fhirServer", Send(request(fhirServer=None, fhirAuthorization=AUTHORIZATION)),
+     Rejected(400, "fhirServer")),
     ("fhirAuthorization-string", Send(request(fhirServer="https://ehr.example.org/fhir", fhirAuthorization="x")),
      Rejected(400, "fhirAuthorization")),
     ("fhirAuthorization-without-access_token",
@@ -637,6 +643,9 @@ FEEDBACK_STORED_CASES: list[Case] = [
     ("feedback-duplicate-report", feedback(OVERRIDDEN, OVERRIDDEN), Assessed()),
     ("feedback-unknown-fields", feedback(OVERRIDDEN | {"x": {"y": [1]}}), Assessed()),
     ("feedback-timestamp-leap-second", feedback(outcomeTimestamp="2016-12-31T23:59:60Z"), Assessed()),
+    ("feedback-optional-members-null", feedback(overrideReason=None, acceptedSuggestions=None), Assessed()),
+    ("feedback-override-reason-members-null", feedback(overrideReason={"reason": None, "userComment": None}),
+     Assessed()),
 ]
 
 CASES: list[Case] = (BODY_CASES + ENVELOPE_CASES + PREFETCH_CASES + OBSERVATION_CASES + DATE_CASES

@@ -58,6 +58,30 @@ def test_minimal_request_without_optional_fields() -> None:
     assert request.fhir_server is None and request.fhir_authorization is None and request.prefetch == {}
 
 
+MINIMAL: dict[str, Any] = {"hook": "patient-view", "hookInstance": "x", "context": {}}
+AUTHORIZATION: dict[str, Any] = VALID["fhirAuthorization"]
+
+
+@pytest.mark.parametrize("sent, same_as", [
+    ({**MINIMAL, "fhirServer": None}, MINIMAL),
+    ({**MINIMAL, "fhirAuthorization": None}, MINIMAL),
+    ({**MINIMAL, "prefetch": None}, MINIMAL),
+    ({**MINIMAL, "extension": None}, MINIMAL),
+    ({**MINIMAL, "fhirServer": None, "fhirAuthorization": None, "prefetch": None, "extension": None}, MINIMAL),
+    (with_(fhirAuthorization={**AUTHORIZATION, "patient": None}), VALID),
+], ids=["fhirServer", "fhirAuthorization", "prefetch", "extension", "all-four", "fhirAuthorization.patient"])
+def test_optional_request_member_null_is_absent(sent: dict[str, Any], same_as: dict[str, Any]) -> None:
+    # Regression: "fhirServer": null was a 400 while the other optional members read null as absent.
+    assert load_hook_request(sent) == load_hook_request(same_as)
+
+
+def test_null_fhir_server_with_authorization_names_fhir_server() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        load_hook_request(with_(fhirServer=None))
+    assert [issue.expression for issue in caught.value.issues] == ["fhirServer"]
+    assert "required when fhirAuthorization is provided" in caught.value.message
+
+
 @pytest.mark.parametrize("body, field", [
     (with_(hook=_DROP), "hook"),
     (with_(hookInstance=_DROP), "hookInstance"),
@@ -65,6 +89,10 @@ def test_minimal_request_without_optional_fields() -> None:
     (with_(hook=7), "hook"),
     (with_(hook=""), "hook"),
     (with_(hookInstance=None), "hookInstance"),
+    (with_(context=None), "context"),
+    (with_(hook=None), "hook"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "access_token": None}),
+     "fhirAuthorization.access_token"),
     (with_(context="patient 1"), "context"),
     (with_(context=[1]), "context"),
     (with_(prefetch=[]), "prefetch"),
@@ -81,7 +109,8 @@ def test_minimal_request_without_optional_fields() -> None:
     (with_(fhirAuthorization="token"), "fhirAuthorization"),
     (with_(extension=[1]), "extension"),
 ], ids=["missing-hook", "missing-hookInstance", "missing-context", "hook-not-string", "hook-empty",
-        "hookInstance-null", "context-string", "context-array", "prefetch-array", "prefetch-string",
+        "hookInstance-null", "context-null", "hook-null", "access_token-null", "context-string", "context-array",
+        "prefetch-array", "prefetch-string",
         "fhirServer-not-url", "fhirServer-ftp", "fhirAuthorization-without-fhirServer", "access_token-missing",
         "expires_in-string", "expires_in-boolean", "expires_in-negative", "token_type-not-bearer",
         "fhirAuthorization-string", "extension-array"])
@@ -138,11 +167,33 @@ def test_feedback_timestamp_leap_second_is_the_last_instant_of_its_minute(timest
     assert item.outcome_timestamp == expected
 
 
+@pytest.mark.parametrize("sent, same_as", [
+    ({**OVERRIDDEN, "overrideReason": None}, {k: v for k, v in OVERRIDDEN.items() if k != "overrideReason"}),
+    ({**OVERRIDDEN, "acceptedSuggestions": None}, OVERRIDDEN),
+    ({**OVERRIDDEN, "overrideReason": {"reason": None, "userComment": "x"}},
+     {**OVERRIDDEN, "overrideReason": {"userComment": "x"}}),
+    ({**OVERRIDDEN, "overrideReason": {"reason": {"system": "s", "code": "c"}, "userComment": None}},
+     {**OVERRIDDEN, "overrideReason": {"reason": {"system": "s", "code": "c"}}}),
+    ({**OVERRIDDEN, "overrideReason": {"reason": {"system": "s", "code": "c", "display": None}}},
+     {**OVERRIDDEN, "overrideReason": {"reason": {"system": "s", "code": "c"}}}),
+], ids=["overrideReason", "acceptedSuggestions-when-overridden", "overrideReason.reason",
+        "overrideReason.userComment", "overrideReason.reason.display"])
+def test_optional_feedback_member_null_is_absent(sent: dict[str, Any], same_as: dict[str, Any]) -> None:
+    assert load_feedback({"feedback": [sent]}) == load_feedback({"feedback": [same_as]})
+
+
 @pytest.mark.parametrize("body, field", [
     ({}, "feedback"),
     ({"feedback": []}, "feedback"),
     ({"feedback": {"card": "c1"}}, "feedback"),
+    ({"feedback": None}, "feedback"),
     ({"feedback": [{**ACCEPTED, "card": None}]}, "feedback[0].card"),
+    ({"feedback": [{**ACCEPTED, "outcome": None}]}, "feedback[0].outcome"),
+    ({"feedback": [{**ACCEPTED, "outcomeTimestamp": None}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{**ACCEPTED, "acceptedSuggestions": None}]}, "feedback[0].acceptedSuggestions"),
+    ({"feedback": [{**ACCEPTED, "acceptedSuggestions": [{"id": None}]}]}, "feedback[0].acceptedSuggestions[0].id"),
+    ({"feedback": [{**OVERRIDDEN, "overrideReason": {"reason": {"system": None, "code": "c"}}}]},
+     "feedback[0].overrideReason.reason.system"),
     ({"feedback": [{k: v for k, v in ACCEPTED.items() if k != "card"}]}, "feedback[0].card"),
     ({"feedback": [{**ACCEPTED, "outcome": "ignored"}]}, "feedback[0].outcome"),
     ({"feedback": [{k: v for k, v in ACCEPTED.items() if k != "outcomeTimestamp"}]}, "feedback[0].outcomeTimestamp"),
@@ -156,7 +207,9 @@ def test_feedback_timestamp_leap_second_is_the_last_instant_of_its_minute(timest
     ({"feedback": [{**ACCEPTED, "acceptedSuggestions": [{}]}]}, "feedback[0].acceptedSuggestions[0].id"),
     ({"feedback": [ACCEPTED, {**OVERRIDDEN, "overrideReason": {"reason": {"code": "x"}}}]},
      "feedback[1].overrideReason.reason.system"),
-], ids=["no-feedback-key", "empty-list", "not-a-list", "card-null", "card-missing", "unknown-outcome",
+], ids=["no-feedback-key", "empty-list", "not-a-list", "feedback-null", "card-null", "outcome-null",
+        "timestamp-null", "accepted-with-null-suggestions", "suggestion-id-null", "reason-system-null", "card-missing",
+        "unknown-outcome",
         "timestamp-missing", "timestamp-not-a-date", "timestamp-without-zone", "timestamp-impossible",
         "timestamp-second-61", "timestamp-leap-second-trailing-newline",
         "accepted-without-suggestions", "suggestion-without-id", "reason-without-system"])
