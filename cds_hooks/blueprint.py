@@ -31,7 +31,7 @@ from cds_hooks.errors import (
     UnsupportedMediaType,
     operation_outcome,
 )
-from cds_hooks.fhir_client import FhirFetcher
+from cds_hooks.fhir_client import FhirFetcher, clean_text
 from cds_hooks.prefetch import FetchPolicy, resolve_prefetch
 from cds_hooks.request_context import REQUEST_ID
 from cds_hooks.registry import HookCall, ServiceDefinition, ServiceRegistry
@@ -216,6 +216,7 @@ def _read_json(limit: int) -> Any:
     mimetype = request.mimetype
     if mimetype not in _JSON_TYPES and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type must be application/json, got '{mimetype or 'none'}'")
+    _check_content_encoding()
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     try:
@@ -238,6 +239,20 @@ def _read_json(limit: int) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _read_json_slowly(raw)
+
+
+def _check_content_encoding() -> None:
+    """Refuse a body sent with a content coding other than identity: 415 (RFC 9110 §15.5.16).
+
+    The body is never decoded: read as JSON text, gzip said "not valid UTF-8" and a plain body labelled br was
+    accepted. ``Accept-Encoding: identity`` names the only coding that is supported (RFC 9110 §12.5.3).
+    """
+    codings = [c.strip() for value in request.headers.getlist("Content-Encoding") for c in value.split(",")]
+    refused = [c for c in codings if c and c.lower() != "identity"]
+    if refused:
+        shown = clean_text(", ".join(refused), 60)
+        raise UnsupportedMediaType(f"Content-Encoding '{shown}' is not supported: send the body uncompressed "
+                                   "(no Content-Encoding, or identity)", headers={"Accept-Encoding": "identity"})
 
 
 def _read_json_slowly(raw: bytes) -> Any:

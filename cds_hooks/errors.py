@@ -148,7 +148,7 @@ class PayloadTooLarge(CDSHooksError):
 
 
 class UnsupportedMediaType(CDSHooksError):
-    """415: the body is not JSON."""
+    """415: the body is not JSON, or is sent with a content coding (gzip, br, ...) other than identity."""
 
     status_code = 415
     default_message = "request body must be JSON (Content-Type: application/json)"

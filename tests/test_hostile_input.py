@@ -22,6 +22,7 @@ A few cases run with authentication on, to show the token is checked before the 
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -237,6 +238,16 @@ BODY_CASES: list[Case] = [
      Rejected(415, "x-www-form-urlencoded")),
     ("multipart", raw(b"--b\r\n\r\n{}\r\n--b--", "multipart/form-data; boundary=b"), Rejected(415, "multipart")),
     ("xml", raw(b"<hook>patient-view</hook>", "application/xml"), Rejected(415, "application/xml")),
+    # No content coding is decoded (RFC 9110 §15.5.16): gzip was a 400 "not valid UTF-8", br on plain JSON a 200.
+    ("content-encoding-gzip", Send(gzip.compress(VALID), headers={"Content-Encoding": "gzip"}),
+     Rejected(415, "Content-Encoding 'gzip'")),
+    ("content-encoding-br-on-plain-json", Send(VALID, headers={"Content-Encoding": "br"}),
+     Rejected(415, "Content-Encoding 'br'")),
+    ("content-encoding-deflate", Send(VALID, headers={"Content-Encoding": "deflate"}),
+     Rejected(415, "Content-Encoding 'deflate'")),
+    ("content-encoding-identity", Send(VALID, headers={"Content-Encoding": "identity"}), Assessed(SEVERE)),
+    ("content-encoding-identity-upper-case", Send(VALID, headers={"Content-Encoding": "IDENTITY"}),
+     Assessed(SEVERE)),
     ("fhir-json-content-type", raw(VALID, "application/fhir+json"), Assessed(SEVERE)),
     ("json-with-charset", raw(VALID, "application/json; charset=utf-8"), Assessed(SEVERE)),
     ("duplicate-member-last-wins", raw(VALID.replace(b'"hook": "patient-view"',
@@ -583,6 +594,9 @@ FEEDBACK_CASES: list[Case] = [
     ("feedback-empty-body", raw(b"", path=FEEDBACK), Rejected(400, "empty")),
     ("feedback-truncated-json", raw(b'{"feedback": [{"card": "c', path=FEEDBACK), Rejected(400, "not valid JSON")),
     ("feedback-text-plain", raw(b'{"feedback": []}', "text/plain", path=FEEDBACK), Rejected(415, "text/plain")),
+    ("feedback-content-encoding-gzip", Send(gzip.compress(json.dumps({"feedback": [OVERRIDDEN]}).encode()),
+                                            path=FEEDBACK, headers={"Content-Encoding": "gzip"}),
+     Rejected(415, "Content-Encoding 'gzip'")),
     ("feedback-array-body", raw(b"[]", path=FEEDBACK), Rejected(400, "JSON object")),
     ("feedback-key-missing", Send({}, path=FEEDBACK), Rejected(400, "feedback")),
     ("feedback-empty-list", Send({"feedback": []}, path=FEEDBACK), Rejected(400, "feedback")),

@@ -6,6 +6,7 @@ document is one resource in a `referencing.Registry`, so every `$ref` resolves e
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -597,6 +598,18 @@ def test_415_conforms(app: Flask, content_type: str | None) -> None:
     conforms(INVOKE, "post", app.test_client().post(INVOKE_URL, data=raw, headers=headers), 415)
     raw_feedback = json.dumps({"feedback": [{"card": "c", "outcome": "overridden",
                                              "outcomeTimestamp": "2025-03-10T12:00:00Z"}]})
+    conforms(FEEDBACK, "post", app.test_client().post(FEEDBACK_URL, data=raw_feedback, headers=headers), 415)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+def test_415_for_a_content_coding_conforms(app: Flask, encoding: str) -> None:
+    raw = json.dumps(hook_request(empty_prefetch())).encode()
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    response = app.test_client().post(INVOKE_URL, data=gzip.compress(raw), headers=headers)
+    conforms(INVOKE, "post", response, 415)
+    assert response.headers["Accept-Encoding"] == "identity"
+    raw_feedback = json.dumps({"feedback": [{"card": "c", "outcome": "overridden",
+                                             "outcomeTimestamp": "2025-03-10T12:00:00Z"}]}).encode()
     conforms(FEEDBACK, "post", app.test_client().post(FEEDBACK_URL, data=raw_feedback, headers=headers), 415)
 
 

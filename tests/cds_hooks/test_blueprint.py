@@ -5,6 +5,7 @@ These tests do not depend on the neutropenia rules; a fixed handler returns know
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
 import json
@@ -179,6 +180,45 @@ def test_body_errors(client: FlaskClient, data: bytes, content_type: str, status
     response = client.post(f"/cds-services/{SERVICE}", data=data, content_type=content_type)
     assert response.status_code == status
     assert mentions in json.dumps(response.json)
+
+
+FEEDBACK_BODY = json.dumps({"feedback": [{"card": "c1", "outcome": "overridden",
+                                          "outcomeTimestamp": "2025-03-10T12:05:00Z"}]}).encode()
+
+
+@pytest.mark.parametrize("path, data, encoding, shown", [
+    (f"/cds-services/{SERVICE}", gzip.compress(json.dumps(REQUEST).encode()), "gzip", "'gzip'"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "br", "'br'"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "deflate", "'deflate'"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "GZIP", "'GZIP'"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "identity, gzip", "'gzip'"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "x-\x1b[2Jevil", "'x- [2Jevil'"),
+    (f"/cds-services/{SERVICE}/feedback", gzip.compress(FEEDBACK_BODY), "gzip", "'gzip'"),
+    (f"/cds-services/{SERVICE}/feedback", FEEDBACK_BODY, "br", "'br'"),
+], ids=["invoke-gzip", "invoke-br-on-a-plain-body", "invoke-deflate", "invoke-upper-case", "invoke-identity-then-gzip",
+        "invoke-control-characters", "feedback-gzip", "feedback-br-on-a-plain-body"])
+def test_content_encoding_other_than_identity_is_415(client: FlaskClient, path: str, data: bytes, encoding: str,
+                                                      shown: str) -> None:
+    # Regression: the body was read as if plain: gzip got 400 "not valid UTF-8", br on a plain body a 200.
+    response = client.post(path, data=data, content_type="application/json",
+                           headers={"Content-Encoding": encoding})
+    assert response.status_code == 415, response.json
+    assert response.headers["Accept-Encoding"] == "identity"
+    [issue] = response.json["issue"]
+    assert issue["code"] == "not-supported" and f"Content-Encoding {shown} is not supported" in issue["diagnostics"]
+
+
+@pytest.mark.parametrize("path, data, encoding", [
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "identity"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "IDENTITY"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), " Identity , identity"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), ""),
+    (f"/cds-services/{SERVICE}/feedback", FEEDBACK_BODY, "identity"),
+], ids=["invoke-identity", "invoke-upper-case", "invoke-listed-twice", "invoke-empty-header", "feedback-identity"])
+def test_content_encoding_identity_is_accepted(client: FlaskClient, path: str, data: bytes, encoding: str) -> None:
+    response = client.post(path, data=data, content_type="application/json", headers={"Content-Encoding": encoding})
+    assert response.status_code == 200, response.json
+    assert "Accept-Encoding" not in response.headers
 
 
 @pytest.mark.parametrize("context, field", [
