@@ -84,6 +84,8 @@ def create_blueprint(
 
     @bp.after_app_request
     def _finish(response: Response) -> Response:
+        if request.method == "OPTIONS":
+            _no_content_preflight(response)
         _apply_cors(response, options.cors_origins)
         response.headers["X-Request-ID"] = g.get("request_id", "")
         response.headers.setdefault("Cache-Control", "no-store")
@@ -311,6 +313,18 @@ def _lone_surrogate(value: Any) -> str | None:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _no_content_preflight(response: Response) -> None:
+    """Make Flask's automatic OPTIONS answer (an empty 200 typed ``text/html``) a 204 with no Content-Type.
+
+    A preflight answer carries headers only (Allow, the Access-Control-* ones): 204 No Content says so, and a
+    body-less answer has no media type (RFC 9110 §8.3, §15.3.5); werkzeug drops the Content-Length for a 204.
+    Any other OPTIONS answer (a JSON 404 for an unknown path) keeps its status and body.
+    """
+    if response.status_code == 200 and response.calculate_content_length() == 0:
+        response.status_code = 204
+        response.headers.remove("Content-Type")
 
 
 def _apply_cors(response: Response, origins: tuple[str, ...]) -> None:

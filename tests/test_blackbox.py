@@ -137,10 +137,11 @@ def test_sandbox_flow_preflight_discovery_invoke_feedback(deployment: Deployment
 
     # Every call was preceded by a preflight without a token, and every preflight allowed the Sandbox.
     preflights = [entry for entry in client.sent if entry[0] == "OPTIONS"]
-    assert len(preflights) == 2 and all(status == 200 for _, _, status in preflights)
+    assert len(preflights) == 2 and all(status == 204 for _, _, status in preflights)
     options = requests.options(f"{client.discovery_url}/{SERVICE}", headers={
         "Origin": SANDBOX_ORIGIN, "Access-Control-Request-Method": "POST"}, timeout=5)
     assert options.headers["Access-Control-Allow-Origin"] == SANDBOX_ORIGIN
+    assert options.status_code == 204 and "Content-Type" not in options.headers
     assert response.headers["Access-Control-Allow-Origin"] == SANDBOX_ORIGIN
 
     store = _store(deployment)

@@ -307,12 +307,36 @@ def test_preflight_is_answered_with_cors_and_never_authenticated(tmp_path: Path,
     response = client.options(path, headers={"Origin": "https://sandbox.cds-hooks.org",
                                              "Access-Control-Request-Method": method,
                                              "Access-Control-Request-Headers": "authorization,content-type"})
-    assert response.status_code == 200
+    assert response.status_code == 204 and response.get_data() == b""
+    assert "Content-Type" not in response.headers
     assert response.headers["Access-Control-Allow-Origin"] == "https://sandbox.cds-hooks.org"
     assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
     assert "Content-Type" in response.headers["Access-Control-Allow-Headers"]
     assert set(response.headers["Access-Control-Allow-Methods"].split(", ")) == {"GET", "POST", "OPTIONS"}
     assert "Origin" in response.headers["Vary"]
+
+
+@pytest.mark.parametrize("path, cors, origin", [
+    ("/cds-services", ("https://sandbox.cds-hooks.org",), "https://sandbox.cds-hooks.org"),
+    (f"/cds-services/{SERVICE}", ("*",), "https://sandbox.cds-hooks.org"),
+    (f"/cds-services/{SERVICE}/feedback", ("https://sandbox.cds-hooks.org",), "https://evil.example"),
+    (f"/cds-services/{SERVICE}", (), None),
+    ("/healthz", (), None),
+], ids=["discovery-allowlisted", "invoke-wildcard", "feedback-origin-not-allowed", "invoke-cors-off", "healthz"])
+def test_preflight_answer_is_204_without_a_content_type(tmp_path: Path, path: str, cors: tuple[str, ...],
+                                                        origin: str | None) -> None:
+    # Regression: Flask's automatic OPTIONS answer was an empty 200 typed text/html; charset=utf-8.
+    client = build_app(tmp_path, cors=cors).test_client()
+    response = client.options(path, headers={"Origin": origin} if origin else {})
+    assert response.status_code == 204
+    assert response.get_data() == b""
+    assert "Content-Type" not in response.headers
+    assert "OPTIONS" in response.headers["Allow"]
+
+
+def test_options_on_an_unknown_path_is_still_a_json_404(tmp_path: Path) -> None:
+    response = build_app(tmp_path).test_client().options("/cds-services/x/y")
+    assert response.status_code == 404 and response.mimetype == "application/json"
 
 
 @pytest.mark.parametrize("origin, allowed", [
