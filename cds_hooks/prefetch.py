@@ -6,6 +6,11 @@ an OperationOutcome means "unavailable"; a resource or a Bundle is data (a pagin
 followed). Missing keys are fetched in parallel under one deadline; a required key that stays unavailable is a
 412 (spec: "the service SHALL respond with an HTTP 412 Precondition Failed").
 
+A Bundle that holds no resources is "no data" only when it says the search found nothing. When its ``next`` link
+is not followed to the end, or its ``total`` counts matches it does not carry, the data exists but was not
+obtained: the key is unavailable, like an OperationOutcome, never an empty assessment. A first page WITH
+resources whose ``next`` link is not followed stays data, with a note saying so.
+
 Fetching is refused, without any request, when there is no `fhirServer`, when it is not on the allowlist (no
 SSRF through a request field), when there is no `fhirAuthorization` and anonymous access is off, or when the
 access token has expired (never used after `expires_in`).
@@ -258,7 +263,7 @@ def resolve_prefetch(definition: ServiceDefinition, request: HookRequest, *, pol
             if not (policy.operation_outcome_refetch and _is_outcome(request.prefetch[key])):
                 if bundle is not None:
                     if isinstance(access, str):
-                        result = _with_note(result, f"its next link was not followed: {access}")
+                        result = _next_not_followed(result, f"its next link was not followed: {access}")
                     else:
                         jobs[key] = (_follow_job(fetcher, policy, access, key, bundle), result)
                 results[key] = result
@@ -339,9 +344,17 @@ def _from_prefetch(key: str, value: Any, token: str | None) -> tuple[KeyResult, 
     except ValueError as error:
         return KeyResult(key, KeyState.UNAVAILABLE, origin=ORIGIN_PREFETCH,
                          reason=f"prefetch.{clean_text(key, 60)}: {error}"), None
+    link = next_link(value)
+    total = value.get("total")
+    if not resources and not link and isinstance(total, int) and not isinstance(total, bool) and total > 0:
+        # Bundle.total counts the search's matches: a page that holds none of them is not "the search found
+        # nothing", and there is no next link to fetch them by.
+        reason = _joined(_dropped_note(dropped), f"its total is {total} but it holds no resources and no next link")
+        return KeyResult(key, KeyState.UNAVAILABLE, origin=ORIGIN_PREFETCH, reason=reason,
+                         dropped_entries=dropped), None
     result = KeyResult(key, KeyState.DATA if resources else KeyState.EMPTY, resources, ORIGIN_PREFETCH,
                        reason=_dropped_note(dropped), dropped_entries=dropped)
-    return result, value if next_link(value) else None
+    return result, value if link else None
 
 
 def _only_about(patient_id: str, result: KeyResult) -> KeyResult:
@@ -391,12 +404,32 @@ def _patient_reference(reference: str) -> str | None:
 
 def _without_next(classified: tuple[KeyResult, Mapping[str, Any] | None]) -> KeyResult:
     result, bundle = classified
-    return result if bundle is None else _with_note(result, "its next link was not followed (not a template key)")
+    if bundle is None:
+        return result
+    return _next_not_followed(result, "its next link was not followed (not a template key)")
+
+
+def _next_not_followed(first_page: KeyResult, note: str) -> KeyResult:
+    """The key when its first page's ``next`` link was not followed to the end (``note`` says why).
+
+    A page with resources is data with the note: the service uses what it has and reports the rest as missing.
+    A page without resources is unavailable, not empty: its data lies behind the link, so "no data" would be
+    an assessment on nothing; for a required key the 412 machinery then applies.
+    """
+    if first_page.resources:
+        return _with_note(first_page, note)
+    return KeyResult(first_page.key, KeyState.UNAVAILABLE, origin=first_page.origin,
+                     reason=_joined(first_page.reason, f"its first page holds no resources and {note}"),
+                     dropped_entries=first_page.dropped_entries)
 
 
 def _with_note(result: KeyResult, note: str) -> KeyResult:
-    reason = f"{result.reason}; {note}" if result.reason else note
-    return KeyResult(result.key, result.state, result.resources, result.origin, reason, result.dropped_entries)
+    return KeyResult(result.key, result.state, result.resources, result.origin, _joined(result.reason, note),
+                     result.dropped_entries)
+
+
+def _joined(reason: str | None, note: str) -> str:
+    return f"{reason}; {note}" if reason else note
 
 
 def _dropped_note(dropped: int) -> str | None:
@@ -409,6 +442,11 @@ def _from_outcome(key: str, outcome: FetchOutcome, origin_: str, prior_reason: s
         return KeyResult(key, KeyState.UNAVAILABLE, origin=origin_, reason=outcome.reason)
     notes = [n for n in (prior_reason, outcome.note, _dropped_note(outcome.dropped_entries)) if n]
     unique_notes = list(dict.fromkeys(notes))
+    if outcome.note and not outcome.resources:
+        # Pagination stopped early (a next link failed, looped or left the origin) before any resource came:
+        # the data lies behind that link, so the key is unavailable, not empty (see _next_not_followed).
+        return KeyResult(key, KeyState.UNAVAILABLE, origin=origin_, dropped_entries=outcome.dropped_entries,
+                         reason="pagination stopped before any resource: " + "; ".join(unique_notes))
     return KeyResult(key, KeyState.DATA if outcome.resources else KeyState.EMPTY, outcome.resources, origin_,
                      "; ".join(unique_notes) or None, outcome.dropped_entries)
 
@@ -462,7 +500,7 @@ def _run(jobs: Mapping[str, tuple[Callable[[], KeyResult], KeyResult]], deadline
             results[key] = future.result()
         except Exception:  # a bug in the fetch path must not turn into a 500 for one optional key
             _log.exception("prefetch: fetching key %s failed unexpectedly", key)
-            results[key] = (_with_note(fallback, "following its next link failed unexpectedly")
+            results[key] = (_next_not_followed(fallback, "following its next link failed unexpectedly")
                             if fallback.state is not KeyState.UNAVAILABLE else
                             KeyResult(key, KeyState.UNAVAILABLE, origin=fallback.origin,
                                       reason="fetch failed unexpectedly"))
@@ -472,7 +510,7 @@ def _run(jobs: Mapping[str, tuple[Callable[[], KeyResult], KeyResult]], deadline
 def _timed_out(fallback: KeyResult) -> KeyResult:
     if fallback.state is KeyState.UNAVAILABLE:
         return KeyResult(fallback.key, KeyState.UNAVAILABLE, origin=fallback.origin, reason="timed out")
-    return _with_note(fallback, "following its next link timed out")
+    return _next_not_followed(fallback, "following its next link timed out")
 
 
 _default_lock = threading.Lock()

@@ -365,6 +365,14 @@ PREFETCH_CASES: list[Case] = [
         {"resource": observation()}]})), Issue("data-unavailable")),
     ("bundle-next-link-without-fhirServer", Send(request(labs=bundle(observation()) | {"link": [
         {"relation": "next", "url": "https://ehr.example.org/fhir/Observation?page=2"}]})), Issue("data-unavailable")),
+    # An empty first page whose next link cannot be followed is not "no data": the labs lie behind the link.
+    ("bundle-empty-first-page-next-link-without-fhirServer", Send(request(labs=bundle() | {"link": [
+        {"relation": "next", "url": "https://ehr.example.org/fhir/Observation?page=2"}]})),
+     Rejected(412, "prefetch.labs")),
+    ("optional-key-empty-first-page-next-link", Send(request(labs=[observation()], conditions=bundle() | {"link": [
+        {"relation": "next", "url": "https://ehr.example.org/fhir/Condition?page=2"}]})), Issue("data-unavailable")),
+    ("bundle-total-without-entries", Send(request(labs=bundle() | {"total": 4})), Rejected(412, "prefetch.labs")),
+    ("bundle-total-zero-without-entries", Send(request(labs=bundle() | {"total": 0})), Assessed(())),
     ("bundle-in-bundle", Send(request(labs=bundle(bundle(observation())))), Assessed(SEVERE)),
     # The prefetch layer opens the outer Bundle and the engine four more (service/fhir.py MAX_BUNDLE_DEPTH): the
     # ANC inside the next one is not read, and a data issue says so (no silent empty assessment).

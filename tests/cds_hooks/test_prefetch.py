@@ -201,6 +201,132 @@ def test_prefetch_bundle_next_link_not_followed_without_access(resolve: Callable
     assert "next link was not followed: no fhirServer" in (result.reason or "")
 
 
+# A first page's next link that is not followed to the end: with resources, the page is data with a note; without
+# any, the data lies behind the link, so the key is unavailable (412 when required), never "no data".
+# (where: "none" = no fhirServer, "other-origin" = a next link to another server, "page-500" = page 2 fails,
+# "slow" = page 2 past the deadline.)
+@pytest.mark.parametrize(
+    ("first_page", "where", "state", "reason"),
+    (
+        ([], "none", KeyState.UNAVAILABLE,
+         "its first page holds no resources and its next link was not followed: no fhirServer in the request"),
+        ([], "other-origin", KeyState.UNAVAILABLE,
+         "pagination stopped before any resource: a next link to another origin was not followed"),
+        ([], "page-500", KeyState.UNAVAILABLE, "pagination stopped before any resource: page 2 could not be fetched"),
+        ([], "slow", KeyState.UNAVAILABLE,
+         "pagination stopped before any resource: page 2 could not be fetched: timed out"),
+        ([CONDITION], "none", KeyState.DATA, "its next link was not followed: no fhirServer in the request"),
+        ([CONDITION], "other-origin", KeyState.DATA, "a next link to another origin was not followed"),
+        ([CONDITION], "page-500", KeyState.DATA, "page 2 could not be fetched"),
+        ([CONDITION], "slow", KeyState.DATA, "page 2 could not be fetched: timed out"),
+    ),
+    ids=("empty-no-fhirServer", "empty-other-origin", "empty-page-2-fails", "empty-page-2-too-slow",
+         "partial-no-fhirServer", "partial-other-origin", "partial-page-2-fails", "partial-page-2-too-slow"),
+)
+def test_prefetch_first_page_whose_next_link_is_not_followed(
+        fhir_stub: FhirStub, make_fhir_stub: Any, resolve: Callable[..., PrefetchResult],
+        first_page: list[dict[str, Any]], where: str, state: KeyState, reason: str) -> None:
+    # Regression: an empty first page with a next link was "empty" (a note only), so the service assessed on
+    # nothing and answered 200.
+    next_url = fhir_stub.url("/fhir/Condition/page2")
+    if where == "other-origin":
+        next_url = make_fhir_stub().url("/fhir/Condition/page2")
+    fhir_stub.add("/fhir/Condition/page2", searchset([{**CONDITION, "id": "c2"}]) if where != "page-500" else
+                  operation_outcome("boom"), status=500 if where == "page-500" else 200,
+                  delay=3.0 if where == "slow" else 0.0)
+    stub = None if where == "none" else fhir_stub
+    request = make_request(stub, {**FULL_PREFETCH, "conditions": searchset(first_page, next_url=next_url)})
+    result = resolve(request, deadline_seconds=1.0).keys["conditions"]
+    assert result.state is state and result.origin == "prefetch"
+    assert result.resources == tuple(first_page)
+    assert reason in (result.reason or ""), result.reason
+
+
+class _BrokenPaginator(FhirFetcher):
+    """A fetcher whose ``paginate`` fails with a bug, or outlasts the call's deadline."""
+
+    def __init__(self, hang: bool) -> None:
+        super().__init__()
+        self.hang = hang
+
+    def paginate(self, *args: Any, **kwargs: Any) -> Any:
+        if self.hang:
+            time.sleep(1.0)
+        raise RuntimeError("a bug in the fetch path")
+
+
+@pytest.mark.parametrize(
+    ("first_page", "hang", "state", "reason"),
+    (
+        ([], True, KeyState.UNAVAILABLE, "its first page holds no resources and following its next link timed out"),
+        ([], False, KeyState.UNAVAILABLE,
+         "its first page holds no resources and following its next link failed unexpectedly"),
+        ([CONDITION], True, KeyState.DATA, "following its next link timed out"),
+        ([CONDITION], False, KeyState.DATA, "following its next link failed unexpectedly"),
+    ),
+    ids=("empty-follow-outlasts-the-call", "empty-follow-fails", "partial-follow-outlasts-the-call",
+         "partial-follow-fails"),
+)
+def test_prefetch_follow_job_that_never_reports(fhir_stub: FhirStub, first_page: list[dict[str, Any]], hang: bool,
+                                                state: KeyState, reason: str) -> None:
+    conditions = searchset(first_page, next_url=fhir_stub.url("/fhir/Condition/page2"))
+    with _BrokenPaginator(hang) as fetcher:
+        result = resolve_prefetch(DEFINITION, make_request(fhir_stub, {**FULL_PREFETCH, "conditions": conditions}),
+                                  policy=FetchPolicy(allowed_bases=(fhir_stub.url("/fhir"),), deadline_seconds=0.3),
+                                  received_at=time.monotonic(), fetcher=fetcher).keys["conditions"]
+    assert (result.state, result.resources, result.reason) == (state, tuple(first_page), reason)
+
+
+def test_prefetch_required_empty_first_page_with_unfollowable_next_is_412(
+        resolve: Callable[..., PrefetchResult]) -> None:
+    labs = searchset([], next_url="https://ehr.example.org/fhir/Observation?page=2")
+    missing = required_412(resolve, make_request(None, {**FULL_PREFETCH, "labs": labs}))
+    assert missing == {"labs": "its first page holds no resources and its next link was not followed: "
+                               "no fhirServer in the request"}
+
+
+def test_prefetch_empty_first_page_whose_next_link_is_followed_is_data(
+        fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Observation/page2", searchset([ANC]))
+    labs = searchset([], next_url=fhir_stub.url("/fhir/Observation/page2"))
+    result = resolve(make_request(fhir_stub, {**FULL_PREFETCH, "labs": labs})).keys["labs"]
+    assert result.state is KeyState.DATA and result.resources == (ANC,) and result.reason is None
+
+
+def test_prefetch_fetched_empty_first_page_whose_next_page_fails_is_unavailable(
+        fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Condition", searchset([], next_url=fhir_stub.url("/fhir/Condition/page2")),
+                  query=CONDITIONS_QUERY)
+    fhir_stub.add("/fhir/Condition/page2", operation_outcome("boom"), status=500)
+    result = resolve(make_request(fhir_stub, {k: v for k, v in FULL_PREFETCH.items() if k != "conditions"}))
+    assert result.keys["conditions"].state is KeyState.UNAVAILABLE and result.keys["conditions"].origin == "fhir"
+    assert result.unavailable()["conditions"].startswith("pagination stopped before any resource: page 2")
+
+
+@pytest.mark.parametrize(
+    ("bundle", "state", "reason"),
+    (
+        (searchset([], total=3), KeyState.UNAVAILABLE, "its total is 3 but it holds no resources and no next link"),
+        (searchset([], total=0), KeyState.EMPTY, None),
+        (searchset([CONDITION], total=3), KeyState.DATA, None),
+        ({**searchset([], total=2), "entry": [{"fullUrl": "urn:x"}]}, KeyState.UNAVAILABLE,
+         "1 Bundle entries without a resource were dropped; its total is 2 but it holds no resources"),
+        ({**searchset([]), "total": "3"}, KeyState.EMPTY, None),
+        ({**searchset([]), "total": True}, KeyState.EMPTY, None),
+    ),
+    ids=("total-above-zero-no-entries", "total-zero", "total-above-entries-kept-as-data", "entries-all-dropped",
+         "total-not-a-number", "total-boolean"),
+)
+def test_prefetch_bundle_total(resolve: Callable[..., PrefetchResult], bundle: dict[str, Any], state: KeyState,
+                               reason: str | None) -> None:
+    result = resolve(make_request(None, {**FULL_PREFETCH, "conditions": bundle})).keys["conditions"]
+    assert result.state is state
+    if reason is None:
+        assert result.reason is None
+    else:
+        assert reason in (result.reason or ""), result.reason
+
+
 def test_prefetch_bundle_next_link_to_other_origin_not_followed(
         fhir_stub: FhirStub, make_fhir_stub: Any, resolve: Callable[..., PrefetchResult]) -> None:
     other = make_fhir_stub()
@@ -458,6 +584,14 @@ def test_prefetch_unknown_keys_are_kept_but_never_fetched(fhir_stub: FhirStub,
     # anc1 arrives under "labs" and "extra": once in resources().
     assert [r["id"] for r in result.resources()] == ["123", "anc1", "temp1", "c1", "anc9"]
     assert fhir_stub.requests == []
+
+
+def test_prefetch_unknown_key_empty_page_with_a_next_link_is_unavailable(
+        resolve: Callable[..., PrefetchResult]) -> None:
+    extra = searchset([], next_url="https://ehr.example.org/fhir/Observation?page=2")
+    result = resolve(make_request(None, {**FULL_PREFETCH, "extra": extra}))
+    assert result.unavailable() == {"extra": "its first page holds no resources and its next link was not followed "
+                                             "(not a template key)"}
 
 
 def test_prefetch_dropped_entries_are_counted(resolve: Callable[..., PrefetchResult]) -> None:
