@@ -291,9 +291,12 @@ class _Collector:
             return self._issue("malformed-resource", source_of(r), f"status: unknown value {status!r}")
         if when is None:
             return self._issue("missing-effective-time", source_of(r), "no usable effective time or issued date")
-        if not timing.begun_by(when, self.future_limit):
-            return self._issue("future-dated", source_of(r), "effective time is in the future; ignored")
         temperature_only = not _is_lab(parts)
+        # A temperature dated with a local date may run a day ahead of UTC (timing.begun_by): reading it can only
+        # raise the fever. A lab result so dated is held to UTC: it would become the newest result and could hide
+        # a current timed ANC, and a date ahead of UTC is as likely an error.
+        if not (timing.begun_by(when, self.future_limit) if temperature_only else when.effective <= self.future_limit):
+            return self._issue("future-dated", source_of(r), "effective time is in the future; ignored")
         if temperature_only and when.latest < self.temperatures_from:
             return  # outside the temperature window: never read, so never validated
         if not temperature_only and self.defer_before is not None and when.latest < self.defer_before:

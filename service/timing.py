@@ -60,7 +60,8 @@ def begun_by(when: Timed, limit: datetime) -> bool:
     ``latest``) has no zone, so it may have begun up to ``EARLIEST_ZONE_LEAD`` before its UTC start: without
     that, a fever dated with the local date at UTC+10 would be ignored as future from 14:00Z to midnight UTC, and
     febrile neutropenia missed. An instant (also a Period ending at one, see :func:`period`) carries its zone and
-    is held to ``limit`` exactly.
+    is held to ``limit`` exactly. ``service.extract`` asks this of temperatures only: a lab result dated ahead of
+    UTC would outrank a current timed ANC.
     """
     # The plain comparison first: it decides nearly every result (those before ``limit``) without arithmetic.
     return when.effective <= limit or (

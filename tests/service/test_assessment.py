@@ -434,3 +434,14 @@ def test_fever_dated_with_a_local_date_ahead_of_utc_makes_febrile_neutropenia(
         assert result.fever is not None and result.fever.sources == ("Observation/t",)
     else:
         assert [(i.code, i.source) for i in result.data_issues] == [("future-dated", "Observation/t")]
+
+
+def test_a_lab_result_dated_ahead_of_utc_does_not_outrank_a_current_timed_anc() -> None:
+    # Admitted like a temperature (it may be today somewhere east), an ANC of 2500 dated "2025-03-11" would be the
+    # newest result and hide the timed ANC of 300: a false all-clear. Lab results are held to UTC dates.
+    now = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
+    result = assess([anc(300, "/uL", "2025-03-10T11:00:00Z", id="timed"), anc(2500, "/uL", "2025-03-11", id="dated"),
+                     temperature("38.6", "Cel", "2025-03-10T11:30:00Z")], now=now)
+    assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
+    assert result.anc is not None and result.anc.sources == ("Observation/timed",)
+    assert ("future-dated", "Observation/dated") in [(i.code, i.source) for i in result.data_issues]
