@@ -50,13 +50,15 @@ COUNT_ROLES = frozenset({LabRole.ANC, LabRole.SEGS_ABS, LabRole.BANDS_ABS, LabRo
 _COMPARATORS = {"<": "<", "<=": "<", ">": ">", ">=": ">"}  # "<": the value is an upper bound
 
 #: The Observation elements the rules read (``service.validation.screen``): an invalid one makes the result
-#: unusable; invalid elements elsewhere (display texts, narrative, extensions, meta) do not. ``issued`` is read only
-#: when there is no effective[x] (:func:`timing.observation_timing`).
+#: unusable; invalid elements elsewhere (display texts, narrative, extensions) do not. ``issued`` is read only
+#: when there is no effective[x] (:func:`timing.observation_timing`); ``meta`` orders copies of one resource
+#: (``service.fhir.deduplicated``).
 OBSERVATION_READS = frozenset({
-    "resourceType", "id", "implicitRules", "modifierExtension", "status", "code.coding.system", "code.coding.code",
-    "subject.reference", "effectiveDateTime", "effectiveInstant", "effectivePeriod", "valueQuantity",
-    "component.modifierExtension", "component.code.coding.system", "component.code.coding.code",
-    "component.valueQuantity", "specimen.reference", "referenceRange.low", "hasMember.reference",
+    "resourceType", "id", "meta.versionId", "meta.lastUpdated", "implicitRules", "modifierExtension", "status",
+    "code.coding.system", "code.coding.code", "subject.reference", "effectiveDateTime", "effectiveInstant",
+    "effectivePeriod", "valueQuantity", "component.modifierExtension", "component.code.coding.system",
+    "component.code.coding.code", "component.valueQuantity", "component.referenceRange.low", "specimen.reference",
+    "referenceRange.low", "hasMember.reference",
 })
 _EFFECTIVE_KEYS = ("effectiveDateTime", "effectiveInstant", "effectivePeriod")
 _READS_WITH_ISSUED = OBSERVATION_READS | {"issued"}

@@ -32,8 +32,12 @@ CURRENT_MEDICATION = frozenset({"active", "on-hold"})
 ENDED_MEDICATION = frozenset({"completed", "stopped"})
 
 #: The elements the rules read, by resource type (``service.validation.screen``): an invalid one makes the record
-#: unusable, invalid elements elsewhere (display texts, narrative, extensions, meta) do not.
-_ALWAYS_READ = frozenset({"resourceType", "id", "implicitRules", "modifierExtension", "subject.reference"})
+#: unusable, invalid elements elsewhere (display texts, narrative, extensions) do not. ``meta`` orders copies of
+#: one resource (``service.fhir.deduplicated``).
+_IDENTITY = frozenset({
+    "resourceType", "id", "meta.versionId", "meta.lastUpdated", "implicitRules", "modifierExtension",
+})
+_ALWAYS_READ = _IDENTITY | {"subject.reference"}
 CONDITION_READS = _ALWAYS_READ | {
     "code.coding.system", "code.coding.code", "clinicalStatus.coding.system", "clinicalStatus.coding.code",
     "verificationStatus.coding.system", "verificationStatus.coding.code", "abatementDateTime", "abatementAge",
@@ -44,7 +48,7 @@ MEDICATION_REQUEST_READS = _ALWAYS_READ | {
     "medicationReference.reference", "contained", "authoredOn", "dispenseRequest.validityPeriod",
     "dosageInstruction.timing.event", "dosageInstruction.timing.repeat.boundsPeriod",
 }
-PATIENT_READS = frozenset({"resourceType", "id", "implicitRules", "modifierExtension", "birthDate"})
+PATIENT_READS = _IDENTITY | {"birthDate"}
 
 
 @dataclass(frozen=True)

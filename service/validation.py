@@ -14,6 +14,7 @@ is used, and the invalid elements are reported. An EHR's empty ``display`` on a 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
@@ -31,6 +32,10 @@ MEMO_SIZE = 32_768
 
 #: The element path of an error that is not about one element (a rule across elements, an unexpected failure).
 WHOLE_RESOURCE = ""
+#: A FHIR element name (``_value`` holds a primitive's id and extensions); other location parts are the
+#: validator's own steps, as are these names that no FHIR R4 element has.
+_ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]*")
+_VALIDATOR_STEPS = frozenset({"root"})
 
 
 class Verdict(NamedTuple):
@@ -62,10 +67,16 @@ def validate(model: type[Any], resource: Mapping[str, Any]) -> Verdict | None:
 
 
 def _element(location: object) -> str:
-    """The dotted element path of a pydantic error location, list indexes left out."""
+    """The dotted element path of a pydantic error location, with only FHIR element names in it.
+
+    List indexes are left out, and so are the validator's own steps: fhir.resources reports an object sent as a
+    list at ``subject.root``, which must count as ``subject`` (an element the rules read), not as a child of it
+    they never read. Leaving a step out can only make the path shorter, so an error counts as read more often.
+    """
     if not isinstance(location, (tuple, list)):
         return WHOLE_RESOURCE
-    return ".".join(part for part in location if isinstance(part, str))
+    return ".".join(part for part in location
+                    if isinstance(part, str) and part not in _VALIDATOR_STEPS and _ELEMENT_NAME.fullmatch(part))
 
 
 def touches(verdict: Verdict, read: Collection[str]) -> bool:

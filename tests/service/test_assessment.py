@@ -377,9 +377,9 @@ def test_fever_with_a_ucum_code_and_any_printed_unit_is_febrile_neutropenia(prin
         {"triggeredBy": [{"type": "reflex"}]},  # an R5 element
         {"extension": [{"url": "http://example.org/x", "valueInteger": 99999999999}]},
         {"issued": "2025-03-10T11:00:00"},  # no zone, but effectiveDateTime gives the time
-        {"meta": {"lastUpdated": "2025-03-10T11:00Z"}},
+        {"meta": {"tag": [{"system": "http://example.org/tags", "code": ""}]}},
     ],
-    ids=["empty-display", "note", "later-fhir-version-element", "extension", "issued-without-zone", "meta"],
+    ids=["empty-display", "note", "later-fhir-version-element", "extension", "issued-without-zone", "meta-tag"],
 )
 def test_fever_reading_invalid_only_where_the_rules_do_not_read_still_gives_febrile_neutropenia(
     invalid: dict[str, Any]
@@ -397,10 +397,12 @@ def test_fever_reading_invalid_only_where_the_rules_do_not_read_still_gives_febr
     [
         {"valueQuantity": {"value": 38.6, "unit": "Cel", "system": 5, "code": "Cel"}},
         {"subject": {"reference": 5}},
+        {"subject": [{"reference": "Patient/p1"}]},  # an object sent as a list: fhir.resources says subject.root
         {"implicitRules": 123},
         {"modifierExtension": [{}]},
+        {"meta": {"lastUpdated": "2025-03-10T11:00Z"}},  # orders copies of one resource: no seconds, not an instant
     ],
-    ids=["value", "subject", "implicit-rules", "modifier-extension"],
+    ids=["value", "subject", "subject-as-list", "implicit-rules", "modifier-extension", "meta-last-updated"],
 )
 def test_fever_reading_invalid_where_the_rules_read_is_not_used(invalid: dict[str, Any]) -> None:
     reading = {**temperature("38.6", "Cel", ago(hours=1), id="t"), **invalid}

@@ -122,3 +122,20 @@ def test_clear_forgets_every_verdict() -> None:
     memo.validation_error(Observation, VALID)
     memo.clear()
     assert len(memo) == 0
+
+
+@pytest.mark.parametrize(
+    ("invalid", "elements"),
+    [
+        ({"subject": [{"reference": "Patient/p"}]}, {"subject"}),
+        ({"valueQuantity": [{"value": 1}]}, {"valueQuantity"}),
+        ({"meta": [{}]}, {"meta"}),
+    ],
+    ids=["subject", "value", "meta"],
+)
+def test_an_object_sent_as_a_list_is_an_error_of_the_element_itself(invalid: dict[str, Any],
+                                                                    elements: set[str]) -> None:
+    # fhir.resources locates it at "<element>.root": read as a child of it, "subject.root" escaped the rules'
+    # "subject.reference", and another patient's result was used.
+    verdict = validate(Observation, {**VALID, **invalid})
+    assert verdict is not None and verdict.elements == elements
