@@ -19,8 +19,19 @@ def test_condition_fact_uses_our_display() -> None:
     assert issue is None and fact is not None and fact.ref.display == "Neutropenia"
 
 
-def test_malformed_condition_is_an_issue() -> None:
-    fact, issue = condition_fact(condition("165517008", id="n", implicitRules=123))
+@pytest.mark.parametrize(
+    "invalid",
+    [{"implicitRules": 123},
+     {"verificationStatus": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                                          "code": "refuted"}]}]},
+     {"clinicalStatus": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                      "code": "resolved"}]}]}],
+    ids=["implicit-rules", "refuted-sent-as-a-list", "resolved-sent-as-a-list"],
+)
+def test_malformed_condition_is_an_issue(invalid: dict[str, Any]) -> None:
+    # A status sent as a list reads as no status; had it counted as an unread element, a refuted or resolved
+    # diagnosis would have become a risk factor.
+    fact, issue = condition_fact({**condition("165517008", id="n"), **invalid})
     assert fact is None and issue is not None and (issue.code, issue.source) == ("malformed-resource", "Condition/n")
 
 
