@@ -287,6 +287,7 @@ class FhirFetcher:
         except ValueError as error:
             return FetchOutcome(reason=str(error))
         gathered = list(resources)
+        total = bundle.get("total")
         visited = {first_url} if first_url else set()
         pages = 1
         note: str | None = None
@@ -323,6 +324,9 @@ class FhirFetcher:
             gathered.extend(more)
             dropped += more_dropped
             bundle = page
+        if not gathered and note is None and isinstance(total, int) and not isinstance(total, bool) and total > 0:
+            # Bundle.total counts the search's matches: pages that hold none of them are not "nothing found".
+            note = f"its total is {total} but no page holds a resource"
         return FetchOutcome(resources=tuple(gathered), note=note, dropped_entries=dropped, pages=pages)
 
     def _get_json(self, url: str, *, token: str | None, deadline: float, label: str | None, max_bytes: int,

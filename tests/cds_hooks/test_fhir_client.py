@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -215,6 +216,19 @@ def test_fetch_keeps_earlier_pages_when_a_later_page_fails(fhir_stub: FhirStub, 
     outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon())
     assert outcome.ok and [r["id"] for r in outcome.resources] == ["o1"]
     assert "page 2" in (outcome.note or "") and "HTTP 500" in (outcome.note or "")
+
+
+@pytest.mark.parametrize(("total", "noted"), ((3, True), (0, False), (None, False), ("3", False)),
+                         ids=("total-above-zero", "total-zero", "no-total", "total-not-a-number"))
+def test_fetch_notes_a_total_that_no_page_holds(fhir_stub: FhirStub, fetcher: FhirFetcher, total: Any,
+                                                noted: bool) -> None:
+    bundle = searchset([])
+    if total is not None:
+        bundle["total"] = total
+    fhir_stub.add("/fhir/Observation", bundle)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon())
+    assert outcome.ok and not outcome.resources
+    assert outcome.note == ("its total is 3 but no page holds a resource" if noted else None)
 
 
 def test_paginate_continues_a_bundle_in_hand(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:

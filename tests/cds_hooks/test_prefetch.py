@@ -557,6 +557,15 @@ def test_prefetch_fetch_failure_on_required_key_is_412(fhir_stub: FhirStub, reso
     assert list(missing) == ["vitals"] and f"HTTP {status}" in missing["vitals"]
 
 
+def test_prefetch_fetched_empty_page_with_a_total_on_required_key_is_412(
+        fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    # As for a prefetched Bundle: the server says 3 results match and sends none, which is not "no data".
+    serve_all(fhir_stub)
+    fhir_stub.add("/fhir/Observation", query=VITALS_QUERY, body={**searchset([]), "total": 3})
+    missing = required_412(resolve, make_request(fhir_stub, {"labs": searchset([ANC])}))
+    assert list(missing) == ["vitals"] and "its total is 3 but no page holds a resource" in missing["vitals"]
+
+
 def test_prefetch_fetch_limits_come_from_the_policy(fhir_stub: FhirStub,
                                                     resolve: Callable[..., PrefetchResult]) -> None:
     for page in range(1, 4):
