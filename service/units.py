@@ -49,6 +49,9 @@ TEMPERATURE_UNITS: Mapping[str, str] = {
                      "degreesFahrenheit"), FAHRENHEIT),
 }
 
+#: Every unit string above: one of them beside a unit of another kind is a contradiction, not free text.
+ALL_UNITS = frozenset({*COUNT_FACTORS, *FRACTION_UNITS, *TEMPERATURE_UNITS})
+
 _TWO_PLACES = Decimal(1).scaleb(-TEMPERATURE_DECIMALS)
 _M = TypeVar("_M")
 
@@ -71,15 +74,16 @@ def quantity_unit(quantity: Mapping[str, object]) -> tuple[str | None, str | Non
 def _lookup(quantity: Mapping[str, object], table: Mapping[str, _M]) -> tuple[_M | None, str | None]:
     """What ``table`` says the Quantity's unit means, or (None, why).
 
-    The UCUM ``code`` and the printed ``unit`` must not contradict each other, but one that is not in the table
+    The UCUM ``code`` and the printed ``unit`` must not contradict each other, but one that is not a unit we know
     is not a contradiction: the printed unit is free text for people ("degrees C", "DegC" beside ``Cel``), and a
-    recognised one of the two is enough.
+    recognised one of the two is enough. A unit we know of another kind ("%" beside ``10*3/uL``) contradicts.
     """
     code, unit = quantity_unit(quantity)
     if code is None and unit is None:
         return None, "no unit"
     meanings = {table[u] for u in (code, unit) if u is not None and u in table}
-    if len(meanings) > 1:
+    foreign = any(u is not None and u not in table and u in ALL_UNITS for u in (code, unit))
+    if len(meanings) > 1 or (meanings and foreign):
         return None, f"conflicting units {code!r} and {unit!r}"
     if not meanings:
         return None, f"unknown unit {code or unit!r}"

@@ -63,8 +63,11 @@ def test_count_per_ul_accepts_ucum_code_alone(unit: str) -> None:
         ({"unit": "mg/dL"}, "unknown unit 'mg/dL'"),
         ({"unit": "%"}, "unknown unit '%'"),
         ({"code": "/uL", "unit": "10*9/L"}, "conflicting units '/uL' and '10*9/L'"),
+        ({"code": "10*3/uL", "unit": "%"}, "conflicting units '10*3/uL' and '%'"),
+        ({"code": "10*3/uL", "unit": "Cel"}, "conflicting units '10*3/uL' and 'Cel'"),
     ],
-    ids=["missing", "empty", "grams-per-litre", "mass", "percent", "conflict"],
+    ids=["missing", "empty", "grams-per-litre", "mass", "percent", "conflict", "beside-a-percent-unit",
+         "beside-a-temperature-unit"],
 )
 def test_count_per_ul_never_guesses(quantity: dict[str, str], problem: str) -> None:
     assert count_per_ul(D(1), quantity) == (None, problem)
@@ -98,7 +101,8 @@ def test_count_per_ul_code_and_matching_unit_agree() -> None:
         ("45", {"unit": "10*9/L"}, False, (None, "unknown unit '10*9/L'")),
         ("45", {"code": "%", "unit": "percent"}, False, ("45", None)),
         ("45", {"code": "%", "unit": "per cent of leukocytes"}, False, ("45", None)),
-        ("45", {"code": "%", "unit": "10*9/L"}, False, ("45", None)),
+        ("45", {"code": "%", "unit": "10*9/L"}, False, (None, "conflicting units '%' and '10*9/L'")),
+        ("45", {"code": "10*3/uL", "unit": "%"}, False, (None, "conflicting units '10*3/uL' and '%'")),
         ("0.45", {"code": "1", "unit": "%"}, True, (None, "conflicting units '1' and '%'")),
         ("0.45", {}, True, ("45", None)),
         ("0.45", {"unit": "1", "code": "1"}, True, ("45", None)),
@@ -107,7 +111,8 @@ def test_count_per_ul_code_and_matching_unit_agree() -> None:
         ("1.2", {}, True, (None, "fraction 1.2 is above 1")),
     ],
     ids=["pct", "zero", "hundred", "over-100", "pct-no-unit", "pct-count-unit", "pct-printed-percent",
-         "pct-printed-free-text", "pct-printed-not-a-share", "fraction-conflict", "fraction", "fraction-unit-1",
+         "pct-printed-free-text", "pct-printed-a-count-unit", "pct-code-a-count-unit", "fraction-conflict",
+         "fraction", "fraction-unit-1",
          "fraction-as-pct", "fraction-one", "fraction-over-1"],
 )
 def test_percent(value: str, quantity: dict[str, str], fraction: bool, expected: tuple[str | None, str | None]) -> None:
