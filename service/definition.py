@@ -33,8 +33,9 @@ PREFETCH = {
     "vitals": f"Observation?patient={{{{context.patientId}}}}&code={_codes(_VITAL_CODES)}&_sort=-date&_count=200",
     "conditions": "Condition?patient={{context.patientId}}&clinical-status=active,recurrence,relapse",
     # Ended orders too: a G-CSF or chemotherapy order completed or stopped within its look-back still marks recent
-    # chemotherapy (service.records), and a one-off pegfilgrastim dose is usually a completed order.
-    "medications": "MedicationRequest?patient={{context.patientId}}&status=active,on-hold,completed,stopped",
+    # chemotherapy (service.records), and a one-off pegfilgrastim dose is usually a completed order. Pages of 200,
+    # as for the labs: a long treatment history then fits in the fetch's page limit.
+    "medications": "MedicationRequest?patient={{context.patientId}}&status=active,on-hold,completed,stopped&_count=200",
 }
 
 DESCRIPTION = (

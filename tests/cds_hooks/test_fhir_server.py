@@ -355,7 +355,7 @@ def test_unknown_parameters_are_ignored_and_reported(fhir: FlaskClient) -> None:
     "Observation?patient=p1&code=http://loinc.org|751-8,http://loinc.org|8310-5&_sort=-date&_count=200",
     "Observation?patient=p1&_sort=-date&_count=2",
     "Condition?patient=p1&clinical-status=active,recurrence,relapse",
-    "MedicationRequest?patient=p1&status=active,on-hold,completed,stopped",
+    "MedicationRequest?patient=p1&status=active,on-hold,completed,stopped&_count=200",
     "Observation?date=ge2025-03-09&date=lt2025-03-10T10:00Z",
 ], ids=["labs-template", "paged", "conditions-template", "medications-template", "repeated-date"])
 def test_post_search_equals_get(fhir: FlaskClient, query: str) -> None:
