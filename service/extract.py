@@ -274,8 +274,10 @@ class _Collector:
     def _observation(self, r: Mapping[str, Any]) -> None:
         # Most Observations of a large request are older than the windows: everything needed to see that comes
         # first and cheaply (their "Type/id" is only built for the ones that give a fact or an issue).
-        status = r.get("status")
-        status = status if isinstance(status, str) else repr(status)
+        raw_status = r.get("status")
+        # A FHIR code has no surrounding spaces, but one EHR vendor's own examples do ("entered-in-error "): the
+        # code decides which results count (validation still reports the spaces of a result that is used).
+        status = raw_status.strip() if isinstance(raw_status, str) else None
         if status not in IGNORED_STATUSES:
             members = r.get("hasMember")
             if members is not None:
@@ -290,7 +292,8 @@ class _Collector:
         if not parts or status in IGNORED_STATUSES:
             return  # not an observation the rules read, or one that does not count
         if status not in USED_STATUSES:
-            return self._issue("malformed-resource", source_of(r), f"status: unknown value {status!r}")
+            problem = "status: missing" if raw_status is None else f"status: unknown value {raw_status!r}"
+            return self._issue("malformed-resource", source_of(r), problem)
         if when is None:
             return self._issue("missing-effective-time", source_of(r), "no usable effective time or issued date")
         temperature_only = not _is_lab(parts)

@@ -67,10 +67,32 @@ def test_observation_status(status: str, used: bool, preliminary: bool) -> None:
         assert found.labs[0].preliminary is preliminary
 
 
-def test_unknown_status_value_is_malformed_not_used() -> None:
-    found = facts(anc(400, status="F", id="x"))
+@pytest.mark.parametrize(
+    ("status", "problem"),
+    [("F", "status: unknown value 'F'"), (None, "status: missing"), (7, "status: unknown value 7")],
+    ids=["unknown", "missing", "not-a-string"],
+)
+def test_unknown_status_value_is_malformed_not_used(status: object, problem: str) -> None:
+    resource = anc(400, id="x")
+    if status is None:
+        del resource["status"]
+    else:
+        resource["status"] = status
+    found = facts(resource)
     assert not found.labs
-    assert found.issues == (DataIssue("malformed-resource", "Observation/x", "status: unknown value 'F'"),)
+    assert found.issues == (DataIssue("malformed-resource", "Observation/x", problem),)
+
+
+@pytest.mark.parametrize(
+    ("status", "used", "issues"),
+    [("entered-in-error ", False, set()), (" cancelled", False, set()),
+     ("final ", False, {"malformed-resource"})],  # used, it is still invalid FHIR in an element the rules read
+    ids=["entered-in-error-with-a-space", "cancelled-with-a-space", "final-with-a-space"],
+)
+def test_status_with_surrounding_spaces_is_read_by_its_code(status: str, used: bool, issues: set[str]) -> None:
+    found = facts(anc(400, status=status, id="x"))
+    assert bool(found.labs) is used
+    assert {i.code for i in found.issues} == issues
 
 
 @pytest.mark.parametrize(
