@@ -291,7 +291,7 @@ class _Collector:
         parts = _parts(r)
         if not parts or status in IGNORED_STATUSES:
             return  # not an observation the rules read, or one that does not count
-        if status not in USED_STATUSES:
+        if status is None or status not in USED_STATUSES:
             problem = "status: missing" if raw_status is None else f"status: unknown value {raw_status!r}"
             return self._issue("malformed-resource", source_of(r), problem)
         if when is None:
