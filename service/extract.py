@@ -11,7 +11,7 @@ resource invalid in an element the rules read (:data:`OBSERVATION_READS`) become
 issue and is not used, and so does an Observation whose Quantity value is a JSON string such as "0.4" (FHIR JSON
 decimals are numbers, R4 §2.6.2; the models' lax mode would accept it). One invalid only elsewhere (an empty
 display, an extension, narrative) is used, with an ``invalid-unread-elements`` issue (``service.validation``).
-Nothing here raises on bad data.
+Results a DiagnosticReport carries in ``contained`` are read like any other. Nothing here raises on bad data.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from service.fhir import (
     quoted_decimal,
     reference,
     references,
+    references_within,
     source_of,
 )
 from service.model import DataIssue
@@ -241,6 +242,10 @@ class _Collector:
             self._observation(resource)
         elif kind == "DiagnosticReport" and resource.get("status") not in ("entered-in-error", "cancelled"):
             self._link(resource.get("result"))
+            results = _contained_results(resource)
+            self._link([{"reference": source_of(result)} for result in results])
+            for result in results:
+                self._observation(result)
         elif kind == "Condition":
             fact, issue = records.condition_fact(resource)
             self.conditions.update([fact] if fact else [])
@@ -383,6 +388,20 @@ class _Collector:
                 problem=problem,
             )
         )
+
+
+def _contained_results(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The Observations a DiagnosticReport carries in ``contained`` and names in ``result`` ("#id").
+
+    Each is given the id "<report id>.<its id>" (a valid FHIR id, unique in the request), so that findings cite it
+    and two reports' "#r1" stay apart. Results that are separate resources arrive on their own.
+    """
+    report_id = report.get("id")
+    items, named = report.get("contained"), references_within(report.get("result"))
+    if not isinstance(report_id, str) or not isinstance(items, list) or not named:
+        return []
+    return [{**item, "id": f"{report_id}.{item['id']}"[:64]} for item in items
+            if isinstance(item, Mapping) and item.get("resourceType") == "Observation" and item.get("id") in named]
 
 
 def _observation_reads(r: Mapping[str, Any]) -> frozenset[str]:

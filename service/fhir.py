@@ -130,6 +130,14 @@ def references(items: object) -> frozenset[str]:
                      if isinstance(item, (dict, Mapping)) and (ref := reference(item.get("reference"))))
 
 
+def references_within(items: object) -> frozenset[str]:
+    """The ids a raw list of References names inside the resource itself ("#id": its ``contained`` resources)."""
+    if not isinstance(items, list):
+        return frozenset()
+    return frozenset(ref[1:] for item in items if isinstance(item, (dict, Mapping))
+                     and isinstance(ref := item.get("reference"), str) and ref.startswith("#") and len(ref) > 1)
+
+
 def source_of(resource: Mapping[str, Any]) -> str:
     """How findings cite ``resource``: "Type/id" ("Type/(no id)" without an id)."""
     rid = resource.get("id")

@@ -15,6 +15,7 @@ from service.fhir import (
     flatten,
     quoted_decimal,
     references,
+    references_within,
     source_of,
 )
 
@@ -125,6 +126,17 @@ def test_deduplicated_reports_copies_that_contradict_each_other(
     result = deduplicated({"resourceType": "Observation", **c} for c in copies)
     assert len(result.resources) == kept
     assert result.conflicts == conflicts
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [([{"reference": "#r1"}, {"reference": "#r2"}], {"r1", "r2"}),
+     ([{"reference": "Observation/a"}, {"reference": "#"}, {"reference": 5}, "x"], set()),
+     ("#r1", set())],
+    ids=["local", "not-local", "not-a-list"],
+)
+def test_references_within(items: object, expected: set[str]) -> None:
+    assert references_within(items) == expected
 
 
 def test_references_and_sources() -> None:
