@@ -47,6 +47,8 @@ from service.validation import screen
 #: Observation.status -> whether the result is preliminary; statuses not listed are not used (brief §2).
 USED_STATUSES: Mapping[str, bool] = {"final": False, "amended": False, "corrected": False, "preliminary": True}
 IGNORED_STATUSES = frozenset({"registered", "cancelled", "entered-in-error", "unknown"})
+#: DiagnosticReport.status codes whose results do not count.
+RETRACTED_REPORT_STATUSES = frozenset({"entered-in-error", "cancelled"})
 COUNT_ROLES = frozenset({LabRole.ANC, LabRole.SEGS_ABS, LabRole.BANDS_ABS, LabRole.WBC})
 _COMPARATORS = {"<": "<", "<=": "<", ">": ">", ">=": ">"}  # "<": the value is an upper bound
 
@@ -240,12 +242,8 @@ class _Collector:
         kind = resource.get("resourceType")
         if kind == "Observation":
             self._observation(resource)
-        elif kind == "DiagnosticReport" and resource.get("status") not in ("entered-in-error", "cancelled"):
-            self._link(resource.get("result"))
-            results = _contained_results(resource)
-            self._link([{"reference": source_of(result)} for result in results])
-            for result in results:
-                self._observation(result)
+        elif kind == "DiagnosticReport":
+            self._report(resource)
         elif kind == "Condition":
             fact, issue = records.condition_fact(resource)
             self.conditions.update([fact] if fact else [])
@@ -260,6 +258,20 @@ class _Collector:
             self.issues.update([issue] if issue else [])
         elif kind == "Bundle":
             self._too_deep(resource)
+
+    def _report(self, report: Mapping[str, Any]) -> None:
+        """Link a DiagnosticReport's results, and read those it carries in ``contained``."""
+        status = report.get("status")
+        if not isinstance(status, str) or status.strip() in RETRACTED_REPORT_STATUSES:
+            return  # a retracted report, or one whose status cannot be read: nothing of it counts
+        self._link(report.get("result"))
+        results, foreign = _contained_results(report)
+        if foreign:
+            self._issue("malformed-resource", source_of(report),
+                        f"{foreign} contained result(s) name another subject than the report; not read")
+        self._link([{"reference": source_of(result)} for result in results])
+        for result in results:
+            self._observation(result)
 
     def _too_deep(self, bundle: Mapping[str, Any]) -> None:
         """A Bundle that :func:`flatten` left unopened (nested too deep): whatever it holds was not read."""
@@ -390,8 +402,9 @@ class _Collector:
         )
 
 
-def _contained_results(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The Observations a DiagnosticReport carries in ``contained`` and names in ``result`` ("#id").
+def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], int]:
+    """The Observations a DiagnosticReport carries in ``contained`` and names in ``result`` ("#id"), and how many
+    of them name a subject other than the report's (those are left out: the prefetch checks only the report).
 
     Each is given the id "<report id>.<its id>" (a valid FHIR id, unique in the request), so that findings cite it
     and two reports' "#r1" stay apart. Results that are separate resources arrive on their own.
@@ -399,9 +412,24 @@ def _contained_results(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     report_id = report.get("id")
     items, named = report.get("contained"), references_within(report.get("result"))
     if not isinstance(report_id, str) or not isinstance(items, list) or not named:
-        return []
-    return [{**item, "id": f"{report_id}.{item['id']}"[:64]} for item in items
-            if isinstance(item, Mapping) and item.get("resourceType") == "Observation" and item.get("id") in named]
+        return [], 0
+    subject = _subject(report)
+    results, foreign = [], 0
+    for item in items:
+        if not (isinstance(item, (dict, Mapping)) and item.get("resourceType") == "Observation"
+                and isinstance(item.get("id"), str) and item["id"] in named):
+            continue
+        if "subject" in item and _subject(item) != subject:
+            foreign += 1
+            continue
+        results.append({**item, "id": f"{report_id}.{item['id']}"[:64]})
+    return results, foreign
+
+
+def _subject(resource: Mapping[str, Any]) -> str | None:
+    """The "Type/id" a resource's ``subject`` refers to, if it is a readable reference."""
+    value = resource.get("subject")
+    return reference(value.get("reference")) if isinstance(value, (dict, Mapping)) else None
 
 
 def _observation_reads(r: Mapping[str, Any]) -> frozenset[str]:

@@ -667,13 +667,16 @@ def _inner(resource: dict[str, Any]) -> dict[str, Any]:
         ([_report(_inner(anc(300, id="r1")))], {"Observation/101.r1"}),
         ([_report(_inner(anc(300, id="r1")), named=())], set()),  # carried, but not a result of the report
         ([_report(_inner(anc(300, id="r1")), status="entered-in-error")], set()),
+        ([_report(_inner(anc(300, id="r1")), status="entered-in-error ")], set()),
+        ([{**_report(_inner(anc(300, id="r1"))), "status": ["final"]}], set()),  # status unreadable
+        ([_report(anc(300, id="r1"))], {"Observation/101.r1"}),  # names the report's own subject
         ([_report(_inner(anc(300, id="r1"))), _report(_inner(anc(900, id="r1")), id="102")],
          {"Observation/101.r1", "Observation/102.r1"}),
         ([_report(_inner(wbc(3.0, id="w")), _inner(percent(NEUTROPHILS_PCT, 13, id="p")))],
          {"Observation/101.w", "Observation/101.p"}),
     ],
-    ids=["contained-anc", "not-named-in-result", "report-entered-in-error", "two-reports-same-local-id",
-         "contained-cbc"],
+    ids=["contained-anc", "not-named-in-result", "report-entered-in-error", "report-entered-in-error-spaced",
+         "report-status-a-list", "same-subject", "two-reports-same-local-id", "contained-cbc"],
 )
 def test_results_contained_in_a_diagnostic_report_are_read(resources: list[dict[str, Any]],
                                                            sources: set[str]) -> None:
@@ -687,3 +690,22 @@ def test_results_contained_in_a_diagnostic_report_are_read(resources: list[dict[
 def test_results_contained_in_one_report_are_linked() -> None:
     found = facts(_report(_inner(wbc(3.0, id="w")), _inner(percent(NEUTROPHILS_PCT, 13, id="p"))))
     assert frozenset({"Observation/101.w", "Observation/101.p"}) in found.links
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [["r1"], {"id": "r1"}, 7, None],
+    ids=["list", "object", "number", "none"],
+)
+def test_contained_result_with_an_id_that_is_not_a_string_is_skipped(bad_id: object) -> None:
+    found = facts({**_report(_inner(anc(300, id="r1"))), "contained": [{**_inner(anc(300)), "id": bad_id}]})
+    assert not found.labs and not found.issues
+
+
+def test_contained_result_naming_another_subject_is_not_read() -> None:
+    # The prefetch drops top-level results about another patient; one hidden in a report must not be graded.
+    other = {**anc(2500, id="x1"), "subject": {"reference": "Patient/someone-else"}}
+    found = facts(_report(other))
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101",
+                                      "1 contained result(s) name another subject than the report; not read"),)
