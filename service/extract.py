@@ -414,7 +414,8 @@ def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any
     if not isinstance(report_id, str) or not isinstance(items, list) or not named:
         return [], 0
     subject = _subject(report)
-    results, foreign = [], 0
+    results: list[Mapping[str, Any]] = []
+    foreign = 0
     for item in items:
         if not (isinstance(item, (dict, Mapping)) and item.get("resourceType") == "Observation"
                 and isinstance(item.get("id"), str) and item["id"] in named):
