@@ -54,10 +54,10 @@ _COMPARATORS = {"<": "<", "<=": "<", ">": ">", ">=": ">"}  # "<": the value is a
 
 #: The Observation elements the rules read (``service.validation.screen``): an invalid one makes the result
 #: unusable; invalid elements elsewhere (display texts, narrative, extensions) do not. ``issued`` is read only
-#: when there is no effective[x] (:func:`timing.observation_timing`); ``meta`` orders copies of one resource
-#: (``service.fhir.deduplicated``).
+#: when there is no effective[x] (:func:`timing.observation_timing`). ``meta`` is not: ordering copies of one
+#: resource (``service.fhir.deduplicated``) reads only values that are valid FHIR.
 OBSERVATION_READS = frozenset({
-    "resourceType", "id", "meta.versionId", "meta.lastUpdated", "implicitRules", "modifierExtension", "status",
+    "resourceType", "id", "implicitRules", "modifierExtension", "status",
     "code.coding.system", "code.coding.code", "subject.reference", "effectiveDateTime", "effectiveInstant",
     "effectivePeriod", "valueQuantity", "component.modifierExtension", "component.code.coding.system",
     "component.code.coding.code", "component.valueQuantity", "component.referenceRange.low", "specimen.reference",

@@ -10,6 +10,7 @@ tens of thousands of times in a large request), and any other Mapping still pass
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -43,12 +44,22 @@ def flatten(resources: object, depth: int = 0) -> Iterator[Mapping[str, Any]]:
             yield item
 
 
+#: A FHIR instant: to the second, with a zone (R4 §2.24.0.1). Only such a ``meta.lastUpdated`` orders copies.
+_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+
+
 def _version(resource: Mapping[str, Any]) -> tuple[int, float | None]:
+    """What orders copies of one resource: a numeric ``versionId`` (-1 if none) and a valid ``lastUpdated``.
+
+    A value that is not valid FHIR is left out, never read: a copy it cannot order is kept beside the others (the
+    most severe value counts), so an invalid ``meta`` can neither make a copy win nor make its record unusable.
+    """
     meta = resource.get("meta")
     meta = meta if isinstance(meta, Mapping) else {}
     version = meta.get("versionId")
     number = int(version) if isinstance(version, str) and version.isdigit() and len(version) < 19 else -1
-    updated = timing.parse(meta.get("lastUpdated"))
+    stamp = meta.get("lastUpdated")
+    updated = timing.parse(stamp) if isinstance(stamp, str) and _INSTANT.fullmatch(stamp) else None
     return number, None if updated is None else updated.effective.timestamp()
 
 

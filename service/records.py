@@ -32,11 +32,9 @@ CURRENT_MEDICATION = frozenset({"active", "on-hold"})
 ENDED_MEDICATION = frozenset({"completed", "stopped"})
 
 #: The elements the rules read, by resource type (``service.validation.screen``): an invalid one makes the record
-#: unusable, invalid elements elsewhere (display texts, narrative, extensions) do not. ``meta`` orders copies of
-#: one resource (``service.fhir.deduplicated``).
-_IDENTITY = frozenset({
-    "resourceType", "id", "meta.versionId", "meta.lastUpdated", "implicitRules", "modifierExtension",
-})
+#: unusable, invalid elements elsewhere (display texts, narrative, extensions, meta: ordering copies of one resource
+#: reads only valid values, ``service.fhir.deduplicated``) do not.
+_IDENTITY = frozenset({"resourceType", "id", "implicitRules", "modifierExtension"})
 _ALWAYS_READ = _IDENTITY | {"subject.reference"}
 CONDITION_READS = _ALWAYS_READ | {
     "code.coding.system", "code.coding.code", "clinicalStatus.coding.system", "clinicalStatus.coding.code",

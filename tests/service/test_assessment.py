@@ -378,8 +378,10 @@ def test_fever_with_a_ucum_code_and_any_printed_unit_is_febrile_neutropenia(prin
         {"extension": [{"url": "http://example.org/x", "valueInteger": 99999999999}]},
         {"issued": "2025-03-10T11:00:00"},  # no zone, but effectiveDateTime gives the time
         {"meta": {"tag": [{"system": "http://example.org/tags", "code": ""}]}},
+        {"meta": {"lastUpdated": "2025-03-10T11:00Z"}},  # not an instant: ordering copies never reads it
     ],
-    ids=["empty-display", "note", "later-fhir-version-element", "extension", "issued-without-zone", "meta-tag"],
+    ids=["empty-display", "note", "later-fhir-version-element", "extension", "issued-without-zone", "meta-tag",
+         "meta-last-updated"],
 )
 def test_fever_reading_invalid_only_where_the_rules_do_not_read_still_gives_febrile_neutropenia(
     invalid: dict[str, Any]
@@ -400,9 +402,8 @@ def test_fever_reading_invalid_only_where_the_rules_do_not_read_still_gives_febr
         {"subject": [{"reference": "Patient/p1"}]},  # an object sent as a list: fhir.resources says subject.root
         {"implicitRules": 123},
         {"modifierExtension": [{}]},
-        {"meta": {"lastUpdated": "2025-03-10T11:00Z"}},  # orders copies of one resource: no seconds, not an instant
     ],
-    ids=["value", "subject", "subject-as-list", "implicit-rules", "modifier-extension", "meta-last-updated"],
+    ids=["value", "subject", "subject-as-list", "implicit-rules", "modifier-extension"],
 )
 def test_fever_reading_invalid_where_the_rules_read_is_not_used(invalid: dict[str, Any]) -> None:
     reading = {**temperature("38.6", "Cel", ago(hours=1), id="t"), **invalid}
@@ -447,3 +448,12 @@ def test_a_lab_result_dated_ahead_of_utc_does_not_outrank_a_current_timed_anc() 
     assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
     assert result.anc is not None and result.anc.sources == ("Observation/timed",)
     assert ("future-dated", "Observation/dated") in [(i.code, i.source) for i in result.data_issues]
+
+
+def test_a_copy_with_an_invalid_last_updated_does_not_win_over_a_severe_one() -> None:
+    # A copy whose lastUpdated is not an instant won the ordering of copies: ANC 3100 hid ANC 400 (review of eb4edb6).
+    valid = anc(400, "/uL", ago(hours=2), id="a", meta={"lastUpdated": "2025-03-10T10:00:00Z"})
+    invalid = anc(3100, "/uL", ago(hours=2), id="a", meta={"lastUpdated": "2025-03-10T23:59Z"})
+    result = assess([valid, invalid, temperature("38.6", "Cel", ago(hours=1))], now=NOW)
+    assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
+    assert {i.code for i in result.data_issues} == {"conflicting-duplicates", "invalid-unread-elements"}

@@ -96,8 +96,15 @@ def test_flatten_stops_at_depth() -> None:
         ([{"versionId": "2"}, {"versionId": "2"}], [0, 1], {"Observation/o": 2}),
         ([{}, {}, {}], [0, 1, 2], {"Observation/o": 3}),
         ([{"versionId": "1"}, {"versionId": "2"}, {"versionId": "2"}], [1, 2], {"Observation/o": 2}),
+        # not an instant (no seconds; no zone): read as no order, so both are kept and the most severe counts
+        ([{"lastUpdated": "2025-03-09T10:00:00Z"}, {"lastUpdated": "2025-03-10T10:00Z"}], [0, 1], {"Observation/o": 2}),
+        ([{"lastUpdated": "2025-03-09T10:00:00Z"}, {"lastUpdated": "2025-03-10T10:00:00"}], [0, 1],
+         {"Observation/o": 2}),
+        ([{"lastUpdated": "2025-03-09T10:00:00Z"}, {"lastUpdated": "2025-03-10"}], [0, 1], {"Observation/o": 2}),
+        ([{"lastUpdated": "2025-03-09T10:00:00.123+01:00"}, {"lastUpdated": "2025-03-10T10:00:00Z"}], [1], {}),
     ],
-    ids=["v2-wins", "v3-wins", "last-updated", "unknown", "tie", "three-unversioned", "tie-for-newest"],
+    ids=["v2-wins", "v3-wins", "last-updated", "unknown", "tie", "three-unversioned", "tie-for-newest",
+         "last-updated-without-seconds", "last-updated-without-zone", "last-updated-a-date", "instant-fraction-zone"],
 )
 def test_deduplicated_keeps_the_newest_version(
     metas: list[dict[str, str]], kept: list[int], conflicts: dict[str, int]
