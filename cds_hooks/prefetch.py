@@ -443,10 +443,11 @@ def _from_outcome(key: str, outcome: FetchOutcome, origin_: str, prior_reason: s
     notes = [n for n in (prior_reason, outcome.note, _dropped_note(outcome.dropped_entries)) if n]
     unique_notes = list(dict.fromkeys(notes))
     if outcome.note and not outcome.resources:
-        # Pagination stopped early (a next link failed, looped or left the origin) before any resource came:
-        # the data lies behind that link, so the key is unavailable, not empty (see _next_not_followed).
+        # Pagination stopped early (a next link failed, looped or left the origin) before any resource came, or
+        # the search's total counts matches no page held: the data exists but was not obtained, so the key is
+        # unavailable, not empty (see _next_not_followed).
         return KeyResult(key, KeyState.UNAVAILABLE, origin=origin_, dropped_entries=outcome.dropped_entries,
-                         reason="pagination stopped before any resource: " + "; ".join(unique_notes))
+                         reason="no resource was obtained: " + "; ".join(unique_notes))
     return KeyResult(key, KeyState.DATA if outcome.resources else KeyState.EMPTY, outcome.resources, origin_,
                      "; ".join(unique_notes) or None, outcome.dropped_entries)
 

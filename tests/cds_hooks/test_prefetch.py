@@ -211,10 +211,10 @@ def test_prefetch_bundle_next_link_not_followed_without_access(resolve: Callable
         ([], "none", KeyState.UNAVAILABLE,
          "its first page holds no resources and its next link was not followed: no fhirServer in the request"),
         ([], "other-origin", KeyState.UNAVAILABLE,
-         "pagination stopped before any resource: a next link to another origin was not followed"),
-        ([], "page-500", KeyState.UNAVAILABLE, "pagination stopped before any resource: page 2 could not be fetched"),
+         "no resource was obtained: a next link to another origin was not followed"),
+        ([], "page-500", KeyState.UNAVAILABLE, "no resource was obtained: page 2 could not be fetched"),
         ([], "slow", KeyState.UNAVAILABLE,
-         "pagination stopped before any resource: page 2 could not be fetched: timed out"),
+         "no resource was obtained: page 2 could not be fetched: timed out"),
         ([CONDITION], "none", KeyState.DATA, "its next link was not followed: no fhirServer in the request"),
         ([CONDITION], "other-origin", KeyState.DATA, "a next link to another origin was not followed"),
         ([CONDITION], "page-500", KeyState.DATA, "page 2 could not be fetched"),
@@ -300,7 +300,7 @@ def test_prefetch_fetched_empty_first_page_whose_next_page_fails_is_unavailable(
     fhir_stub.add("/fhir/Condition/page2", operation_outcome("boom"), status=500)
     result = resolve(make_request(fhir_stub, {k: v for k, v in FULL_PREFETCH.items() if k != "conditions"}))
     assert result.keys["conditions"].state is KeyState.UNAVAILABLE and result.keys["conditions"].origin == "fhir"
-    assert result.unavailable()["conditions"].startswith("pagination stopped before any resource: page 2")
+    assert result.unavailable()["conditions"].startswith("no resource was obtained: page 2")
 
 
 @pytest.mark.parametrize(
