@@ -16,6 +16,7 @@ Results a DiagnosticReport carries in ``contained`` are read like any other. Not
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -406,8 +407,8 @@ def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any
     """The Observations a DiagnosticReport carries in ``contained`` and names in ``result`` ("#id"), and how many
     of them name a subject other than the report's (those are left out: the prefetch checks only the report).
 
-    Each is given the id "<report id>.<its id>" (a valid FHIR id, unique in the request), so that findings cite it
-    and two reports' "#r1" stay apart. Results that are separate resources arrive on their own.
+    Each is given the id "<report id>.<its id>" (:func:`_contained_id`: a valid FHIR id, unique in the request), so
+    that findings cite it and two reports' "#r1" stay apart. Results that are separate resources arrive on their own.
     """
     report_id = report.get("id")
     items, named = report.get("contained"), references_within(report.get("result"))
@@ -423,8 +424,16 @@ def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any
         if "subject" in item and _subject(item) != subject:
             foreign += 1
             continue
-        results.append({**item, "id": f"{report_id}.{item['id']}"[:64]})
+        results.append({**item, "id": _contained_id(report_id, item["id"])})
     return results, foreign
+
+
+def _contained_id(report_id: str, local_id: str) -> str:
+    """"<report id>.<local id>", or, past the 64 characters of a FHIR id, the report id's start and a digest of both."""
+    joined = f"{report_id}.{local_id}"
+    if len(joined) <= 64:
+        return joined
+    return f"{report_id[:40]}.{hashlib.blake2b(joined.encode(), digest_size=8).hexdigest()}"
 
 
 def _subject(resource: Mapping[str, Any]) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -709,3 +710,10 @@ def test_contained_result_naming_another_subject_is_not_read() -> None:
     assert not found.labs
     assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101",
                                       "1 contained result(s) name another subject than the report; not read"),)
+
+
+def test_contained_results_of_a_report_with_a_long_id_keep_distinct_valid_ids() -> None:
+    report = _report(_inner(anc(300, id="first-result")), _inner(anc(900, id="second-result")), id="r" * 60)
+    sources = {lab.source for lab in facts(report).labs}
+    assert len(sources) == 2
+    assert all(re.fullmatch(r"Observation/[A-Za-z0-9\-.]{1,64}", source) for source in sources)
