@@ -24,11 +24,12 @@ from service.thresholds import (
 #: Keys are compared after :func:`normalise` (micro signs -> "u", spaces removed); matching is case-sensitive
 #: because case carries meaning in UCUM (``G/L`` giga vs ``g/L`` grams: only counts are looked up here, brief §2).
 #: UCUM has both ``L`` and ``l`` for the litre, so ``10*9/l`` and ``/ul`` are the same units as ``10*9/L`` and
-#: ``/uL``; "mcL" is the US printed form of the microlitre.
+#: ``/uL``; "mcL" is the US printed form of the microlitre, and "cumm" the cubic millimetre (= uL): "k/cumm" is the
+#: thousands per cubic millimetre of the SMART sample patients the CDS Hooks Sandbox serves.
 COUNT_FACTORS: Mapping[str, Decimal] = {
     **dict.fromkeys(
         ("10*3/uL", "10*3/ul", "10*3/mm3", "10*9/L", "10*9/l", "10*6/mL", "10*6/ml", "K/uL", "k/uL", "10^3/uL",
-         "x10E3/uL", "x10^3/uL", "thou/uL", "10^9/L", "G/L", "10*3/mcL", "10^3/mcL", "K/mcL"),
+         "x10E3/uL", "x10^3/uL", "thou/uL", "10^9/L", "G/L", "10*3/mcL", "10^3/mcL", "K/mcL", "K/cumm", "k/cumm"),
         THOUSAND_PER_UL,
     ),
     **dict.fromkeys(("/uL", "/ul", "/mm3", "{cells}/uL", "cells/uL", "cells/mm3", "/cumm", "/mcL", "cells/mcL"),

@@ -41,6 +41,8 @@ D = Decimal
         ("10^3/mcL", "1.2", "1200"),  # US printed microlitre
         ("x10^3/uL", "1.2", "1200"),
         ("cells/mcL", "499", "499"),
+        ("k/cumm", "1.2", "1200"),  # SMART sample patients (CDS Hooks Sandbox)
+        ("K/cumm", "1.2", "1200"),
     ],
     ids=lambda v: str(v),
 )
