@@ -92,10 +92,24 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
 def medication_index(resources: Iterable[Mapping[str, Any]]) -> Mapping[str, frozenset[Code]]:
     """The codes of every Medication resource, by "Medication/id", for ``medicationReference``."""
     return {
-        source_of(r): codes_of(r.get("code"))
+        source_of(r): medication_codes(r)
         for r in resources
         if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str)
     }
+
+
+def medication_codes(medication: Mapping[str, Any]) -> frozenset[Code]:
+    """A Medication's own codes and those of its active ingredients.
+
+    EHRs code a Medication as the product given (RxNorm SCD/SBD: "filgrastim 0.6 MG/ML Injectable Solution"),
+    which the tables do not list; its ``ingredient`` items name the ingredients (RxNorm IN), which they do.
+    """
+    codes = set(codes_of(medication.get("code")))
+    ingredients = medication.get("ingredient")
+    for ingredient in ingredients if isinstance(ingredients, list) else ():
+        if isinstance(ingredient, (dict, Mapping)) and ingredient.get("isActive") is not False:
+            codes |= codes_of(ingredient.get("itemCodeableConcept"))
+    return frozenset(codes)
 
 
 def medication_facts(
@@ -131,7 +145,7 @@ def _medication_codes(r: Mapping[str, Any], medications: Mapping[str, frozenset[
         contained = r.get("contained")
         for item in contained if isinstance(contained, list) else ():
             if isinstance(item, Mapping) and item.get("id") == target[1:]:
-                return codes_of(item.get("code"))
+                return medication_codes(item)
         return frozenset()
     ref = reference(target)
     return medications.get(ref, frozenset()) if ref else frozenset()

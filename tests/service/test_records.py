@@ -11,7 +11,7 @@ from service.codes import ConditionRole
 from service.drugs import MedicationRole
 from service.model import DataIssue
 from service.records import birth, condition_fact, latest_order_date, medication_facts, medication_index
-from tests.service.factories import ATC, NOW, SNOMED, ago, condition, medication_request, patient
+from tests.service.factories import ATC, NOW, RXNORM, SNOMED, ago, condition, medication_request, patient
 
 
 def test_condition_fact_uses_our_display() -> None:
@@ -67,6 +67,40 @@ def test_medication_index_and_reference() -> None:
     order["medicationReference"] = {"reference": "https://ehr/fhir/Medication/m"}
     facts, issue = medication_facts(order, index)
     assert issue is None and {f.role for f in facts} == {MedicationRole.CHEMOTHERAPY}
+
+
+#: A filgrastim product as EHRs code a Medication: the product (not in the tables) and its ingredient (in them).
+_FILGRASTIM_PRODUCT = {"resourceType": "Medication", "id": "gcsf",
+                       "code": {"coding": [{"system": RXNORM, "code": "000000", "display": "a filgrastim product"}]},
+                       "ingredient": [{"itemCodeableConcept": {"coding": [{"system": RXNORM, "code": "68442"}]},
+                                       "isActive": True}]}
+
+
+@pytest.mark.parametrize(
+    ("medication", "roles"),
+    [
+        (_FILGRASTIM_PRODUCT, {MedicationRole.GCSF}),
+        ({**_FILGRASTIM_PRODUCT, "ingredient": [{**_FILGRASTIM_PRODUCT["ingredient"][0], "isActive": False}]}, set()),
+        ({k: v for k, v in _FILGRASTIM_PRODUCT.items() if k != "ingredient"}, set()),
+    ],
+    ids=["active-ingredient", "inactive-ingredient", "product-code-only"],
+)
+@pytest.mark.parametrize("how", ["referenced", "contained"])
+def test_medication_is_known_by_its_ingredients(medication: dict[str, Any], roles: set[MedicationRole],
+                                                how: str) -> None:
+    # A one-off pegfilgrastim or filgrastim order coded as the product was not recognised: no chemotherapy
+    # context, so fever without an ANC was not presumed febrile neutropenia.
+    order = medication_request("0")
+    del order["medicationCodeableConcept"]
+    if how == "contained":
+        order["contained"] = [{**medication, "id": "m1"}]
+        order["medicationReference"] = {"reference": "#m1"}
+        index = {}
+    else:
+        order["medicationReference"] = {"reference": "Medication/gcsf"}
+        index = medication_index([medication])
+    facts, _ = medication_facts(order, index)
+    assert {f.role for f in facts} == roles
 
 
 def test_latest_order_date_uses_every_date() -> None:
