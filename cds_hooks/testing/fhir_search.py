@@ -14,6 +14,9 @@ the CDS Hooks Sandbox use:
 - **string** (Patient `name`): case-insensitive "starts with" on any name part.
 - Repeating a parameter ANDs the repeats; ``_sort`` (``date``, ``-date``, ``_id``, ``_lastUpdated``, any date
   parameter), ``_count`` and ``_offset`` (this server's paging parameter) shape the result.
+- ``_include=<Type>:<reference parameter>`` (e.g. ``MedicationRequest:medication``, which US Core requires of a
+  server whose orders reference Medication resources) names the resources of a page to add to it (search mode
+  "include"; :func:`included`).
 
 Parameters this module does not know, and unknown modifiers on parameters it does know, are *ignored* and
 reported back in ``SearchResult.ignored`` (lenient, like many servers: a search never fails for an unknown
@@ -344,6 +347,8 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
     "MedicationRequest": _params(
         _PATIENT, _SUBJECT,
         SearchParam("code", "token", ("medicationCodeableConcept",)),
+        SearchParam("medication", "reference", ("medicationReference",), "The Medication: X, Medication/X.",
+                    target="Medication"),
         SearchParam("status", "token", ("status",)),
         SearchParam("intent", "token", ("intent",)),
         SearchParam("category", "token", ("category",)),
@@ -375,6 +380,7 @@ class SearchResult:
     used: tuple[tuple[str, str], ...]
     ignored: tuple[str, ...]
     summary_count: bool = False
+    includes: tuple[SearchParam, ...] = ()  # the reference parameters of ``_include``
 
     @property
     def page(self) -> tuple[Mapping[str, Any], ...]:
@@ -404,6 +410,7 @@ def search(resources: Iterable[Mapping[str, Any]], resource_type: str,
     used: list[tuple[str, str]] = []
     ignored: list[str] = []
     count, offset, sort, summary_count = DEFAULT_COUNT, 0, "", False
+    includes: list[SearchParam] = []
     for name, value in params:
         base, _, modifier = name.partition(":")
         if base == "_count":
@@ -415,6 +422,13 @@ def search(resources: Iterable[Mapping[str, Any]], resource_type: str,
             sort = value
         elif base == "_summary":
             summary_count = value == "count"
+        elif base == "_include":
+            source, _, reference_name = value.partition(":")
+            param = definitions.get(reference_name.partition(":")[0]) if source == resource_type else None
+            if param is None or param.type != "reference" or modifier:
+                ignored.append(f"{name}={value}")
+                continue
+            includes.append(param)
         elif base in _RESULT_PARAMS:
             continue
         elif base in definitions and definitions[base].modifier_supported(modifier or None):
@@ -431,7 +445,27 @@ def search(resources: Iterable[Mapping[str, Any]], resource_type: str,
                and all(param.matches(r, value, modifier) for param, value, modifier in filters)]
     ordered, ignored_sort = sort_resources(matches, sort, definitions)
     ignored.extend(ignored_sort)
-    return SearchResult(tuple(ordered), count, offset, tuple(used), tuple(ignored), summary_count)
+    return SearchResult(tuple(ordered), count, offset, tuple(used), tuple(ignored), summary_count, tuple(includes))
+
+
+def included(result: SearchResult, find: Callable[[str, str], Mapping[str, Any] | None]) -> list[Mapping[str, Any]]:
+    """The resources the ``_include`` parameters of ``result`` add to its page, each once, in page order.
+
+    ``find(type, id)`` looks a resource up; references it cannot resolve (another server, a contained resource,
+    a resource not held) add nothing, as on a real server.
+    """
+    found: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for resource in result.page:
+        for param in result.includes:
+            for value in param.values(resource):
+                ref = value.get("reference") if isinstance(value, Mapping) else None
+                kind, rid = reference_parts(ref) if isinstance(ref, str) and not ref.startswith("#") else (None, "")
+                if kind is None or (param.target is not None and kind != param.target) or (kind, rid) in found:
+                    continue
+                target = find(kind, rid)
+                if target is not None:
+                    found[(kind, rid)] = target
+    return list(found.values())
 
 
 def sort_resources(resources: Sequence[Mapping[str, Any]], sort: str,

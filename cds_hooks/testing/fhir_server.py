@@ -48,6 +48,7 @@ from cds_hooks.testing.fhir_search import (
     OFFSET_PARAM,
     SEARCH_PARAMS,
     SearchError,
+    included,
     params_for,
     search,
     split_values,
@@ -674,6 +675,13 @@ def _run_search(resource_type: str, params: list[tuple[str, str]]) -> Response:
     entries: list[dict[str, Any]] = [{"fullUrl": f"{base}/{resource_type}/{resource['id']}",
                                       "resource": resource, "search": {"mode": "match"}}
                                      for resource in result.page]
+
+    def find(kind: str, resource_id: str) -> Mapping[str, Any] | None:
+        held = [r for r in state.resources.get(kind, []) if r.get("id") == resource_id]
+        return state.served(held)[0] if held else None
+
+    entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "include"}}
+                for r in included(result, find)]
     if result.ignored:
         outcome = operation_outcome(f"Ignored search parameters (not supported): {', '.join(result.ignored)}",
                                     "not-supported", "warning")

@@ -91,7 +91,13 @@ RESOURCES: list[dict[str, Any]] = [
      "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
                                                "code": "2555"}]}},
     {"resourceType": "MedicationRequest", "id": "m2", "status": "stopped", "intent": "order",
-     "subject": {"reference": "Patient/p1"}, "authoredOn": "2024-11-01T09:00:00Z"},
+     "subject": {"reference": "Patient/p1"}, "authoredOn": "2024-11-01T09:00:00Z",
+     "medicationReference": {"reference": "Medication/peg"}},
+    {"resourceType": "MedicationRequest", "id": "m3", "status": "stopped", "intent": "order",
+     "subject": {"reference": "Patient/p2"}, "authoredOn": "2024-10-01T09:00:00Z",
+     "medicationReference": {"reference": "Medication/peg"}},
+    {"resourceType": "Medication", "id": "peg", "code": {"text": "pegfilgrastim syringe"}},
+    {"resourceType": "Medication", "id": "unused", "code": {"text": "not ordered"}},
 ]
 P1_OBSERVATIONS = {"anc1", "anc2", "wbc", "temp", "per", "iss", "nosys"}
 
@@ -186,6 +192,26 @@ def test_errors_are_operation_outcomes(fhir: FlaskClient, method: str, path: str
 
 
 # --- search -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("query", "matches", "includes"), [
+    ("MedicationRequest?patient=p1&_include=MedicationRequest:medication", {"m1", "m2"}, ["Medication/peg"]),
+    ("MedicationRequest?_include=MedicationRequest:medication", {"m1", "m2", "m3"}, ["Medication/peg"]),
+    ("MedicationRequest?patient=p1&status=active&_include=MedicationRequest:medication", {"m1"}, []),
+    ("MedicationRequest?patient=p1&_include=MedicationRequest:medication:Medication", {"m1", "m2"},
+     ["Medication/peg"]),
+    ("MedicationRequest?patient=p1", {"m1", "m2"}, []),
+], ids=["orders-of-a-patient", "one-medication-once", "order-coded-inline", "typed", "no-include"])
+def test_search_includes_the_medications_ordered(fhir: FlaskClient, query: str, matches: set[str],
+                                                 includes: list[str]) -> None:
+    # US Core: a server whose orders reference Medication resources SHALL support this _include; the prefetch
+    # template of the neutropenia service uses it, so the fixture server serves it.
+    bundle = fhir.get(f"/{query}").json
+    assert set(match_ids(bundle)) == matches and bundle["total"] == len(matches)
+    included = [f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle.get("entry", [])
+                if e["search"]["mode"] == "include"]
+    assert included == includes
+    assert not [e for e in bundle.get("entry", []) if e["search"]["mode"] == "outcome"]  # nothing ignored
 
 
 @pytest.mark.parametrize(("query", "expected"), [
@@ -295,7 +321,7 @@ def test_search_sort(fhir: FlaskClient, sort: str, expected: list[str]) -> None:
 
 
 def test_sort_puts_resources_without_a_date_last(fhir: FlaskClient) -> None:
-    assert match_ids(fhir.get("/MedicationRequest?_sort=-date").json) == ["m1", "m2"]
+    assert match_ids(fhir.get("/MedicationRequest?_sort=-date").json) == ["m1", "m2", "m3"]
     resources = [*RESOURCES, observation("undated", "751-8", {})]
     client = create_fhir_app(resources, shift_to_now=False).test_client()
     for sort in ("date", "-date"):
@@ -342,7 +368,7 @@ def test_search_entries_and_self_link(fhir: FlaskClient) -> None:
 
 
 def test_unknown_parameters_are_ignored_and_reported(fhir: FlaskClient) -> None:
-    bundle = fhir.get("/Observation?patient=p1&foo=bar&code:text=neutrophils&_include=Observation:subject").json
+    bundle = fhir.get("/Observation?patient=p1&foo=bar&code:text=neutrophils&_include=Observation:performer").json
     assert set(match_ids(bundle)) == P1_OBSERVATIONS
     (outcome,) = [e for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
     diagnostics = outcome["resource"]["issue"][0]["diagnostics"]
