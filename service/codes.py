@@ -7,6 +7,12 @@ Every code here is VERIFIED in clinical-brief.md §3 or was confirmed in a publi
   (sargramostim): a complete public WHO ATC index (SubjectRaw/SubjectRaw subject/data/eng/atc.md).
 - RxNorm 68442 filgrastim, 338036 pegfilgrastim and the other G-CSF ingredients/products below: CIBMTR reporting
   IG value set "med-mobilizing-agents-vs" (nmdp-ig/cibmtr-reporting-ig).
+- RxNorm chemotherapy ingredients beyond the brief's: 3041 cytarabine, 4179 etoposide, 24698 fludarabine, 5657
+  ifosfamide, 1251 azacitidine, 15657 decitabine: the same CIBMTR IG (build/input/fsh/terminology/medications/,
+  per-drug and Form 2400 value sets); 4492 fluorouracil, 3995 epirubicin, 194000 capecitabine, 32592 oxaliplatin
+  (and 4179, 2555, 6851, 12574 again): CPIC's drug table (cpicpgx/cpic-schema, drug.sql). Daunorubicin,
+  idarubicin, vincristine, vinblastine, bleomycin, hydroxyurea and temozolomide could not be confirmed: the ATC
+  class L01 covers them when the EHR sends ATC.
 - ICD-10-CM D51.x, D52.x, E53.8, E61.0, D72.819 and D70.x names: medtrack-io/icd_code (ICD-10-CM tables); D70 and
   P61.5 as brief §3.3 states them.
 - LOINC 8311-3/8312-1/8313-9/8314-7/8315-4 (1/8/10/12/24 h maximum temperature): OHDSI PhenotypeLibrary

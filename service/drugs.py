@@ -31,6 +31,16 @@ _CHEMO_RXN = rows(RXNORM, """
 56946|paclitaxel
 3639|doxorubicin
 12574|gemcitabine
+3041|cytarabine
+4179|etoposide
+24698|fludarabine
+5657|ifosfamide
+1251|azacitidine
+15657|decitabine
+4492|fluorouracil
+3995|epirubicin
+194000|capecitabine
+32592|oxaliplatin
 """)
 _CAUSE_RXN = rows(RXNORM, """
 2626|clozapine

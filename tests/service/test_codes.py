@@ -80,6 +80,9 @@ def test_condition_roles(code: tuple[str, str], roles: set[ConditionRole]) -> No
         ((ATC, "L03AA02"), MedicationRole.GCSF),
         ((ATC, "L03AA13"), MedicationRole.GCSF),
         ((RXNORM, "3002"), MedicationRole.CHEMOTHERAPY),
+        ((RXNORM, "3041"), MedicationRole.CHEMOTHERAPY),  # cytarabine: AML induction
+        ((RXNORM, "1251"), MedicationRole.CHEMOTHERAPY),  # azacitidine
+        ((RXNORM, "4492"), MedicationRole.CHEMOTHERAPY),  # fluorouracil
         ((ATC, "L01XA02"), MedicationRole.CHEMOTHERAPY),
         ((ATC, "L01FA01"), MedicationRole.CHEMOTHERAPY),
         ((RXNORM, "2626"), MedicationRole.CAUSE),
