@@ -45,7 +45,7 @@ def flatten(resources: object, depth: int = 0) -> Iterator[Mapping[str, Any]]:
 
 
 #: A FHIR instant: to the second, with a zone (R4 §2.24.0.1). Only such a ``meta.lastUpdated`` orders copies.
-_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+_INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
 
 
 def _version(resource: Mapping[str, Any]) -> tuple[int, float | None]:
@@ -100,14 +100,24 @@ def deduplicated(resources: Iterable[Mapping[str, Any]]) -> Deduplicated:
         if versions is None:
             kept.append(resource)
             continue
-        keys = [_version(v) for v in versions]
-        newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
-        distinguishable = all(k[0] >= 0 or k[1] is not None for k in keys)
-        versions = _distinct([v for v, k in zip(versions, keys) if not distinguishable or k == newest])
+        versions = _distinct(_current(versions))
         if len(versions) > 1:
             conflicts[source_of(versions[0])] = len(versions)
         kept += versions
     return Deduplicated(tuple(kept), conflicts)
+
+
+def _current(copies: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The copies that may be the current version: the newest, or all that nothing valid orders."""
+    keys = [_version(copy) for copy in copies]
+    if not all(number >= 0 or updated is not None for number, updated in keys):
+        return copies  # a copy with neither a versionId nor a valid lastUpdated: nothing orders them
+    newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
+    leaders = [k for k in keys if k[0] == newest[0]]
+    if len(leaders) > 1 and any(updated is None for _, updated in leaders):
+        # The same versionId, and not every copy has a valid lastUpdated: a valid one does not outrank none.
+        return [copy for copy, k in zip(copies, keys) if k[0] == newest[0]]
+    return [copy for copy, k in zip(copies, keys) if k == newest]
 
 
 def _distinct(copies: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

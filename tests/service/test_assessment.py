@@ -457,3 +457,12 @@ def test_a_copy_with_an_invalid_last_updated_does_not_win_over_a_severe_one() ->
     result = assess([valid, invalid, temperature("38.6", "Cel", ago(hours=1))], now=NOW)
     assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
     assert {i.code for i in result.data_issues} == {"conflicting-duplicates", "invalid-unread-elements"}
+
+
+def test_copies_of_one_version_with_an_invalid_last_updated_are_all_used() -> None:
+    # With the same versionId, the copy whose lastUpdated is valid won: ANC 3100 hid ANC 400 (review of 5533585).
+    first = anc(3100, "/uL", ago(hours=2), id="a", meta={"versionId": "1", "lastUpdated": "2025-03-10T10:00:00Z"})
+    second = anc(400, "/uL", ago(hours=2), id="a", meta={"versionId": "1", "lastUpdated": "2025-03-10T11:00Z"})
+    result = assess([first, second, temperature("38.6", "Cel", ago(hours=1))], now=NOW)
+    assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
+    assert "conflicting-duplicates" in {i.code for i in result.data_issues}

@@ -102,9 +102,18 @@ def test_flatten_stops_at_depth() -> None:
          {"Observation/o": 2}),
         ([{"lastUpdated": "2025-03-09T10:00:00Z"}, {"lastUpdated": "2025-03-10"}], [0, 1], {"Observation/o": 2}),
         ([{"lastUpdated": "2025-03-09T10:00:00.123+01:00"}, {"lastUpdated": "2025-03-10T10:00:00Z"}], [1], {}),
+        # the same version: an invalid time neither wins nor loses
+        ([{"versionId": "1", "lastUpdated": "2025-03-10T10:00:00Z"},
+          {"versionId": "1", "lastUpdated": "2025-03-10T11:00Z"}], [0, 1], {"Observation/o": 2}),
+        # a higher version still wins
+        ([{"versionId": "2", "lastUpdated": "2025-03-10T11:00Z"},
+          {"versionId": "1", "lastUpdated": "2025-03-10T12:00:00Z"}], [0], {}),
+        ([{"lastUpdated": "2025-03-09T10:00:00Z"}, {"lastUpdated": "٢٠٢٥-03-10T10:00:00Z"}], [0, 1],
+         {"Observation/o": 2}),  # digits of another script are not an instant
     ],
     ids=["v2-wins", "v3-wins", "last-updated", "unknown", "tie", "three-unversioned", "tie-for-newest",
-         "last-updated-without-seconds", "last-updated-without-zone", "last-updated-a-date", "instant-fraction-zone"],
+         "last-updated-without-seconds", "last-updated-without-zone", "last-updated-a-date", "instant-fraction-zone",
+         "same-version-one-invalid-time", "higher-version-wins", "non-ascii-digits"],
 )
 def test_deduplicated_keeps_the_newest_version(
     metas: list[dict[str, str]], kept: list[int], conflicts: dict[str, int]
