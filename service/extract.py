@@ -263,13 +263,21 @@ class _Collector:
     def _report(self, report: Mapping[str, Any]) -> None:
         """Link a DiagnosticReport's results, and read those it carries in ``contained``."""
         status = report.get("status")
-        if not isinstance(status, str) or status.strip() in RETRACTED_REPORT_STATUSES:
-            return  # a retracted report, or one whose status cannot be read: nothing of it counts
-        self._link(report.get("result"))
-        results, foreign = _contained_results(report)
+        if isinstance(status, str) and status.strip() in RETRACTED_REPORT_STATUSES:
+            return  # a retracted report: nothing of it counts
+        self._link(report.get("result"))  # grouping results reported together, whatever the report's state
+        results, foreign, missing = _contained_results(report)
+        if not isinstance(status, str):
+            if results or foreign:  # its results would be read: say why they are not
+                self._issue("malformed-resource", source_of(report),
+                            f"status: {'missing' if status is None else 'not a code'}; its contained results not read")
+            return
         if foreign:
             self._issue("malformed-resource", source_of(report),
                         f"{foreign} contained result(s) name another subject than the report; not read")
+        if missing:
+            self._issue("malformed-resource", source_of(report),
+                        f"{missing} result reference(s) to '#id' match no contained Observation; not read")
         self._link([{"reference": source_of(result)} for result in results])
         for result in results:
             self._observation(result)
@@ -403,29 +411,31 @@ class _Collector:
         )
 
 
-def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], int]:
-    """The Observations a DiagnosticReport carries in ``contained`` and names in ``result`` ("#id"), and how many
-    of them name a subject other than the report's (those are left out: the prefetch checks only the report).
+def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], int, int]:
+    """The Observations a DiagnosticReport carries in ``contained`` and names in ``result`` ("#id"), how many of them
+    name a subject other than the report's (those are left out: the prefetch checks only the report), and how many
+    "#id" results name no contained Observation with that id.
 
     Each is given the id "<report id>.<its id>" (:func:`_contained_id`: a valid FHIR id, unique in the request), so
     that findings cite it and two reports' "#r1" stay apart. Results that are separate resources arrive on their own.
     """
     report_id = report.get("id")
     items, named = report.get("contained"), references_within(report.get("result"))
-    if not isinstance(report_id, str) or not isinstance(items, list) or not named:
-        return [], 0
+    if not isinstance(report_id, str) or not named:
+        return [], 0, 0
     subject = _subject(report)
     results: list[Mapping[str, Any]] = []
-    foreign = 0
-    for item in items:
+    foreign, found = 0, set()
+    for item in items if isinstance(items, list) else ():
         if not (isinstance(item, (dict, Mapping)) and item.get("resourceType") == "Observation"
                 and isinstance(item.get("id"), str) and item["id"] in named):
             continue
+        found.add(item["id"])
         if "subject" in item and _subject(item) != subject:
             foreign += 1
             continue
         results.append({**item, "id": _contained_id(report_id, item["id"])})
-    return results, foreign
+    return results, foreign, len(named - found)
 
 
 def _contained_id(report_id: str, local_id: str) -> str:

@@ -669,7 +669,6 @@ def _inner(resource: dict[str, Any]) -> dict[str, Any]:
         ([_report(_inner(anc(300, id="r1")), named=())], set()),  # carried, but not a result of the report
         ([_report(_inner(anc(300, id="r1")), status="entered-in-error")], set()),
         ([_report(_inner(anc(300, id="r1")), status="entered-in-error ")], set()),
-        ([{**_report(_inner(anc(300, id="r1"))), "status": ["final"]}], set()),  # status unreadable
         ([_report(anc(300, id="r1"))], {"Observation/101.r1"}),  # names the report's own subject
         ([_report(_inner(anc(300, id="r1"))), _report(_inner(anc(900, id="r1")), id="102")],
          {"Observation/101.r1", "Observation/102.r1"}),
@@ -677,7 +676,7 @@ def _inner(resource: dict[str, Any]) -> dict[str, Any]:
          {"Observation/101.w", "Observation/101.p"}),
     ],
     ids=["contained-anc", "not-named-in-result", "report-entered-in-error", "report-entered-in-error-spaced",
-         "report-status-a-list", "same-subject", "two-reports-same-local-id", "contained-cbc"],
+         "same-subject", "two-reports-same-local-id", "contained-cbc"],
 )
 def test_results_contained_in_a_diagnostic_report_are_read(resources: list[dict[str, Any]],
                                                            sources: set[str]) -> None:
@@ -700,7 +699,28 @@ def test_results_contained_in_one_report_are_linked() -> None:
 )
 def test_contained_result_with_an_id_that_is_not_a_string_is_skipped(bad_id: object) -> None:
     found = facts({**_report(_inner(anc(300, id="r1"))), "contained": [{**_inner(anc(300)), "id": bad_id}]})
-    assert not found.labs and not found.issues
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101",
+                                      "1 result reference(s) to '#id' match no contained Observation; not read"),)
+
+
+@pytest.mark.parametrize(
+    ("status", "problem"),
+    [(None, "status: missing; its contained results not read"),
+     (["final"], "status: not a code; its contained results not read")],
+    ids=["missing", "a-list"],
+)
+def test_report_whose_status_cannot_be_read_is_reported_not_silently_skipped(status: object, problem: str) -> None:
+    # Its results are not read (a list could hide "entered-in-error"), but a clinician must learn that a report
+    # with results was left out.
+    report = _report(_inner(anc(300, id="r1")))
+    if status is None:
+        del report["status"]
+    else:
+        report["status"] = status
+    found = facts(report)
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101", problem),)
 
 
 def test_contained_result_naming_another_subject_is_not_read() -> None:
