@@ -423,9 +423,11 @@ def search(resources: Iterable[Mapping[str, Any]], resource_type: str,
         elif base == "_summary":
             summary_count = value == "count"
         elif base == "_include":
-            source, _, reference_name = value.partition(":")
-            param = definitions.get(reference_name.partition(":")[0]) if source == resource_type else None
-            if param is None or param.type != "reference" or modifier:
+            source, _, rest = value.partition(":")
+            reference_name, _, target = rest.partition(":")
+            param = definitions.get(reference_name) if source == resource_type else None
+            if (param is None or param.type != "reference" or modifier
+                    or (target and param.target is not None and target != param.target)):
                 ignored.append(f"{name}={value}")
                 continue
             includes.append(param)
@@ -451,15 +453,16 @@ def search(resources: Iterable[Mapping[str, Any]], resource_type: str,
 def included(result: SearchResult, find: Callable[[str, str], Mapping[str, Any] | None]) -> list[Mapping[str, Any]]:
     """The resources the ``_include`` parameters of ``result`` add to its page, each once, in page order.
 
-    ``find(type, id)`` looks a resource up; references it cannot resolve (another server, a contained resource,
-    a resource not held) add nothing, as on a real server.
+    ``find(type, id)`` looks a resource up; references it cannot resolve (an absolute URL: another server; a
+    contained resource; a resource not held) add nothing, as on a real server.
     """
     found: dict[tuple[str, str], Mapping[str, Any]] = {}
     for resource in result.page:
         for param in result.includes:
             for value in param.values(resource):
                 ref = value.get("reference") if isinstance(value, Mapping) else None
-                kind, rid = reference_parts(ref) if isinstance(ref, str) and not ref.startswith("#") else (None, "")
+                local = isinstance(ref, str) and not ref.startswith("#") and "://" not in ref
+                kind, rid = reference_parts(ref) if local and isinstance(ref, str) else (None, "")
                 if kind is None or (param.target is not None and kind != param.target) or (kind, rid) in found:
                     continue
                 target = find(kind, rid)

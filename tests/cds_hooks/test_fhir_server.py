@@ -95,7 +95,7 @@ RESOURCES: list[dict[str, Any]] = [
      "medicationReference": {"reference": "Medication/peg"}},
     {"resourceType": "MedicationRequest", "id": "m3", "status": "stopped", "intent": "order",
      "subject": {"reference": "Patient/p2"}, "authoredOn": "2024-10-01T09:00:00Z",
-     "medicationReference": {"reference": "Medication/peg"}},
+     "medicationReference": {"reference": "http://other.example/fhir/Medication/peg"}},
     {"resourceType": "Medication", "id": "peg", "code": {"text": "pegfilgrastim syringe"}},
     {"resourceType": "Medication", "id": "unused", "code": {"text": "not ordered"}},
 ]
@@ -201,17 +201,29 @@ def test_errors_are_operation_outcomes(fhir: FlaskClient, method: str, path: str
     ("MedicationRequest?patient=p1&_include=MedicationRequest:medication:Medication", {"m1", "m2"},
      ["Medication/peg"]),
     ("MedicationRequest?patient=p1", {"m1", "m2"}, []),
-], ids=["orders-of-a-patient", "one-medication-once", "order-coded-inline", "typed", "no-include"])
+    ("MedicationRequest?patient=p2&_include=MedicationRequest:medication", {"m3"}, []),
+], ids=["orders-of-a-patient", "all-orders", "order-coded-inline", "typed", "no-include",
+        "absolute-url-of-another-server"])
 def test_search_includes_the_medications_ordered(fhir: FlaskClient, query: str, matches: set[str],
                                                  includes: list[str]) -> None:
-    # US Core: a server whose orders reference Medication resources SHALL support this _include; the prefetch
-    # template of the neutropenia service uses it, so the fixture server serves it.
+    # US Core: a server whose orders reference Medication resources SHALL support this _include, so the fixture
+    # server, standing in for an EHR's, serves it.
     bundle = fhir.get(f"/{query}").json
     assert set(match_ids(bundle)) == matches and bundle["total"] == len(matches)
     included = [f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle.get("entry", [])
                 if e["search"]["mode"] == "include"]
     assert included == includes
     assert not [e for e in bundle.get("entry", []) if e["search"]["mode"] == "outcome"]  # nothing ignored
+
+
+@pytest.mark.parametrize("value", ["MedicationRequest:medication:Patient", "MedicationRequest:performer",
+                                   "Observation:subject", "MedicationRequest:status"],
+                         ids=["wrong-target-type", "unknown-parameter", "other-resource-type", "not-a-reference"])
+def test_search_ignores_an_include_it_cannot_serve(fhir: FlaskClient, value: str) -> None:
+    bundle = fhir.get(f"/MedicationRequest?patient=p1&_include={value}").json
+    assert set(match_ids(bundle)) == {"m1", "m2"}
+    modes = [e["search"]["mode"] for e in bundle["entry"]]
+    assert "include" not in modes and modes.count("outcome") == 1  # the ignored parameter is listed
 
 
 @pytest.mark.parametrize(("query", "expected"), [
