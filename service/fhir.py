@@ -48,19 +48,28 @@ def flatten(resources: object, depth: int = 0) -> Iterator[Mapping[str, Any]]:
 _INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
 
 
-def _version(resource: Mapping[str, Any]) -> tuple[int, float | None]:
-    """What orders copies of one resource: a numeric ``versionId`` (-1 if none) and a valid ``lastUpdated``.
+#: A versionId that orders copies: a number (FHIR allows any id; only numbers have an order).
+_VERSION_NUMBER = re.compile(r"[0-9]{1,18}")
 
-    A value that is not valid FHIR is left out, never read: a copy it cannot order is kept beside the others (the
-    most severe value counts), so an invalid ``meta`` can neither make a copy win nor make its record unusable.
+
+def _version(resource: Mapping[str, Any]) -> tuple[int | None, float | None]:
+    """What orders copies of one resource: a numeric ``versionId`` and a valid ``lastUpdated``, None when absent.
+
+    A value that is not valid FHIR (or not a number, for the versionId) is left out, never read: a copy it cannot
+    order is kept beside the others (the most severe value counts), so an invalid ``meta`` can neither make a copy
+    win nor make its record unusable.
     """
     meta = resource.get("meta")
     meta = meta if isinstance(meta, Mapping) else {}
     version = meta.get("versionId")
-    number = int(version) if isinstance(version, str) and version.isdigit() and len(version) < 19 else -1
+    number = int(version) if isinstance(version, str) and _VERSION_NUMBER.fullmatch(version) else None
     stamp = meta.get("lastUpdated")
     updated = timing.parse(stamp) if isinstance(stamp, str) and _INSTANT.fullmatch(stamp) else None
     return number, None if updated is None else updated.effective.timestamp()
+
+
+def _latest(times: Iterable[float | None]) -> float | None:
+    return max((t for t in times if t is not None), default=None)
 
 
 @dataclass(frozen=True)
@@ -108,16 +117,30 @@ def deduplicated(resources: Iterable[Mapping[str, Any]]) -> Deduplicated:
 
 
 def _current(copies: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The copies that may be the current version: the newest, or all that nothing valid orders."""
+    """The copies that may be the current version: those no other copy is known to be newer than.
+
+    One copy is newer than another when both have a version number and its number is higher (between equal
+    numbers, when both have a valid lastUpdated and its is later), or, when one has no number, when both have a
+    valid lastUpdated and its is later. A copy nothing valid orders against the others stays beside them, so the
+    rules see every value it may hold. Linear in the number of copies: a request may repeat one id thousands of
+    times.
+    """
     keys = [_version(copy) for copy in copies]
-    if not all(number >= 0 or updated is not None for number, updated in keys):
-        return copies  # a copy with neither a versionId nor a valid lastUpdated: nothing orders them
-    newest = max(keys, key=lambda k: (k[0], k[1] is not None, k[1] or 0.0))
-    leaders = [k for k in keys if k[0] == newest[0]]
-    if len(leaders) > 1 and any(updated is None for _, updated in leaders):
-        # The same versionId, and not every copy has a valid lastUpdated: a valid one does not outrank none.
-        return [copy for copy, k in zip(copies, keys) if k[0] == newest[0]]
-    return [copy for copy, k in zip(copies, keys) if k == newest]
+    numbers = [number for number, _ in keys if number is not None]
+    top = max(numbers, default=None)
+    latest_at_top = _latest(time for number, time in keys if number is not None and number == top)
+    latest_unnumbered = _latest(time for number, time in keys if number is None)
+    latest_any = _latest(time for _, time in keys)
+
+    def superseded(number: int | None, time: float | None) -> bool:
+        if number is None:
+            return time is not None and latest_any is not None and time < latest_any
+        if top is not None and number < top:
+            return True
+        later = [t for t in (latest_at_top, latest_unnumbered) if t is not None]
+        return time is not None and any(time < t for t in later)
+
+    return [copy for copy, (number, time) in zip(copies, keys) if not superseded(number, time)]
 
 
 def _distinct(copies: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

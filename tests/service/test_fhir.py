@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from fhir.resources.R4B.observation import Observation
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.fhir import (
     codes_of,
@@ -166,3 +170,43 @@ def test_codes_of_ignores_malformed_codings() -> None:
     concept = {"coding": [{"system": "http://loinc.org", "code": "751-8"}, {"code": "x"}, "junk", {"system": 1}]}
     assert codes_of(concept) == {("http://loinc.org", "751-8")}
     assert codes_of({"coding": "x"}) == frozenset() and codes_of(None) == frozenset()
+
+
+_VERSIONS = [None, "1", "2", "3", "abc", "²", "٣"]
+_STAMPS = [None, "2025-03-10T09:00:00Z", "2025-03-10T10:00:00Z", "2025-03-10T11:00:00+01:00", "2025-03-10T11:00Z"]
+
+
+def _ordered_pairwise(metas: list[dict[str, str]]) -> set[int]:
+    """The copies no other copy is newer than, by the rule stated in service.fhir._current, pair by pair."""
+    def key(meta: dict[str, str]) -> tuple[int | None, datetime | None]:
+        version = meta.get("versionId")
+        number = int(version) if version is not None and re.fullmatch("[0-9]+", version) else None
+        stamp = meta.get("lastUpdated")
+        time = datetime.fromisoformat(stamp) if stamp is not None and re.fullmatch(
+            r"[0-9-]{10}T[0-9:]{8}(Z|[+-][0-9:]{5})", stamp) else None
+        return number, time
+
+    def newer(a: tuple[int | None, datetime | None], b: tuple[int | None, datetime | None]) -> bool:
+        if a[0] is not None and b[0] is not None and a[0] != b[0]:
+            return a[0] > b[0]
+        return a[1] is not None and b[1] is not None and a[1] > b[1]
+
+    keys = [key(m) for m in metas]
+    return {i for i, k in enumerate(keys) if not any(newer(other, k) for other in keys)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_VERSIONS), st.sampled_from(_STAMPS)), min_size=2, max_size=5))
+def test_deduplicated_keeps_exactly_the_copies_nothing_orders_as_older(pairs: list[tuple[str | None, str | None]]
+                                                                       ) -> None:
+    metas = [{k: v for k, v in (("versionId", version), ("lastUpdated", stamp)) if v is not None}
+             for version, stamp in pairs]
+    copies = [{"resourceType": "Observation", "id": "o", "meta": meta, "n": n} for n, meta in enumerate(metas)]
+    assert {r["n"] for r in deduplicated(copies).resources} == _ordered_pairwise(metas)
+
+
+def test_deduplicated_reads_a_versionid_of_other_digits_as_no_number() -> None:
+    # "²".isdigit() is true and int("²") raises: a superscript versionId was a 500.
+    copies = [{"resourceType": "Observation", "id": "o", "meta": {"versionId": v}, "n": n}
+              for n, v in enumerate(["²", "1"])]
+    assert {r["n"] for r in deduplicated(copies).resources} == {0, 1}
