@@ -265,20 +265,25 @@ class _Collector:
         status = report.get("status")
         if isinstance(status, str) and status.strip() in RETRACTED_REPORT_STATUSES:
             return  # a retracted report: nothing of it counts
-        self._link(report.get("result"))  # grouping results reported together, whatever the report's state
         results, foreign, missing = _contained_results(report)
+        # The report's results are reported together, separate and contained alike, whatever its state.
+        external = report.get("result")
+        self._link([*(external if isinstance(external, list) else []),
+                    *({"reference": source_of(result)} for result in results)])
         if not isinstance(status, str):
-            if results or foreign:  # its results would be read: say why they are not
+            if references_within(external):  # it names contained results: say why they are not read
                 self._issue("malformed-resource", source_of(report),
                             f"status: {'missing' if status is None else 'not a code'}; its contained results not read")
             return
+        if references_within(external) and not (isinstance(report.get("id"), str) and report["id"]):
+            # Without the report's id its contained results cannot be told apart from another report's.
+            self._issue("malformed-resource", source_of(report), "no id: its contained results not read")
         if foreign:
             self._issue("malformed-resource", source_of(report),
                         f"{foreign} contained result(s) name another subject than the report; not read")
         if missing:
             self._issue("malformed-resource", source_of(report),
                         f"{missing} result reference(s) to '#id' match no contained Observation; not read")
-        self._link([{"reference": source_of(result)} for result in results])
         for result in results:
             self._observation(result)
 
@@ -421,7 +426,7 @@ def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any
     """
     report_id = report.get("id")
     items, named = report.get("contained"), references_within(report.get("result"))
-    if not isinstance(report_id, str) or not named:
+    if not named or not isinstance(report_id, str) or not report_id:
         return [], 0, 0
     subject = _subject(report)
     results: list[Mapping[str, Any]] = []

@@ -737,3 +737,19 @@ def test_contained_results_of_a_report_with_a_long_id_keep_distinct_valid_ids() 
     sources = {lab.source for lab in facts(report).labs}
     assert len(sources) == 2
     assert all(re.fullmatch(r"Observation/[A-Za-z0-9\-.]{1,64}", source) for source in sources)
+
+
+def test_contained_and_separate_results_of_one_report_are_linked() -> None:
+    # A contained WBC and a separate neutrophil % of one report, drawn 5 minutes apart, make one ANC.
+    report = _report(_inner(wbc(3.0, id="w", effective=ago(minutes=5))))
+    report["result"].append({"reference": "Observation/n"})
+    found = facts(report, percent(NEUTROPHILS_PCT, 13, id="n"))
+    assert frozenset({"Observation/101.w", "Observation/n"}) in found.links
+
+
+def test_report_without_an_id_says_its_contained_results_are_not_read() -> None:
+    report = {k: v for k, v in _report(_inner(anc(300, id="r1"))).items() if k != "id"}
+    found = facts(report)
+    assert not found.labs
+    assert [(i.code, i.detail) for i in found.issues] == [("malformed-resource",
+                                                          "no id: its contained results not read")]
