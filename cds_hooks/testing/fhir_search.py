@@ -380,7 +380,8 @@ class SearchResult:
     used: tuple[tuple[str, str], ...]
     ignored: tuple[str, ...]
     summary_count: bool = False
-    includes: tuple[SearchParam, ...] = ()  # the reference parameters of ``_include``
+    #: The reference parameters of ``_include``, each with the resource type it is limited to (None: any).
+    includes: tuple[tuple[SearchParam, str | None], ...] = ()
 
     @property
     def page(self) -> tuple[Mapping[str, Any], ...]:
@@ -410,7 +411,7 @@ def search(resources: Iterable[Mapping[str, Any]], resource_type: str,
     used: list[tuple[str, str]] = []
     ignored: list[str] = []
     count, offset, sort, summary_count = DEFAULT_COUNT, 0, "", False
-    includes: list[SearchParam] = []
+    includes: list[tuple[SearchParam, str | None]] = []
     for name, value in params:
         base, _, modifier = name.partition(":")
         if base == "_count":
@@ -430,7 +431,7 @@ def search(resources: Iterable[Mapping[str, Any]], resource_type: str,
                     or (target and param.target is not None and target != param.target)):
                 ignored.append(f"{name}={value}")
                 continue
-            includes.append(param)
+            includes.append((param, target or param.target))
         elif base in _RESULT_PARAMS:
             continue
         elif base in definitions and definitions[base].modifier_supported(modifier or None):
@@ -458,12 +459,12 @@ def included(result: SearchResult, find: Callable[[str, str], Mapping[str, Any] 
     """
     found: dict[tuple[str, str], Mapping[str, Any]] = {}
     for resource in result.page:
-        for param in result.includes:
+        for param, target in result.includes:
             for value in param.values(resource):
                 ref = value.get("reference") if isinstance(value, Mapping) else None
                 local = isinstance(ref, str) and not ref.startswith("#") and "://" not in ref
                 kind, rid = reference_parts(ref) if local and isinstance(ref, str) else (None, "")
-                if kind is None or (param.target is not None and kind != param.target) or (kind, rid) in found:
+                if kind is None or (target is not None and kind != target) or (kind, rid) in found:
                     continue
                 target = find(kind, rid)
                 if target is not None:

@@ -202,8 +202,10 @@ def test_errors_are_operation_outcomes(fhir: FlaskClient, method: str, path: str
      ["Medication/peg"]),
     ("MedicationRequest?patient=p1", {"m1", "m2"}, []),
     ("MedicationRequest?patient=p2&_include=MedicationRequest:medication", {"m3"}, []),
+    ("Observation?patient=p1&_include=Observation:subject:Patient", P1_OBSERVATIONS, ["Patient/p1"]),
+    ("Observation?patient=p1&_include=Observation:subject:Group", P1_OBSERVATIONS, []),
 ], ids=["orders-of-a-patient", "all-orders", "order-coded-inline", "typed", "no-include",
-        "absolute-url-of-another-server"])
+        "absolute-url-of-another-server", "untargeted-parameter-typed", "untargeted-parameter-other-type"])
 def test_search_includes_the_medications_ordered(fhir: FlaskClient, query: str, matches: set[str],
                                                  includes: list[str]) -> None:
     # US Core: a server whose orders reference Medication resources SHALL support this _include, so the fixture
