@@ -466,9 +466,9 @@ def included(result: SearchResult, find: Callable[[str, str], Mapping[str, Any] 
                 kind, rid = reference_parts(ref) if local and isinstance(ref, str) else (None, "")
                 if kind is None or (target is not None and kind != target) or (kind, rid) in found:
                     continue
-                target = find(kind, rid)
-                if target is not None:
-                    found[(kind, rid)] = target
+                held = find(kind, rid)
+                if held is not None:
+                    found[(kind, rid)] = held
     return list(found.values())
 
 
