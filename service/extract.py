@@ -265,17 +265,18 @@ class _Collector:
         status = report.get("status")
         if isinstance(status, str) and status.strip() in RETRACTED_REPORT_STATUSES:
             return  # a retracted report: nothing of it counts
-        results, foreign, missing = _contained_results(report)
-        # The report's results are reported together, separate and contained alike, whatever its state.
         external = report.get("result")
+        named = references_within(external)  # the results it carries in ``contained``, by their "#id"
+        results, foreign, missing = _contained_results(report, named)
+        # The report's results are reported together, separate and contained alike, whatever its state.
         self._link([*(external if isinstance(external, list) else []),
                     *({"reference": source_of(result)} for result in results)])
         if not isinstance(status, str):
-            if references_within(external):  # it names contained results: say why they are not read
+            if named:  # it names contained results: say why they are not read
                 self._issue("malformed-resource", source_of(report),
                             f"status: {'missing' if status is None else 'not a code'}; its contained results not read")
             return
-        if references_within(external) and not (isinstance(report.get("id"), str) and report["id"]):
+        if named and not (isinstance(report.get("id"), str) and report["id"]):
             # Without the report's id its contained results cannot be told apart from another report's.
             self._issue("malformed-resource", source_of(report), "no id: its contained results not read")
         if foreign:
@@ -416,16 +417,18 @@ class _Collector:
         )
 
 
-def _contained_results(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], int, int]:
-    """The Observations a DiagnosticReport carries in ``contained`` and names in ``result`` ("#id"), how many of them
-    name a subject other than the report's (those are left out: the prefetch checks only the report), and how many
-    "#id" results name no contained Observation with that id.
+def _contained_results(
+    report: Mapping[str, Any], named: frozenset[str]
+) -> tuple[list[Mapping[str, Any]], int, int]:
+    """The Observations a DiagnosticReport carries in ``contained`` and names (``named``: its "#id" results), how
+    many of them name a subject other than the report's (those are left out: the prefetch checks only the report),
+    and how many of ``named`` match no contained Observation.
 
     Each is given the id "<report id>.<its id>" (:func:`_contained_id`: a valid FHIR id, unique in the request), so
     that findings cite it and two reports' "#r1" stay apart. Results that are separate resources arrive on their own.
     """
     report_id = report.get("id")
-    items, named = report.get("contained"), references_within(report.get("result"))
+    items = report.get("contained")
     if not named or not isinstance(report_id, str) or not report_id:
         return [], 0, 0
     subject = _subject(report)

@@ -68,18 +68,19 @@ def test_observation_status(status: str, used: bool, preliminary: bool) -> None:
         assert found.labs[0].preliminary is preliminary
 
 
+def _with_status(resource: dict[str, Any], status: object) -> dict[str, Any]:
+    """``resource`` with ``status`` as its status, or without one when it is None."""
+    changed = {k: v for k, v in resource.items() if k != "status"}
+    return changed if status is None else {**changed, "status": status}
+
+
 @pytest.mark.parametrize(
     ("status", "problem"),
     [("F", "status: unknown value 'F'"), (None, "status: missing"), (7, "status: unknown value 7")],
     ids=["unknown", "missing", "not-a-string"],
 )
 def test_unknown_status_value_is_malformed_not_used(status: object, problem: str) -> None:
-    resource = anc(400, id="x")
-    if status is None:
-        del resource["status"]
-    else:
-        resource["status"] = status
-    found = facts(resource)
+    found = facts(_with_status(anc(400, id="x"), status))
     assert not found.labs
     assert found.issues == (DataIssue("malformed-resource", "Observation/x", problem),)
 
@@ -713,12 +714,7 @@ def test_contained_result_with_an_id_that_is_not_a_string_is_skipped(bad_id: obj
 def test_report_whose_status_cannot_be_read_is_reported_not_silently_skipped(status: object, problem: str) -> None:
     # Its results are not read (a list could hide "entered-in-error"), but a clinician must learn that a report
     # with results was left out.
-    report = _report(_inner(anc(300, id="r1")))
-    if status is None:
-        del report["status"]
-    else:
-        report["status"] = status
-    found = facts(report)
+    found = facts(_with_status(_report(_inner(anc(300, id="r1"))), status))
     assert not found.labs
     assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101", problem),)
 
