@@ -43,7 +43,7 @@ from service.model import DataIssue
 from service.records import ConditionFact, MedicationFact
 from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
 from service.units import celsius, count_per_ul, percent
-from service.validation import screen
+from service.validation import KnownElements, screen
 
 #: Observation.status -> whether the result is preliminary; statuses not listed are not used (brief §2).
 USED_STATUSES: Mapping[str, bool] = {"final": False, "amended": False, "corrected": False, "preliminary": True}
@@ -205,6 +205,8 @@ class _Collector:
         self.issues: set[DataIssue] = set()
         #: In-window lab results without an ANC code, waiting to see whether a measured ANC makes them unused.
         self.components: list[_Pending] = []
+        #: The Observations of a request repeat their code, category and subject: each is validated once.
+        self.known = KnownElements()
 
     def facts(self) -> Facts:
         """The collected facts, each kind in a fixed order."""
@@ -359,7 +361,7 @@ class _Collector:
 
     def _read(self, pending: _Pending, *, validate: bool) -> None:
         if validate:
-            usable, issue = screen(Observation, pending.resource, _observation_reads(pending.resource))
+            usable, issue = screen(Observation, pending.resource, _observation_reads(pending.resource), self.known)
             self.issues.update([issue] if issue else [])
             if not usable:
                 return

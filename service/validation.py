@@ -6,6 +6,11 @@ temperatures since). The verdict is a pure function of the resource's content, s
 by a digest of the resource's JSON: a resource seen before costs a serialisation and a hash, not a validation.
 The memo is bounded (least recently used verdicts go first) and holds verdicts only, never resource content.
 
+Within one request the Observations repeat most of their elements (the same ``code``, ``category`` and
+``subject`` on every temperature): :class:`KnownElements` validates each distinct element once and hands the
+validated instance to the resource's validation, which takes it as it is (a FHIR element's validity depends on
+its content and type alone). It lives for one request, so nothing of a patient outlives the request.
+
 :func:`screen` decides what a verdict means for the rules: a resource invalid in an element they read is not used;
 one invalid only in elements they never read (a display text, an extension, an element from a later FHIR version)
 is used, and the invalid elements are reported. An EHR's empty ``display`` on a temperature must not hide a fever.
@@ -16,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import typing
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import orjson
+from fhir.resources.R4B.element import Element
 
 from service.fhir import source_of
 from service.model import DataIssue
@@ -49,10 +56,101 @@ class Verdict(NamedTuple):
     elements: frozenset[str]
 
 
-def validate(model: type[Any], resource: Mapping[str, Any]) -> Verdict | None:
-    """Why ``resource`` is not a valid ``model`` (a fhir.resources R4B class), or None when it is."""
+class KnownElements:
+    """The complex elements of one request validated so far, by type and content, valid ones as their instance.
+
+    Handing fhir.resources an element already validated skips its validation (pydantic takes a model instance of
+    the declared class as it is); an invalid element is left as sent, so the resource's validation reports it at
+    its own place. Elements are compared by their JSON, so a copy equal in content is the same element.
+    """
+
+    def __init__(self) -> None:
+        self._instances: dict[tuple[type[Any], bytes], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def substituted(self, model: type[Any], resource: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``resource`` with each complex element of ``model`` that is valid replaced by its validated instance."""
+        elements = _complex_elements(model)
+        copy: dict[str, Any] | None = None
+        for name, value in resource.items():
+            spec = elements.get(name)
+            if spec is None:
+                continue
+            element_model, repeats = spec
+            if repeats:
+                if not isinstance(value, list) or not value:
+                    continue
+                instances = [self._instance(element_model, item) for item in value]
+                if any(instance is None for instance in instances):
+                    continue
+                replacement: Any = instances
+            else:
+                replacement = self._instance(element_model, value)
+                if replacement is None:
+                    continue
+            if copy is None:
+                copy = dict(resource)
+            copy[name] = replacement
+        return resource if copy is None else copy
+
+    def _instance(self, element_model: type[Any], value: object) -> Any:
+        """The validated instance of ``value`` as ``element_model``; None when it is not a valid one."""
+        if not isinstance(value, dict):
+            return None  # the wrong shape (a list for an object, a string): the resource's validation says so
+        try:
+            content = orjson.dumps(value)
+        except TypeError:  # not plain JSON (an integer beyond 64 bits): validated with the resource
+            return None
+        key = (element_model, content)
+        if key not in self._instances:
+            try:
+                self._instances[key] = element_model.model_validate(value)
+            except Exception:  # noqa: BLE001 - untrusted input: the resource's validation reports it
+                self._instances[key] = None
+        return self._instances[key]
+
+
+#: :func:`_complex_elements` of each model asked for (a handful: worked out once per process).
+_ELEMENTS_OF: dict[type[Any], Mapping[str, tuple[type[Any], bool]]] = {}
+
+
+def _complex_elements(model: type[Any]) -> Mapping[str, tuple[type[Any], bool]]:
+    """The JSON names of ``model``'s complex data-type elements: their model, and whether the element repeats.
+
+    Resources held in an element (``contained``) and the ``_name`` extensions of primitives are left out: only
+    data types, whose validity is their own.
+    """
+    known = _ELEMENTS_OF.get(model)
+    if known is not None:
+        return known
+    found: dict[str, tuple[type[Any], bool]] = {}
+    for name, field in model.model_fields.items():
+        json_name = field.alias or name
+        if json_name.startswith("_"):
+            continue
+        declared = [arg for arg in typing.get_args(field.annotation) or (field.annotation,) if arg is not type(None)]
+        if len(declared) != 1:
+            continue
+        inner, repeats = declared[0], typing.get_origin(declared[0]) is list
+        if repeats:
+            inner = typing.get_args(inner)[0]
+        klass = getattr(inner, "get_model_klass", None)
+        element_model = klass() if callable(klass) else None
+        if isinstance(element_model, type) and issubclass(element_model, Element):
+            found[json_name] = (element_model, repeats)
+    _ELEMENTS_OF[model] = found
+    return found
+
+
+def validate(model: type[Any], resource: Mapping[str, Any], known: KnownElements | None = None) -> Verdict | None:
+    """Why ``resource`` is not a valid ``model`` (a fhir.resources R4B class), or None when it is.
+
+    ``known`` (the elements of the request validated so far) spares validating an element seen before.
+    """
     try:
-        model.model_validate(resource)
+        model.model_validate(resource if known is None else known.substituted(model, resource))
     except Exception as error:  # noqa: BLE001 - untrusted input; pydantic raises several kinds
         errors = getattr(error, "errors", None)
         details = errors() if callable(errors) else None
@@ -90,13 +188,14 @@ def touches(verdict: Verdict, read: Collection[str]) -> bool:
     return False
 
 
-def screen(model: type[Any], resource: Mapping[str, Any], read: Collection[str]) -> tuple[bool, DataIssue | None]:
+def screen(model: type[Any], resource: Mapping[str, Any], read: Collection[str],
+           known: KnownElements | None = None) -> tuple[bool, DataIssue | None]:
     """Whether the rules may use ``resource``, whose elements ``read`` they read, and the issue its validation gives.
 
     Invalid in an element that is read: not used, ``malformed-resource``. Invalid only elsewhere: used, with an
     ``invalid-unread-elements`` issue naming the elements (for whoever maintains the interface; no card shows it).
     """
-    verdict = validation_error(model, resource)
+    verdict = validation_error(model, resource, known)
     if verdict is None:
         return True, None
     if touches(verdict, read):
@@ -118,18 +217,19 @@ class VerdictMemo:
     def __len__(self) -> int:
         return len(self._verdicts)
 
-    def validation_error(self, model: type[Any], resource: Mapping[str, Any]) -> Verdict | None:
+    def validation_error(self, model: type[Any], resource: Mapping[str, Any],
+                         known: KnownElements | None = None) -> Verdict | None:
         """The verdict of :func:`validate`, from the memo when this content was validated before."""
         try:
             content = orjson.dumps(resource)
         except TypeError:  # not plain JSON (an integer beyond 64 bits, read by the standard library): no memo
-            return validate(model, resource)
+            return validate(model, resource, known)
         key = (model.__name__, hashlib.blake2b(content, digest_size=16).digest())
         with self._lock:
             if key in self._verdicts:
                 self._verdicts.move_to_end(key)
                 return self._verdicts[key]
-        verdict = validate(model, resource)
+        verdict = validate(model, resource, known)
         with self._lock:
             self._verdicts[key] = verdict
             while len(self._verdicts) > self._size:
@@ -146,6 +246,7 @@ class VerdictMemo:
 MEMO = VerdictMemo()
 
 
-def validation_error(model: type[Any], resource: Mapping[str, Any]) -> Verdict | None:
+def validation_error(model: type[Any], resource: Mapping[str, Any],
+                     known: KnownElements | None = None) -> Verdict | None:
     """Why ``resource`` is not a valid ``model`` (a fhir.resources R4B class), or None; remembered by content."""
-    return MEMO.validation_error(model, resource)
+    return MEMO.validation_error(model, resource, known)

@@ -6,6 +6,8 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.observation import Observation
 
@@ -139,3 +141,97 @@ def test_an_object_sent_as_a_list_is_an_error_of_the_element_itself(invalid: dic
     # "subject.reference", and another patient's result was used.
     verdict = validate(Observation, {**VALID, **invalid})
     assert verdict is not None and verdict.elements == elements
+
+
+TEMPERATURE = {
+    "resourceType": "Observation", "id": "t1", "status": "final",
+    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                              "code": "vital-signs"}]}],
+    "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5", "display": "Body temperature"}]},
+    "subject": {"reference": "Patient/p"}, "effectiveDateTime": "2025-03-10T08:00:00Z",
+    "valueQuantity": {"value": 38.4, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"},
+}
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param({}, id="valid"),
+    pytest.param({"code": {"coding": [{"system": "http://loinc.org", "code": "8310-5", "display": ""}]}},
+                 id="invalid-nested-display"),
+    pytest.param({"category": [TEMPERATURE["category"][0], {"coding": "x"}]}, id="one-invalid-item-of-a-list"),
+    pytest.param({"category": [None]}, id="null-in-a-list"),
+    pytest.param({"category": TEMPERATURE["category"][0]}, id="object-for-a-list"),
+    pytest.param({"subject": [{"reference": "Patient/p"}]}, id="list-for-an-object"),
+    pytest.param({"subject": "Patient/p"}, id="string-for-an-object"),
+    pytest.param({"valueQuantity": {"value": 10**30}}, id="integer-beyond-64-bits"),
+    pytest.param({"valueQuantity": {"value": "38.4"}}, id="quoted-value"),
+    pytest.param({"valueString": "38.4"}, id="two-values"),
+    pytest.param({"status": "done"}, id="invalid-primitive-beside-known-elements"),
+    pytest.param({"component": [{"code": TEMPERATURE["code"], "valueQuantity": {"value": "x"}}]},
+                 id="invalid-component"),
+    pytest.param({"extension": [{"url": "http://example.org/x", "valueString": ""}]}, id="invalid-extension"),
+    pytest.param({"_effectiveDateTime": {"extension": [{"url": 1}]}}, id="invalid-primitive-extension"),
+    pytest.param({"contained": [{"resourceType": "Observation", "status": "x"}]}, id="invalid-contained"),
+])
+def test_known_elements_give_the_verdict_validation_gives(changes: dict[str, Any]) -> None:
+    # The elements of a valid sibling are known first, so the resource's own elements are handed over as
+    # instances wherever they are equal: the verdict must be the one a validation from scratch gives.
+    known = validation.KnownElements()
+    assert validate(Observation, TEMPERATURE, known) is None
+    resource = {**TEMPERATURE, "id": "t2", **changes}
+    assert validate(Observation, resource, known) == validate(Observation, resource)
+    assert validate(Observation, resource, known) == validate(Observation, resource)  # and once known
+
+
+def test_an_element_seen_before_in_the_request_is_validated_once() -> None:
+    known = validation.KnownElements()
+    validate(Observation, TEMPERATURE, known)
+    assert len(known) == 4  # category's item, code, subject, valueQuantity
+    second = {**TEMPERATURE, "id": "t2", "valueQuantity": {**TEMPERATURE["valueQuantity"], "value": 37.0}}
+    substituted = known.substituted(Observation, second)
+    assert len(known) == 5  # only the new value was validated
+    assert substituted["code"] is known.substituted(Observation, TEMPERATURE)["code"]  # the same instance
+    assert second["code"] == TEMPERATURE["code"] and isinstance(second["code"], dict)  # the resource is not changed
+
+
+def test_known_elements_hand_over_only_data_types() -> None:
+    names = validation._complex_elements(Observation)
+    assert {"code", "category", "subject", "valueQuantity", "component", "referenceRange"} <= set(names)
+    assert not {"contained", "_effectiveDateTime", "status", "effectiveDateTime"} & set(names)
+    assert names["category"][1] is True and names["code"][1] is False
+
+
+def test_every_fixture_resource_gets_the_same_verdict_with_known_elements() -> None:
+    import json
+    from pathlib import Path
+
+    from fhir.resources.R4B.medicationrequest import MedicationRequest
+    from fhir.resources.R4B.patient import Patient
+
+    from service.fhir import flatten
+    models = {"Observation": Observation, "Condition": Condition, "MedicationRequest": MedicationRequest,
+              "Patient": Patient}
+    known = validation.KnownElements()
+    checked = 0
+    for path in sorted(Path(__file__).parents[2].joinpath("fixtures").glob("*.json")):
+        for resource in flatten([json.loads(path.read_text())]):
+            model = models.get(resource.get("resourceType"))
+            if model is not None:
+                assert validate(model, resource, known) == validate(model, resource), (path.name, resource.get("id"))
+                checked += 1
+    assert checked > 100
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-10, 10) | st.sampled_from(["", "x", "8310-5", "Cel"]),
+                     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+                         st.sampled_from(["coding", "code", "system", "value", "reference", "text", "display"]),
+                         inner, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["code", "category", "subject", "valueQuantity", "component", "note"]),
+                       _JSON, max_size=3))
+def test_known_elements_never_change_a_verdict(changes: dict[str, Any]) -> None:
+    known = validation.KnownElements()
+    validate(Observation, TEMPERATURE, known)
+    resource = {**TEMPERATURE, **changes}
+    assert validate(Observation, resource, known) == validate(Observation, resource)
