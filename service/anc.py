@@ -2,7 +2,9 @@
 
 Priority inside a group: (1) a measured ANC code; (2) absolute segmented + band neutrophils; (3) WBC x the total
 neutrophil percentage alone (or the 0-1 fraction), else WBC x (segmented % + band %). Results belong to one group
-when they share a source, a specimen, an effective time, or a DiagnosticReport/panel. Where a group holds several
+when they share a source, a specimen, an effective time, or a DiagnosticReport/panel. Resources without an id all
+cite the same source ("Observation/(no id)"), which says nothing about them belonging together: they group by time,
+specimen and links only. Where a group holds several
 results for the same role, the lowest is used (conservative).
 """
 
@@ -15,6 +17,7 @@ from decimal import Decimal
 
 from service.codes import LabRole
 from service.extract import LabResult
+from service.fhir import NO_ID
 from service.model import DataIssue
 
 PERCENT_ROLES = frozenset({LabRole.TOTAL_PCT, LabRole.FRACTION, LabRole.SEGS_PCT, LabRole.BANDS_PCT})
@@ -92,7 +95,8 @@ def _groups(labs: list[LabResult], links: list[frozenset[str]]) -> list[list[Lab
             linked.setdefault(member, []).append(number)
     first: dict[tuple[str, object], int] = {}
     for index, lab in enumerate(labs):
-        keys: list[tuple[str, object]] = [("source", lab.source), ("time", lab.effective)]
+        keys: list[tuple[str, object]] = [("time", lab.effective)]
+        keys += [("source", lab.source)] if not lab.source.endswith(NO_ID) else []
         keys += [("specimen", lab.specimen)] if lab.specimen else []
         keys += [("link", number) for number in linked.get(lab.source, ())]
         for key in keys:

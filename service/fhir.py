@@ -182,10 +182,14 @@ def references_within(items: object) -> frozenset[str]:
                      and isinstance(ref := item.get("reference"), str) and ref.startswith("#") and len(ref) > 1)
 
 
+#: What :func:`source_of` cites as the id of a resource without one (shared by every such resource).
+NO_ID = "/(no id)"
+
+
 def source_of(resource: Mapping[str, Any]) -> str:
     """How findings cite ``resource``: "Type/id" ("Type/(no id)" without an id)."""
     rid = resource.get("id")
-    return f"{resource.get('resourceType')}/{rid if isinstance(rid, str) and rid else '(no id)'}"
+    return f"{resource.get('resourceType')}{f'/{rid}' if isinstance(rid, str) and rid else NO_ID}"
 
 
 def codes_of(concept: object) -> frozenset[Code]:

@@ -105,6 +105,30 @@ def test_results_at_different_times_do_not_combine() -> None:
     ]
 
 
+def _without_id(resource: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in resource.items() if key != "id"}
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        pytest.param([anc(3000, "/uL", ago(days=5)), wbc("1.0", effective=T0), percent(NEUTROPHILS_PCT, 40, T0)],
+                     ["3000", "400"], id="old-measured-then-computed"),
+        pytest.param([anc(3000, "/uL", ago(days=5)), anc(300, "/uL", T0)], ["3000", "300"], id="two-measured"),
+        pytest.param([anc(300, "/uL", ago(days=5)), anc(3000, "/uL", T0)], ["300", "3000"], id="rising"),
+        pytest.param([wbc("2.0", effective=ago(hours=3)), percent(NEUTROPHILS_PCT, 30, T0)], [],
+                     id="wbc-and-pct-apart"),
+    ],
+)
+def test_results_without_an_id_combine_only_by_time_specimen_or_link(
+    resources: list[dict[str, Any]], expected: list[str]
+) -> None:
+    # Every resource without an id is cited as "Observation/(no id)": that shared citation must not make results
+    # of different times one group (a 5-day-old ANC of 3000 hid today's 400 as its group's measured ANC).
+    found = series(*(_without_id(r) for r in resources))
+    assert [v.cells_per_ul for v in found.values] == [D(c) for c in expected]
+
+
 @pytest.mark.parametrize(
     ("resources", "detail"),
     [
