@@ -360,12 +360,14 @@ class _Collector:
         self.components.clear()
 
     def _read(self, pending: _Pending, *, validate: bool) -> None:
+        unread = _unread_components(pending.resource, pending.parts)
         if validate:
-            usable, issue = screen(Observation, pending.resource, _observation_reads(pending.resource), self.known)
+            usable, issue = screen(Observation, pending.resource, _observation_reads(pending.resource), unread,
+                                   self.known)
             self.issues.update([issue] if issue else [])
             if not usable:
                 return
-        problem = quoted_decimal(pending.resource)
+        problem = quoted_decimal(pending.resource, unread)
         if problem is not None:
             return self._issue("malformed-resource", pending.source, problem)
         for holder, codes in pending.parts:
@@ -479,6 +481,18 @@ def _parts(r: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], frozenset[Code
                 if component_codes:
                     parts.append((component, component_codes))
     return parts
+
+
+def _unread_components(
+    r: Mapping[str, Any], parts: list[tuple[Mapping[str, Any], frozenset[Code]]]
+) -> frozenset[int]:
+    """The indexes of ``r``'s components that are none of ``parts``: the rules never read them (a heart rate
+    beside a temperature in a vital-signs panel), so an error in one must not make the others unusable."""
+    components = r.get("component")
+    if not isinstance(components, list):
+        return frozenset()
+    read = {id(holder) for holder, _ in parts}
+    return frozenset(n for n, component in enumerate(components) if id(component) not in read)
 
 
 def _is_lab(parts: list[tuple[Mapping[str, Any], frozenset[Code]]]) -> bool:

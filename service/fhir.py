@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -225,16 +225,17 @@ def decimal(value: object) -> Decimal | None:
     return number if number.is_finite() and abs(number.adjusted()) <= MAX_EXPONENT else None
 
 
-def quoted_decimal(observation: Mapping[str, Any]) -> str | None:
+def quoted_decimal(observation: Mapping[str, Any], unread_components: Collection[int] = ()) -> str | None:
     """Where a Quantity value of an Observation (or a component) is a JSON string instead of a number.
 
     FHIR JSON decimals are JSON numbers (R4 §2.6.2), but fhir.resources' lax validation turns "0.4" into 0.4, so
-    this is checked on the raw JSON: the value, and the reference range limits, of the resource and its components.
+    this is checked on the raw JSON: the value, and the reference range limits, of the resource and its components,
+    except the components numbered in ``unread_components`` (ones the rules do not read).
     """
     components = observation.get("component")
     holders = [("", observation)] + [
         (f"component[{n}].", c) for n, c in enumerate(components if isinstance(components, list) else ())
-        if isinstance(c, (dict, Mapping))
+        if isinstance(c, (dict, Mapping)) and n not in unread_components
     ]
     for prefix, holder in holders:
         quantities: list[tuple[str, object]] = [("valueQuantity", holder.get("valueQuantity"))]

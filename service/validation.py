@@ -49,11 +49,13 @@ class Verdict(NamedTuple):
     """Why a resource is not valid: its first error, and the element of every error.
 
     Elements are dotted paths without list indexes (``code.coding.display``); :data:`WHOLE_RESOURCE` for an
-    error about the resource as a whole.
+    error about the resource as a whole. ``components`` holds the same paths with the index of the
+    ``component`` they lie in (None for an error outside every component): the rules read only some components.
     """
 
     problem: str
     elements: frozenset[str]
+    components: frozenset[tuple[int | None, str]] = frozenset()
 
 
 class KnownElements:
@@ -159,8 +161,17 @@ def validate(model: type[Any], resource: Mapping[str, Any], known: KnownElements
             return Verdict(f"invalid {model.__name__}", frozenset({WHOLE_RESOURCE}))
         first = found[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "resource"
-        elements = frozenset(_element(d.get("loc", ())) for d in found)
-        return Verdict(f"{where}: {first.get('msg', 'invalid')}"[:200], elements)
+        located = frozenset((_component(d.get("loc", ())), _element(d.get("loc", ()))) for d in found)
+        elements = frozenset(element for _, element in located)
+        return Verdict(f"{where}: {first.get('msg', 'invalid')}"[:200], elements, located)
+    return None
+
+
+def _component(location: object) -> int | None:
+    """The index of the Observation ``component`` a pydantic error location lies in, if it lies in one."""
+    if isinstance(location, (tuple, list)) and len(location) > 1 and location[0] == "component":
+        index = location[1]
+        return index if isinstance(index, int) and not isinstance(index, bool) else None
     return None
 
 
@@ -177,9 +188,16 @@ def _element(location: object) -> str:
                     if isinstance(part, str) and part not in _VALIDATOR_STEPS and _ELEMENT_NAME.fullmatch(part))
 
 
-def touches(verdict: Verdict, read: Collection[str]) -> bool:
-    """Whether an invalid element of ``verdict`` is one of the ``read`` element paths, holds one or lies in one."""
-    for element in verdict.elements:
+def touches(verdict: Verdict, read: Collection[str], unread_components: Collection[int] = ()) -> bool:
+    """Whether an invalid element of ``verdict`` is one of the ``read`` element paths, holds one or lies in one.
+
+    An error inside one of ``unread_components`` (indexes of Observation components the rules do not read, such as
+    the heart rate beside a temperature in a vital-signs panel) is not in an element read.
+    """
+    elements = verdict.elements
+    if unread_components:
+        elements = frozenset(e for n, e in verdict.components if n is None or n not in unread_components)
+    for element in elements:
         if element == WHOLE_RESOURCE:
             return True
         for path in read:
@@ -188,17 +206,20 @@ def touches(verdict: Verdict, read: Collection[str]) -> bool:
     return False
 
 
-def screen(model: type[Any], resource: Mapping[str, Any], read: Collection[str],
-           known: KnownElements | None = None) -> tuple[bool, DataIssue | None]:
+def screen(
+    model: type[Any], resource: Mapping[str, Any], read: Collection[str], unread_components: Collection[int] = (),
+    known: KnownElements | None = None,
+) -> tuple[bool, DataIssue | None]:
     """Whether the rules may use ``resource``, whose elements ``read`` they read, and the issue its validation gives.
 
-    Invalid in an element that is read: not used, ``malformed-resource``. Invalid only elsewhere: used, with an
-    ``invalid-unread-elements`` issue naming the elements (for whoever maintains the interface; no card shows it).
+    Invalid in an element that is read: not used, ``malformed-resource``. Invalid only elsewhere (including inside
+    ``unread_components``, see :func:`touches`): used, with an ``invalid-unread-elements`` issue naming the
+    elements (for whoever maintains the interface; no card shows it). ``known``: see :func:`validate`.
     """
     verdict = validation_error(model, resource, known)
     if verdict is None:
         return True, None
-    if touches(verdict, read):
+    if touches(verdict, read, unread_components):
         return False, DataIssue("malformed-resource", source_of(resource), verdict.problem)
     elements = ", ".join(sorted(verdict.elements))
     return True, DataIssue("invalid-unread-elements", source_of(resource),

@@ -255,6 +255,48 @@ def test_vital_signs_panel_components_are_read() -> None:
     assert (reading.source, reading.celsius) == ("Observation/vs", D("38.60"))
 
 
+_HEART_RATE = {"code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+               "valueQuantity": {"value": 72, "unit": "/min"}}
+
+
+@pytest.mark.parametrize(
+    ("unread", "issues"),
+    [
+        pytest.param({**_HEART_RATE, "valueQuantity": {"value": "72", "unit": "/min"}}, set(), id="quoted-value"),
+        pytest.param({**_HEART_RATE, "referenceRange": [{"low": {"value": "60"}}]}, set(), id="quoted-range"),
+        pytest.param({**_HEART_RATE, "valueQuantity": {"value": 72, "unit": 5}}, {"invalid-unread-elements"},
+                     id="invalid-quantity"),
+        pytest.param({**_HEART_RATE, "modifierExtension": "x"}, {"invalid-unread-elements"}, id="invalid-modifier"),
+    ],
+)
+def test_an_invalid_component_the_rules_do_not_read_leaves_the_others_usable(
+    unread: dict[str, Any], issues: set[str]
+) -> None:
+    # A heart rate sent badly beside the temperature of a vital-signs panel (or a haemoglobin beside the ANC of a
+    # blood count panel) made the whole panel unusable: febrile neutropenia became neutropenia-severe.
+    panel = vital_signs_panel([unread, component("8310-5", 38.6, "Cel")], id="vs")
+    cbc = observation("57021-8", None, None, components=[unread, component("751-8", 0.3, "10*3/uL")], id="cbc")
+    found = facts(panel, cbc)
+    assert [(t.source, t.celsius) for t in found.temperatures] == [("Observation/vs", D("38.60"))]
+    assert [(lab.source, lab.value) for lab in found.labs] == [("Observation/cbc", D("300.0"))]
+    assert {issue.code for issue in found.issues} == issues
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        pytest.param({"valueQuantity": {"value": "38.6", "unit": "Cel"}}, id="quoted-value"),
+        pytest.param({"valueQuantity": {"value": 38.6, "unit": 5}}, id="invalid-quantity"),
+        pytest.param({"modifierExtension": "x"}, id="invalid-modifier"),
+    ],
+)
+def test_an_invalid_component_the_rules_read_still_makes_the_record_unusable(read: dict[str, Any]) -> None:
+    panel = vital_signs_panel([_HEART_RATE, component("8310-5", 38.6, "Cel") | read], id="vs")
+    found = facts(panel)
+    assert found.temperatures == ()
+    assert [(i.code, i.source) for i in found.issues] == [("malformed-resource", "Observation/vs")]
+
+
 def test_temperature_in_fahrenheit_is_converted() -> None:
     (reading,) = facts(temperature(101, "[degF]")).temperatures
     assert reading.celsius == D("38.33")

@@ -76,6 +76,12 @@ def test_quoted_decimal_finds_strings_where_numbers_belong(changes: dict[str, An
     assert (problem.split(":")[0] if problem else None) == where
 
 
+def test_quoted_decimal_skips_components_not_read() -> None:
+    changes = {"component": [{"valueQuantity": {"value": 38.6}}, {"valueQuantity": {"value": "72"}}]}
+    assert quoted_decimal({**OBSERVATION, **changes}, {1}) is None
+    assert quoted_decimal({**OBSERVATION, **changes}, {0}) is not None
+
+
 def test_flatten_opens_nested_bundles_and_skips_junk() -> None:
     inner = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "p"}}, "junk", {}]}
     outer = {"resourceType": "Bundle", "entry": [{"resource": inner}, {"resource": {"resourceType": "Condition"}}]}

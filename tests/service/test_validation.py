@@ -59,6 +59,21 @@ def test_touches(elements: set[str], touched: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("located", "touched"),
+    [
+        ({(1, "component.valueQuantity.value")}, False),  # inside a component the rules do not read
+        ({(0, "component.valueQuantity.value")}, True),  # inside one they read
+        ({(None, "valueQuantity")}, True),  # outside every component
+        ({(1, "component.code.coding"), (None, "status")}, True),  # any one is enough
+    ],
+    ids=["unread-component", "read-component", "outside-components", "any-one"],
+)
+def test_touches_skips_components_the_rules_do_not_read(located: set[tuple[int | None, str]], touched: bool) -> None:
+    verdict = Verdict("x", frozenset(element for _, element in located), frozenset(located))
+    assert touches(verdict, {"status", "valueQuantity", "component.valueQuantity"}, {1, 2}) is touched
+
+
+@pytest.mark.parametrize(
     ("resource", "usable", "code"),
     [
         (VALID, True, None),
