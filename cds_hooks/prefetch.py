@@ -14,6 +14,12 @@ resources whose ``next`` link is not followed stays data, with a note saying so.
 Fetching is refused, without any request, when there is no `fhirServer`, when it is not on the allowlist (no
 SSRF through a request field), when there is no `fhirAuthorization` and anonymous access is off, or when the
 access token has expired (never used after `expires_in`).
+
+References a definition declares (``ServiceDefinition.follow_references``: the query subset has no ``_include``)
+are followed once every key is resolved: the targets a key's resources name on `fhirServer` (relative, or absolute
+under it) that no key holds are read with ``Type?_id=a,b,c`` searches, under the same gates, limits and deadline,
+and added to that key. Targets that cannot be obtained (no access, a failure, not found, on another server) leave
+the key usable but incomplete, with a reason that counts them; a missing target is never a 412.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import Enum
@@ -65,6 +72,10 @@ _RESERVE_MAX_SECONDS = 0.25
 
 ORIGIN_PREFETCH = "prefetch"
 ORIGIN_FHIR = "fhir"
+#: Ids asked for by one ``Type?_id=`` search when following references (a URL of a few kB at most).
+REFERENCE_CHUNK = 50
+#: A FHIR logical id (http://hl7.org/fhir/R4/datatypes.html#id): only these are put into a search.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 class KeyState(str, Enum):
@@ -246,7 +257,8 @@ def resolve_prefetch(definition: ServiceDefinition, request: HookRequest, *, pol
     ``received_at`` is ``time.monotonic()`` when the request arrived: the overall fetch deadline and the access
     token's expiry are measured from it. Absent keys are fetched in parallel; the call returns by the deadline
     even if a FHIR server hangs. Keys the client sent without a template are kept (resources are classified by
-    content, not key) but never fetched.
+    content, not key) but never fetched. Then the definition's ``follow_references`` are followed (module
+    docstring); that never raises PreconditionFailed.
     """
     fetcher = fetcher or default_fetcher()
     deadline = received_at + policy.deadline_seconds
@@ -289,17 +301,20 @@ def resolve_prefetch(definition: ServiceDefinition, request: HookRequest, *, pol
         if key not in definition.prefetch:
             results[key] = _without_next(_from_prefetch(key, value, token))
     patient_id = request.context.get("patientId")
-    if isinstance(patient_id, str) and patient_id:
+    patient_id = patient_id if isinstance(patient_id, str) and patient_id else None
+    if patient_id:
         results = {key: _only_about(patient_id, result) for key, result in results.items()}
 
-    resolved = PrefetchResult(MappingProxyType(results))
     _log.debug("prefetch resolved: %s", {key: r.state.value for key, r in results.items()})
     missing = {key: results[key].reason or "unavailable" for key in sorted(definition.required_prefetch)
                if results[key].state is KeyState.UNAVAILABLE}
     if missing:
         _log.info("prefetch: required keys unavailable: %s", ", ".join(missing))
         raise PreconditionFailed(missing)
-    return resolved
+    if definition.follow_references:
+        results = _follow_references(definition, request, results, access=access, policy=policy, fetcher=fetcher,
+                                     deadline=deadline, patient_id=patient_id)
+    return PrefetchResult(MappingProxyType(results))
 
 
 def _fetch_access(request: HookRequest, policy: FetchPolicy, received_at: float, deadline: float) -> _Access | str:
@@ -512,6 +527,158 @@ def _timed_out(fallback: KeyResult) -> KeyResult:
     if fallback.state is KeyState.UNAVAILABLE:
         return KeyResult(fallback.key, KeyState.UNAVAILABLE, origin=fallback.origin, reason="timed out")
     return _next_not_followed(fallback, "following its next link timed out")
+
+
+# --- following references -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class References:
+    """What one element of some resources names of one resource type.
+
+    ``ids``: targets on `fhirServer` (relative references, or absolute ones under it); ``elsewhere``: ids of
+    targets named by absolute URLs on another server (never followed); ``invalid``: references to the type whose
+    id is not a FHIR id (never put into a search). Contained ("#id") references and other types are left out.
+    """
+
+    ids: frozenset[str] = frozenset()
+    elsewhere: frozenset[str] = frozenset()
+    invalid: int = 0
+
+
+def collect_references(resources: Iterable[Mapping[str, Any]], element: str, resource_type: str,
+                       fhir_server: str | None) -> References:
+    """The references to ``resource_type`` in ``element`` (a Reference or a list of them) of ``resources``."""
+    base = _split_base(fhir_server, allow_any_port=False) if fhir_server else None
+    ids: set[str] = set()
+    elsewhere: set[str] = set()
+    invalid: set[str] = set()
+    for resource in resources:
+        value = resource.get(element)
+        for item in value if isinstance(value, list) else (value,):
+            reference = item.get("reference") if isinstance(item, (dict, Mapping)) else None
+            if not isinstance(reference, str):
+                continue
+            target = _reference_target(reference.strip(), resource_type)
+            if target is None:
+                continue
+            server, target_id = target
+            if not _FHIR_ID.fullmatch(target_id):
+                invalid.add(reference)
+            elif not server or (base is not None and _split_base(server, allow_any_port=False) == base):
+                ids.add(target_id)
+            else:
+                elsewhere.add(target_id)
+    return References(frozenset(ids), frozenset(elsewhere - ids), len(invalid))
+
+
+def _reference_target(reference: str, resource_type: str) -> tuple[str, str] | None:
+    """(server base or "", id) of a reference to ``resource_type``: "Type/id" or "{base}/Type/id", with any
+    ``/_history/{version}`` dropped (the current version is read); None for "#id" and other types."""
+    if reference.startswith("#"):
+        return None
+    path = reference.split("/_history/")[0].rstrip("/")
+    rest, _, target_id = path.rpartition("/")
+    server, _, kind = rest.rpartition("/")
+    if kind != resource_type or not target_id:
+        return None
+    return server, target_id
+
+
+def _follow_references(definition: ServiceDefinition, request: HookRequest, results: Mapping[str, KeyResult], *,
+                       access: _Access | str, policy: FetchPolicy, fetcher: FhirFetcher, deadline: float,
+                       patient_id: str | None) -> dict[str, KeyResult]:
+    """``results`` with the targets of the declared references added to their keys, and notes for those missing.
+
+    Targets already among any key's resources are not fetched. The rest are searched by id, per type, in chunks
+    of REFERENCE_CHUNK ids run in parallel under ``deadline``; only resources of the type whose id was asked for
+    are kept.
+    """
+    wanted: dict[tuple[str, str, str], References] = {}  # (key, element, type) -> what the key's resources name
+    for key, elements in definition.follow_references.items():
+        result = results.get(key)
+        if result is None or result.state is KeyState.UNAVAILABLE or not result.resources:
+            continue
+        for element, resource_type in elements.items():
+            found = collect_references(result.resources, element, resource_type, request.fhir_server)
+            if found.ids or found.elsewhere or found.invalid:
+                wanted[(key, element, resource_type)] = found
+    if not wanted:
+        return dict(results)
+    present = {(str(r["resourceType"]), r["id"]) for result in results.values() for r in result.resources
+               if isinstance(r.get("id"), str)}
+    wanted = {where: References(frozenset(i for i in refs.ids if (where[2], i) not in present),
+                                frozenset(i for i in refs.elsewhere if (where[2], i) not in present), refs.invalid)
+              for where, refs in wanted.items()}
+    asked: dict[str, set[str]] = {}
+    for (_, _, resource_type), refs in wanted.items():
+        asked.setdefault(resource_type, set()).update(refs.ids)
+    fetched, why_not = _fetch_by_id(asked, access=access, policy=policy, fetcher=fetcher, deadline=deadline)
+
+    followed = dict(results)
+    for (key, element, resource_type), refs in wanted.items():
+        result = followed[key]
+        resources = tuple(fetched[(resource_type, i)] for i in sorted(refs.ids) if (resource_type, i) in fetched)
+        about_other = 0
+        if patient_id:
+            kept = tuple(r for r in resources if not _about_other_patient(r, patient_id, {}))
+            about_other, resources = len(resources) - len(kept), kept
+        result = KeyResult(key, result.state, result.resources + resources, result.origin, result.reason,
+                           result.dropped_entries)
+        reasons: dict[str, int] = {}
+        for target_id in sorted(refs.ids):
+            if (resource_type, target_id) not in fetched:
+                reason = why_not.get((resource_type, target_id), "the FHIR server did not return them")
+                reasons[reason] = reasons.get(reason, 0) + 1
+        if refs.elsewhere:
+            reasons["they are on another server than fhirServer"] = len(refs.elsewhere)
+        if refs.invalid:
+            reasons["their id is not a FHIR id"] = refs.invalid
+        for reason, count in reasons.items():
+            result = _with_note(result, f"{count} {resource_type}(s) named by {element} could not be obtained: "
+                                        f"{reason}")
+        if about_other:
+            result = _with_note(result, f"{about_other} resource(s) about another patient than context.patientId "
+                                        "were dropped")
+        followed[key] = result
+    _log.debug("prefetch: followed references: %s",
+               {f"{key}.{element}": len(refs.ids) for (key, element, _), refs in wanted.items()})
+    return followed
+
+
+def _fetch_by_id(asked: Mapping[str, set[str]], *, access: _Access | str, policy: FetchPolicy,
+                 fetcher: FhirFetcher, deadline: float,
+                 ) -> tuple[dict[tuple[str, str], Mapping[str, Any]], dict[tuple[str, str], str]]:
+    """The resources found for each (type, id) asked for, and why each one not found was not obtained."""
+    fetched: dict[tuple[str, str], Mapping[str, Any]] = {}
+    why_not: dict[tuple[str, str], str] = {}
+    jobs: dict[str, tuple[Callable[[], KeyResult], KeyResult]] = {}
+    chunks: dict[str, tuple[str, list[str]]] = {}
+    for resource_type, ids in asked.items():
+        ordered = sorted(ids)
+        if isinstance(access, str):
+            why_not.update({(resource_type, i): access for i in ordered})
+            continue
+        over = ordered[policy.max_resources:]
+        why_not.update({(resource_type, i): f"over the limit of {policy.max_resources} references followed"
+                        for i in over})
+        ordered = ordered[:policy.max_resources]
+        for start in range(0, len(ordered), REFERENCE_CHUNK):
+            label = f"{resource_type} references {start // REFERENCE_CHUNK + 1}"
+            chunk = ordered[start:start + REFERENCE_CHUNK]
+            chunks[label] = (resource_type, chunk)
+            jobs[label] = (_fetch_job(fetcher, policy, access, label, f"{resource_type}?_id={','.join(chunk)}"),
+                           KeyResult(label, KeyState.UNAVAILABLE, origin=ORIGIN_FHIR, reason="timed out"))
+    for label, outcome in _run(jobs, deadline).items():
+        resource_type, chunk = chunks[label]
+        wanted = set(chunk)
+        for resource in outcome.resources:
+            target_id = resource.get("id")
+            if resource.get("resourceType") == resource_type and isinstance(target_id, str) and target_id in wanted:
+                fetched.setdefault((resource_type, target_id), resource)
+        if outcome.reason:
+            why_not.update({(resource_type, i): outcome.reason for i in chunk})
+    return fetched, why_not
 
 
 _default_lock = threading.Lock()

@@ -1,7 +1,8 @@
 """The service registry: service definitions as data, driving discovery and routing.
 
-A definition is what discovery advertises (spec §Discovery) plus the handler the blueprint calls and which
-prefetch keys are required (their absence, when the FHIR server cannot supply them, is a 412).
+A definition is what discovery advertises (spec §Discovery) plus the handler the blueprint calls, which
+prefetch keys are required (their absence, when the FHIR server cannot supply them, is a 412), and which
+references in a key's resources the service follows on `fhirServer` (``follow_references``: not advertised).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ HOOK_PREFETCH_TOKENS: Mapping[str, frozenset[str]] = {
 #: Tokens that are not context paths (spec §Prefetch tokens).
 USER_TOKENS = frozenset({"userPractitionerId", "userPractitionerRoleId", "userPatientId", "userRelatedPersonId"})
 _TOKEN = re.compile(r"\{\{(.*?)\}\}")
+#: A FHIR element name (``medicationReference``) and a resource type name (``Medication``): a followed
+#: reference's type is put into a search URL, so only plain names are accepted.
+_ELEMENT_NAME = re.compile(r"[a-z][A-Za-z0-9]*")
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z0-9]*")
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,14 @@ Handler = Callable[[HookCall], ServiceResponse]
 
 @dataclass(frozen=True)
 class ServiceDefinition:
-    """One CDS Service: discovery fields, the handler, and which prefetch keys are required."""
+    """One CDS Service: discovery fields, the handler, which prefetch keys are required, and which references
+    to follow.
+
+    ``follow_references`` maps a prefetch key to {element name: target resource type}, e.g.
+    ``{"medications": {"medicationReference": "Medication"}}``: the targets that element of the key's resources
+    names on `fhirServer`, and that no key supplied, are read by ``Type?_id=`` searches and added to the key
+    (`cds_hooks.prefetch`). The query subset of CDS Hooks has no ``_include``; this stands in for it.
+    """
 
     id: str
     hook: str
@@ -56,6 +68,7 @@ class ServiceDefinition:
     #: context fields the hook requires, checked before the handler runs (checklist 50).
     required_context: frozenset[str] = frozenset()
     usage_requirements: str | None = None
+    follow_references: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("id", "hook", "description"):
@@ -67,6 +80,7 @@ class ServiceDefinition:
             raise ValueError(f"required prefetch keys without a template: {sorted(unknown)}")
         for key, template in self.prefetch.items():
             validate_template(self.hook, key, template)
+        validate_follow_references(self.prefetch, self.follow_references)
 
     def to_json(self) -> dict[str, Any]:
         """The discovery entry for this service."""
@@ -90,6 +104,24 @@ def validate_template(hook: str, key: str, template: str) -> None:
         if token.startswith("context.") and token.removeprefix("context.") in allowed:
             continue
         raise ValueError(f"prefetch template {key!r} uses token {{{{{token}}}}}, not a 2.0 token for {hook}")
+
+
+def validate_follow_references(prefetch: Mapping[str, str], follow: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuse a ``follow_references`` declaration on a key without a template, or with names that are not plain
+    FHIR element and resource type names."""
+    if not isinstance(follow, Mapping):
+        raise ValueError("follow_references must map prefetch keys to {element: resource type}")
+    for key, elements in follow.items():
+        if key not in prefetch:
+            raise ValueError(f"follow_references: {key!r} is not a prefetch key")
+        if not isinstance(elements, Mapping) or not elements:
+            raise ValueError(f"follow_references[{key!r}] must map element names to resource types")
+        for element, resource_type in elements.items():
+            if not isinstance(element, str) or not _ELEMENT_NAME.fullmatch(element):
+                raise ValueError(f"follow_references[{key!r}]: {element!r} is not an element name")
+            if not isinstance(resource_type, str) or not _RESOURCE_TYPE.fullmatch(resource_type):
+                raise ValueError(f"follow_references[{key!r}][{element!r}]: {resource_type!r} is not a "
+                                 "resource type")
 
 
 class ServiceRegistry:

@@ -762,3 +762,294 @@ def test_fetch_policy_defaults() -> None:
     assert (policy.allowed_bases, policy.deadline_seconds, policy.max_pages, policy.max_resources,
             policy.max_page_bytes, policy.allow_anonymous, policy.operation_outcome_refetch) == (
         (), 2.0, 10, 5000, 8 * 1024 * 1024, False, False)
+
+
+# --- following references ---------------------------------------------------------------------------------------
+
+FOLLOW_DEFINITION = ServiceDefinition(
+    id="test-service", hook="patient-view", description="test", handler=_handler,
+    prefetch={**DEFINITION.prefetch, "medications": "MedicationRequest?patient={{context.patientId}}"},
+    required_prefetch=DEFINITION.required_prefetch,
+    follow_references={"medications": {"medicationReference": "Medication"}, "labs": {"hasMember": "Observation"}},
+)
+MEDICATIONS_QUERY = {"patient": "123"}
+BASE = "https://ehr.example/fhir"
+
+
+def order(target: str, order_id: str = "o1") -> dict[str, Any]:
+    """A MedicationRequest naming its medicine by ``target``."""
+    return {"resourceType": "MedicationRequest", "id": order_id, "status": "active",
+            "medicationReference": {"reference": target}}
+
+
+def medication(medication_id: str) -> dict[str, Any]:
+    return {"resourceType": "Medication", "id": medication_id, "code": {"text": medication_id}}
+
+
+@pytest.mark.parametrize(
+    ("references", "fhir_server", "ids", "elsewhere", "invalid"),
+    (
+        (["Medication/m1"], BASE, {"m1"}, set(), 0),
+        (["Medication/m1/_history/3"], BASE, {"m1"}, set(), 0),
+        ([f"{BASE}/Medication/m1"], BASE, {"m1"}, set(), 0),
+        ([f"{BASE}/Medication/m1/_history/2"], BASE, {"m1"}, set(), 0),
+        (["https://EHR.example:443/fhir/Medication/m1"], BASE, {"m1"}, set(), 0),
+        (["#m1"], BASE, set(), set(), 0),
+        (["Substance/s1", f"{BASE}/Patient/123"], BASE, set(), set(), 0),
+        (["https://other.example/fhir/Medication/m1"], BASE, set(), {"m1"}, 0),
+        (["https://ehr.example/fhir2/Medication/m1"], BASE, set(), {"m1"}, 0),
+        (["http://ehr.example/fhir/Medication/m1"], BASE, set(), {"m1"}, 0),
+        ([f"{BASE}/Medication/m1"], None, set(), {"m1"}, 0),
+        (["Medication/m1"], None, {"m1"}, set(), 0),
+        (["Medication/a,b", "Medication/a b", "Medication/" + "x" * 65], BASE, set(), set(), 3),
+        (["Medication/m1", " Medication/m1 ", f"{BASE}/Medication/m1", "Medication/m2"], BASE, {"m1", "m2"}, set(),
+         0),
+        (["Medication/", "Medication", ""], BASE, set(), set(), 0),
+    ),
+    ids=("relative", "relative-versioned", "absolute-under-fhirServer", "absolute-versioned",
+         "absolute-default-port-and-case", "contained", "other-types", "other-server", "lookalike-path",
+         "other-scheme", "absolute-without-fhirServer", "relative-without-fhirServer", "ids-not-fhir-ids",
+         "repeats-once", "no-id"),
+)
+def test_collect_references(references: list[str], fhir_server: str | None, ids: set[str], elsewhere: set[str],
+                            invalid: int) -> None:
+    resources = [order(reference, f"o{n}") for n, reference in enumerate(references)]
+    found = prefetch_module.collect_references(resources, "medicationReference", "Medication", fhir_server)
+    assert (found.ids, found.elsewhere, found.invalid) == (ids, elsewhere, invalid)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ([{"reference": "Medication/m1"}, {"display": "no reference"}, "Medication/m2", {"reference": 7}],
+     {"reference": "Medication/m1"}),
+    ids=("list-of-references", "one-reference"),
+)
+def test_collect_references_reads_one_or_many(value: Any) -> None:
+    resources = [{"resourceType": "MedicationRequest", "medicationReference": value}, {"resourceType": "Patient"}]
+    found = prefetch_module.collect_references(resources, "medicationReference", "Medication", BASE)
+    assert (found.ids, found.elsewhere, found.invalid) == ({"m1"}, set(), 0)
+
+
+@pytest.fixture
+def follow(fhir_stub: FhirStub, fetcher: FhirFetcher) -> Callable[..., PrefetchResult]:
+    """resolve_prefetch of FOLLOW_DEFINITION, the stub allowlisted."""
+
+    def run(request: HookRequest, **policy: Any) -> PrefetchResult:
+        policy.setdefault("allowed_bases", (fhir_stub.url("/fhir"),))
+        return resolve_prefetch(FOLLOW_DEFINITION, request, policy=FetchPolicy(**policy),
+                                received_at=time.monotonic(), fetcher=fetcher)
+
+    return run
+
+
+def with_orders(*orders: Mapping[str, Any], **keys: Any) -> dict[str, Any]:
+    return {**FULL_PREFETCH, "medications": searchset(orders), **keys}
+
+
+def medication_searches(stub: FhirStub) -> list[tuple[str, ...]]:
+    return [r.params.get("_id", ()) for r in stub.requests_for("/fhir/Medication")]
+
+
+def test_follow_fetches_the_targets_into_their_key(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1"), medication("m2")]), query={"_id": "m1,m2"})
+    orders = (order("Medication/m2", "o1"), order(fhir_stub.url("/fhir/Medication/m1/_history/4"), "o2"),
+              order("Medication/m1", "o3"))
+    result = follow(make_request(fhir_stub, with_orders(*orders)))
+    key = result.keys["medications"]
+    assert key.state is KeyState.DATA and key.reason is None and key.origin == "prefetch"
+    assert key.resources == (*orders, medication("m1"), medication("m2"))
+    assert result.incomplete() == {} and result.unavailable() == {}
+    assert [(r.path, r.authorization) for r in fhir_stub.requests] == [("/fhir/Medication", f"Bearer {TOKEN}")]
+
+
+@pytest.mark.parametrize(
+    ("held", "asked"),
+    (
+        ({"extra": medication("m1")}, [("m2",)]),
+        ({"extra": searchset([medication("m1"), medication("m2")])}, []),
+        ({"conditions": searchset([CONDITION, medication("m2")])}, [("m1",)]),
+        ({"medications": searchset([order("Medication/m1"), order("Medication/m2", "o2"), medication("m2")])},
+         [("m1",)]),
+    ),
+    ids=("one-under-an-unknown-key", "all-under-an-unknown-key", "one-under-another-template-key",
+         "one-beside-its-order"),
+)
+def test_follow_skips_targets_already_held(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult],
+                                           held: dict[str, Any], asked: list[tuple[str, ...]]) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1"), medication("m2")]))
+    prefetch = {**with_orders(order("Medication/m1"), order("Medication/m2", "o2")), **held}
+    result = follow(make_request(fhir_stub, prefetch))
+    assert medication_searches(fhir_stub) == asked
+    assert result.incomplete() == {}
+    assert sorted(r["id"] for r in result.resources() if r["resourceType"] == "Medication") == ["m1", "m2"]
+
+
+def test_follow_searches_in_chunks_of_fifty_in_parallel(fhir_stub: FhirStub,
+                                                        follow: Callable[..., PrefetchResult]) -> None:
+    ids = [f"m{n:03d}" for n in range(120)]
+    fhir_stub.add("/fhir/Medication", searchset([medication(i) for i in ids]), delay=0.4)
+    started = time.monotonic()
+    result = follow(make_request(fhir_stub, with_orders(*(order(f"Medication/{i}", f"o{i}") for i in ids))))
+    assert time.monotonic() - started < 1.0  # three searches of 0.4 s each, side by side
+    assert sorted(medication_searches(fhir_stub)) == [
+        (",".join(ids[:50]),), (",".join(ids[50:100]),), (",".join(ids[100:]),)]
+    assert sorted(r["id"] for r in result.keys["medications"].resources if r["resourceType"] == "Medication") == ids
+    assert result.incomplete() == {}
+
+
+def test_follow_keeps_only_what_was_asked_for(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1"), medication("m9"), {**ANC, "id": "m1"},
+                                                 {"resourceType": "Substance", "id": "m1"}]))
+    result = follow(make_request(fhir_stub, with_orders(order("Medication/m1"))))
+    assert result.keys["medications"].resources == (order("Medication/m1"), medication("m1"))
+
+
+def test_follow_reads_every_page_of_a_search(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")], next_url=fhir_stub.url("/fhir/Medication/p2")))
+    fhir_stub.add("/fhir/Medication/p2", searchset([medication("m2")]))
+    result = follow(make_request(fhir_stub, with_orders(order("Medication/m1"), order("Medication/m2", "o2"))))
+    assert [r["id"] for r in result.keys["medications"].resources[2:]] == ["m1", "m2"]
+    assert result.incomplete() == {}
+
+
+def test_follow_after_fetching_the_key_itself(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/MedicationRequest", searchset([order("Medication/m1")]), query=MEDICATIONS_QUERY)
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")]), query={"_id": "m1"})
+    result = follow(make_request(fhir_stub, FULL_PREFETCH))
+    key = result.keys["medications"]
+    assert key.origin == "fhir" and key.resources == (order("Medication/m1"), medication("m1"))
+    assert [r.path for r in fhir_stub.requests] == ["/fhir/MedicationRequest", "/fhir/Medication"]
+
+
+WHY = "1 Medication(s) named by medicationReference could not be obtained: "
+
+
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    (
+        (dict(status=500, body=operation_outcome("down")), "2 ...: the FHIR server failed (HTTP 500)"),
+        (dict(status=401), "2 ...: the FHIR server refused access (HTTP 401)"),
+        (dict(body=operation_outcome("too costly")),
+         "2 ...: the FHIR server returned an OperationOutcome: too costly"),
+        (dict(body=b"{not json"), "2 ...: the FHIR server's response is not JSON"),
+        (dict(body=searchset([])), "2 ...: the FHIR server did not return them"),
+        (dict(body=searchset([medication("m1")])), "1 ...: the FHIR server did not return them"),
+        (dict(body=searchset([medication("m1")], next_url="http://127.0.0.1:9/fhir/Medication?page=2")),
+         "1 ...: a next link to another origin was not followed"),
+        (dict(body=searchset([medication("m1"), medication("m2")]), delay=2.0), "2 ...: timed out"),
+    ),
+    ids=("500", "401", "operation-outcome", "not-json", "none-found", "one-found", "next-page-elsewhere",
+         "too-slow"),
+)
+def test_follow_failure_leaves_the_key_usable_and_incomplete(fhir_stub: FhirStub,
+                                                             follow: Callable[..., PrefetchResult],
+                                                             route: dict[str, Any], reason: str) -> None:
+    fhir_stub.add("/fhir/Medication", **route)
+    orders = (order("Medication/m2", "o1"), order("Medication/m1", "o2"))
+    result = follow(make_request(fhir_stub, with_orders(*orders)), deadline_seconds=0.5)
+    key = result.keys["medications"]
+    assert key.state is KeyState.DATA and key.resources[:2] == orders
+    count, why = reason.split(" ...: ")
+    assert result.incomplete() == {"medications": f"{count} Medication(s) named by medicationReference could not "
+                                                  f"be obtained: {why}"}
+    assert [r["id"] for r in key.resources[2:]] == (["m1"] if count == "1" else [])
+    assert "m1" not in (key.reason or "") and "m2" not in (key.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "policy", "reason"),
+    (
+        (dict(fhir_server=""), {}, "no fhirServer in the request"),
+        (dict(), dict(allowed_bases=()), "the FHIR fallback fetch is disabled"),
+        (dict(), dict(allowed_bases=("https://ehr.example/fhir",)), "fhirServer not on the allowlist"),
+        (dict(token=None), {}, "no fhirAuthorization in the request, and anonymous FHIR access is not allowed"),
+        (dict(expires_in=0), {}, "the fhirAuthorization access token has expired"),
+    ),
+    ids=("no-fhir-server", "fetch-disabled", "not-allowlisted", "no-authorization", "token-expired"),
+)
+def test_follow_refused_sends_no_request_and_says_why(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult],
+                                                      request_kwargs: dict[str, Any], policy: dict[str, Any],
+                                                      reason: str) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")]))
+    result = follow(make_request(fhir_stub, with_orders(order("Medication/m1")), **request_kwargs), **policy)
+    assert result.keys["medications"].resources == (order("Medication/m1"),)
+    assert result.incomplete() == {"medications": WHY + reason}
+    assert fhir_stub.requests == []
+
+
+def test_follow_anonymous_when_allowed(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")]))
+    result = follow(make_request(fhir_stub, with_orders(order("Medication/m1")), token=None), allow_anonymous=True)
+    assert result.incomplete() == {} and result.keys["medications"].resources[-1] == medication("m1")
+    assert [r.authorization for r in fhir_stub.requests] == [None]
+
+
+def test_follow_never_calls_another_server(fhir_stub: FhirStub, make_fhir_stub: Any,
+                                           follow: Callable[..., PrefetchResult]) -> None:
+    other = make_fhir_stub()
+    other.add("/fhir/Medication/m1", medication("m1"))
+    other.add("/fhir/Medication", searchset([medication("m1")]))
+    orders = (order(other.url("/fhir/Medication/m1")), order(other.url("/fhir/Medication/m2"), "o2"), order("#c1"))
+    result = follow(make_request(fhir_stub, with_orders(*orders)),
+                    allowed_bases=(fhir_stub.url("/fhir"), other.url("/fhir")))
+    assert result.incomplete() == {"medications": "2 Medication(s) named by medicationReference could not be "
+                                                  "obtained: they are on another server than fhirServer"}
+    assert other.requests == [] and fhir_stub.requests == []
+
+
+def test_follow_ids_that_are_not_fhir_ids_are_never_searched(fhir_stub: FhirStub,
+                                                             follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")]))
+    result = follow(make_request(fhir_stub, with_orders(order("Medication/m1,m2&_format=xml"))))
+    assert result.incomplete() == {"medications": WHY + "their id is not a FHIR id"}
+    assert fhir_stub.requests == []
+
+
+def test_follow_stops_at_the_resource_limit(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1"), medication("m2"), medication("m3")]))
+    orders = [order(f"Medication/m{n}", f"o{n}") for n in (3, 1, 2)]
+    result = follow(make_request(fhir_stub, with_orders(*orders)), max_resources=2)
+    assert medication_searches(fhir_stub) == [("m1,m2",)]
+    assert result.incomplete() == {"medications": WHY + "over the limit of 2 references followed"}
+
+
+def test_follow_drops_targets_about_another_patient(fhir_stub: FhirStub,
+                                                    follow: Callable[..., PrefetchResult]) -> None:
+    panel = {**ANC, "id": "panel", "hasMember": [{"reference": "Observation/mine"},
+                                                 {"reference": "Observation/theirs"}]}
+    mine = {**ANC, "id": "mine", "subject": {"reference": "Patient/123"}}
+    theirs = {**ANC, "id": "theirs", "subject": {"reference": "Patient/456"}}
+    fhir_stub.add("/fhir/Observation", searchset([mine, theirs]), query={"_id": "mine,theirs"})
+    result = follow(make_request(fhir_stub, {**FULL_PREFETCH, "labs": searchset([panel]), "medications": None}))
+    assert result.keys["labs"].resources == (panel, mine)
+    assert result.incomplete() == {"labs": "1 resource(s) about another patient than context.patientId were dropped"}
+
+
+def test_follow_not_attempted_when_a_required_key_is_412(fhir_stub: FhirStub,
+                                                         follow: Callable[..., PrefetchResult]) -> None:
+    fhir_stub.add("/fhir/Observation", query=LABS_QUERY, status=500)
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")]))
+    with pytest.raises(PreconditionFailed):
+        follow(make_request(fhir_stub, {k: v for k, v in with_orders(order("Medication/m1")).items() if k != "labs"}))
+    assert [r.path for r in fhir_stub.requests] == ["/fhir/Observation"]
+
+
+def test_follow_token_never_in_reasons(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult],
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    fhir_stub.add("/fhir/Medication", operation_outcome(f"bad token {TOKEN} for Medication/m1"))
+    result = follow(make_request(fhir_stub, with_orders(order("Medication/m1"))))
+    reason = result.incomplete()["medications"]
+    assert "[redacted]" in reason and TOKEN not in reason and TOKEN not in caplog.text
+
+
+def test_follow_unexpected_failure_is_a_reason_not_a_500(fhir_stub: FhirStub) -> None:
+    class Broken(FhirFetcher):
+        def fetch(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug in the fetch path")
+
+    with Broken() as fetcher:
+        result = resolve_prefetch(FOLLOW_DEFINITION, make_request(fhir_stub, with_orders(order("Medication/m1"))),
+                                  policy=FetchPolicy(allowed_bases=(fhir_stub.url("/fhir"),)),
+                                  received_at=time.monotonic(), fetcher=fetcher)
+    assert result.incomplete() == {"medications": WHY + "fetch failed unexpectedly"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -61,6 +62,33 @@ def test_discovery_lists_every_definition_with_required_fields() -> None:
     ]}
     assert registry.find("svc", "order-sign") is not None
     assert registry.find("svc", "order-select") is None
+
+
+MEDICATIONS = {"medications": "MedicationRequest?patient={{context.patientId}}"}
+
+
+@pytest.mark.parametrize(("follow", "message"), [
+    ({"labs": {"medicationReference": "Medication"}}, "'labs' is not a prefetch key"),
+    ({"medications": {}}, "must map element names to resource types"),
+    ({"medications": "medicationReference"}, "must map element names to resource types"),
+    ({"medications": {"": "Medication"}}, "'' is not an element name"),
+    ({"medications": {"medicationReference.reference": "Medication"}}, "is not an element name"),
+    ({"medications": {"medicationReference": ""}}, "'' is not a resource type"),
+    ({"medications": {"medicationReference": "medication"}}, "is not a resource type"),
+    ({"medications": {"medicationReference": "Medication?_id=x"}}, "is not a resource type"),
+    (["medications"], "must map prefetch keys"),
+], ids=["key-without-template", "no-elements", "elements-not-a-mapping", "empty-element", "dotted-element",
+        "empty-type", "lower-case-type", "type-with-query", "not-a-mapping"])
+def test_follow_references_refuses_bad_declarations(follow: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        definition(prefetch=MEDICATIONS, follow_references=follow)
+
+
+def test_follow_references_are_accepted_and_not_advertised() -> None:
+    follow = {"medications": {"medicationReference": "Medication", "requester": "Practitioner"}}
+    service = definition(prefetch=MEDICATIONS, follow_references=follow)
+    assert service.follow_references == follow
+    assert service.to_json() == {"hook": "patient-view", "id": "svc", "description": "d", "prefetch": MEDICATIONS}
 
 
 def test_empty_registry_discovers_an_empty_services_array() -> None:
