@@ -1,4 +1,5 @@
-"""The `neutropenia-patient-view` CDS Service: its discovery entry, prefetch templates and handler."""
+"""The `neutropenia-patient-view` CDS Service: its discovery entry, prefetch templates, the references it follows
+(an order's `medicationReference`: its Medication, read by `Medication?_id=` from fhirServer) and handler."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ PREFETCH = {
     "medications": "MedicationRequest?patient={{context.patientId}}&status=active,on-hold,completed,stopped&_count=200",
 }
 
+#: References followed on fhirServer (the query subset has no `_include`): an order that names its medicine by
+#: `medicationReference` ("Medication/abc", as Epic sends them) is unknown until its Medication is read; a G-CSF or
+#: chemotherapy order missed that way silently drops the context of presumed febrile neutropenia (R2).
+FOLLOW_REFERENCES = {"medications": {"medicationReference": "Medication"}}
+
 DESCRIPTION = (
     "Grades neutropenia from the absolute neutrophil count (measured, or computed from the white cell "
     "count and differential), flags febrile neutropenia as an emergency, and gives infection-prevention "
@@ -72,5 +78,6 @@ def neutropenia_service(policy: ClinicalPolicy = DEFAULT_POLICY,
         prefetch=PREFETCH,
         required_prefetch=frozenset({"labs", "vitals"}),
         required_context=frozenset({"patientId", "userId"}),
+        follow_references=FOLLOW_REFERENCES,
         handler=make_handler(policy, card_settings),
     )

@@ -2,7 +2,8 @@
 
 The run covers what carries secrets or patient data: invokes with a prefetch full of distinctive values, the FHIR
 fallback fetch with a ``fhirAuthorization`` token (a FHIR server that answers, one that fails and echoes the
-token, one not on the allowlist), a client-sent OperationOutcome quoting the patient, feedback with comments,
+token, one not on the allowlist; an order's Medication read by reference from both), a client-sent
+OperationOutcome quoting the patient, feedback with comments,
 bad tokens of every kind (including a header line gunicorn cannot parse, a token in the query string and an
 oversized one), malformed bodies quoting patient data, and a log-forging attempt.
 
@@ -42,6 +43,8 @@ CLIENT_DIAGNOSTICS = "lab feed down for Quixtrapova lh-oo-" + uuid.uuid4().hex[:
 ANC_ID, TEMP_ID, WBC_ID, CONDITION_ID, MEDICATION_ID = ("lh-anc-55821", "lh-temp-90417", "lh-wbc-31337",
                                                         "lh-cond-2718", "lh-med-16180")
 FETCHED_ANC_ID = "lh-fetched-anc-8080"
+#: An order naming its medicine by reference, and that Medication (read by id from the FHIR server).
+ORDER_BY_REFERENCE_ID, MEDICATION_REF_ID = "lh-med-order-4242", "lh-medref-27182"
 #: Values nobody would log by chance: as sent, and as the engine converts them (cells/uL, degrees Celsius).
 ANC_VALUE, ANC_PER_UL = "0.41977", "419.77"
 TEMP_F = "101.9331"
@@ -80,13 +83,20 @@ def resources(anc_id: str = ANC_ID) -> dict[str, dict[str, Any]]:
                        "intent": "order", "subject": subject, "authoredOn": _iso(86400),
                        "medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc",
                                                                  "code": "L01XA01"}]}},
+        "order_by_reference": {"resourceType": "MedicationRequest", "id": ORDER_BY_REFERENCE_ID, "status": "active",
+                               "intent": "order", "subject": subject, "authoredOn": _iso(86400),
+                               "medicationReference": {"reference": f"Medication/{MEDICATION_REF_ID}"}},
+        "referenced_medication": {"resourceType": "Medication", "id": MEDICATION_REF_ID, "ingredient": [
+            {"itemCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                 "code": "338036"}]}}]},
     }
 
 
 def prefetch() -> dict[str, Any]:
     r = resources()
     return {"patient": r["patient"], "labs": searchset([r["anc"], r["wbc"]]), "vitals": searchset([r["temp"]]),
-            "conditions": searchset([r["condition"]]), "medications": searchset([r["medication"]])}
+            "conditions": searchset([r["condition"]]),
+            "medications": searchset([r["medication"], r["order_by_reference"]])}
 
 
 AUTHORIZATION = {"access_token": ACCESS_TOKEN, "token_type": "Bearer", "expires_in": 300,
@@ -141,10 +151,11 @@ def serve_fhir(fhir: FhirStub) -> None:
     fhir.add(f"/fhir/Patient/{PATIENT}", r["patient"])
     fhir.add("/fhir/Observation", searchset([r["anc"], r["wbc"], r["temp"]]))
     fhir.add("/fhir/Condition", searchset([r["condition"]]))
-    fhir.add("/fhir/MedicationRequest", searchset([r["medication"]]))
+    fhir.add("/fhir/MedicationRequest", searchset([r["medication"], r["order_by_reference"]]))
+    fhir.add("/fhir/Medication", searchset([r["referenced_medication"]]))
     echo = operation_outcome(f"token {ACCESS_TOKEN} not valid for {PATIENT} {GIVEN} {FAMILY}")
     for path in (f"/broken/Patient/{PATIENT}", "/broken/Observation", "/broken/Condition",
-                 "/broken/MedicationRequest"):
+                 "/broken/MedicationRequest", "/broken/Medication"):
         fhir.add(path, echo, status=500)
 
 
@@ -179,7 +190,12 @@ def run_series(run: Run) -> dict[int, int]:
                                        "fhirAuthorization": AUTHORIZATION}))
     assert fetched.status_code == 200 and run.fhir.requests_for("/fhir/Observation"), fetched.text[:500]
     assert all(r.authorization == f"Bearer {ACCESS_TOKEN}" for r in run.fhir.requests_for("/fhir/Observation"))
+    assert run.fhir.requests_for("/fhir/Medication"), "the order's Medication was not read"
     record(run.post(invoke, {**envelope, "fhirServer": run.fhir.url("/broken"), "fhirAuthorization": AUTHORIZATION}))
+    # Everything prefetched but an order's Medication: read by id from the broken server, which echoes the token.
+    record(run.post(invoke, {**envelope, "prefetch": prefetch(), "fhirServer": run.fhir.url("/broken"),
+                             "fhirAuthorization": AUTHORIZATION}))
+    assert run.fhir.requests_for("/broken/Medication"), "the order's Medication was not read"
     record(run.post(invoke, {**envelope, "fhirServer": "https://elsewhere.example.org/fhir",
                              "fhirAuthorization": AUTHORIZATION}))
     # Client-sent trouble: an OperationOutcome quoting the patient, Bundle entries that are not resources.
@@ -241,7 +257,8 @@ def jwt_parts(tokens: list[str]) -> list[str]:
     return list(tokens) + [part for t in tokens for part in t.split(".") if len(part) > 8]
 
 
-PATIENT_DATA = [PATIENT, ANC_ID, TEMP_ID, WBC_ID, CONDITION_ID, MEDICATION_ID, FETCHED_ANC_ID, ANC_VALUE, ANC_PER_UL,
+PATIENT_DATA = [PATIENT, ANC_ID, TEMP_ID, WBC_ID, CONDITION_ID, MEDICATION_ID, ORDER_BY_REFERENCE_ID, MEDICATION_REF_ID,
+                FETCHED_ANC_ID, ANC_VALUE, ANC_PER_UL,
                 TEMP_F, WBC_VALUE, GIVEN, FAMILY, BIRTH_DATE, COMMENT, REASON_DISPLAY, CLIENT_DIAGNOSTICS,
                 "+1-555-0199-7341"]
 
