@@ -139,6 +139,7 @@ class FhirStub:
     def base_url(self) -> str:
         """``http://127.0.0.1:<port>``: the stub's origin."""
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # IPv4: a str (server_address is typed for AF_UNIX's bytes too)
         return f"http://{host}:{port}"
 
     def url(self, path: str = "") -> str:
