@@ -90,7 +90,29 @@ def _origins(value: str) -> tuple[str, ...]:
         if len(items) > 1:
             raise ValueError("'*' cannot be combined with other origins")
         return items
-    return tuple(_http_url(item) for item in items)
+    return tuple(_origin(item) for item in items)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(value: str) -> str:
+    """A browser origin as browsers send it in ``Origin`` (RFC 6454 §6.1): lower case, no default port, no path.
+
+    The header is compared as a string, so an origin written any other way never matched, and silently.
+    """
+    parts = urlsplit(_http_url(value))
+    if parts.path or "@" in parts.netloc:
+        raise ValueError(f"{value.strip()!r} is not an origin: give scheme://host[:port] only")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{value.strip()!r} has an invalid port") from None
+    host = (parts.hostname or "").lower()
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
 
 
 def _log_level(value: str) -> str:

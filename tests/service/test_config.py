@@ -65,6 +65,25 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
         load_settings({**LOCAL, name: value})
 
 
+@pytest.mark.parametrize("value, origins", [
+    ("https://EHR.Example.org", ("https://ehr.example.org",)),
+    ("HTTPS://ehr.example.org:443, http://localhost:80", ("https://ehr.example.org", "http://localhost")),
+    ("https://ehr.example.org:8443", ("https://ehr.example.org:8443",)),
+], ids=["host-case", "default-port", "other-port"])
+def test_cors_origins_are_written_as_browsers_send_them(value: str, origins: tuple[str, ...]) -> None:
+    # A browser's Origin header is the serialised origin (RFC 6454 §6.1): lower-case scheme and host, no default
+    # port. An origin configured otherwise never matched it, and the browser refused every answer.
+    assert load_settings({**LOCAL, "CDS_CORS_ORIGINS": value}).cors_origins == origins
+
+
+@pytest.mark.parametrize("value", [
+    "https://ehr.example.org/app", "https://user@ehr.example.org",
+], ids=["path", "userinfo"])
+def test_a_cors_origin_that_no_browser_can_send_stops_the_start(value: str) -> None:
+    with pytest.raises(ConfigError, match="CDS_CORS_ORIGINS"):
+        load_settings({**LOCAL, "CDS_CORS_ORIGINS": value})
+
+
 def test_unknown_override_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         load_settings(LOCAL, {"NOT_A_SETTING": 1})
