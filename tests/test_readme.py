@@ -21,3 +21,9 @@ def test_quick_start_commands_exist_and_ci_calls_make_test() -> None:
     assert "make run" in readme and "make test" in readme
     assert "\nrun:" in makefile and "\ntest:" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_fixture_count_is_the_number_of_fixture_patients() -> None:
+    readme = (ROOT / "README.md").read_text()
+    count = len(list((ROOT / "fixtures").glob("patient-view.*.request.json")))
+    assert f"`fixtures/` holds {count} synthetic patients" in readme
