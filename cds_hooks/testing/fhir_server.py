@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import signal
 import socket
 import sys
@@ -181,7 +182,8 @@ class Fault:
 
     ``match``: a resource type (``Observation``: reads and searches of that type), a path prefix under the base
     (``/Patient/fn-0001``, ``/metadata``), or ``*`` for every route. ``params`` narrows a search fault to queries
-    carrying those values (``{"patient": "np-0003"}``); ``method`` to GET or POST.
+    carrying those values (``{"patient": "np-0003"}``; ``{"code": "8310-5"}`` also hits ``http://loinc.org|8310-5`` in a
+    code list, so one prefetch key's search can fail alone); ``method`` to GET or POST.
 
     Effects (combine freely): ``delay`` seconds before answering; ``status`` answers that HTTP status with an
     OperationOutcome; ``wrong_type`` answers a resource of another type; ``loop`` gives a searchset a ``next``
@@ -277,9 +279,9 @@ class Fault:
 
 
 def _reference_ids(value: str) -> set[str]:
-    """A parameter's comma-separated values, plus the ids of ``Type/id`` values."""
+    """A parameter's comma-separated values, plus the ids of ``Type/id`` values and the codes of ``system|code``."""
     items = set(split_values(value))
-    return items | {item.rsplit("/", 1)[-1] for item in items}
+    return items | {item.rsplit("/", 1)[-1] for item in items} | {item.rsplit("|", 1)[-1] for item in items}
 
 
 def parse_faults(data: Any) -> list[Fault]:
@@ -303,7 +305,7 @@ def load_faults(path: str | Path) -> list[Fault]:
 
 def parse_fault_option(text: str) -> Fault:
     """A fault from ``MATCH[?name=value&...]:option[=value],...``, e.g. ``Observation?patient=p1:status=503``."""
-    target, sep, options_text = text.partition(":")
+    target, sep, options_text = _split_fault_option(text)
     if not sep or not options_text:
         raise ValueError(f"{text!r}: expected MATCH:OPTION[=VALUE][,OPTION[=VALUE]...], e.g. Observation:status=503")
     match, _, query = target.partition("?")
@@ -326,6 +328,18 @@ def parse_fault_option(text: str) -> Fault:
         return Fault.from_json(options)
     except TypeError as error:
         raise ValueError(f"{text!r}: {error}") from error
+
+
+def _split_fault_option(text: str) -> tuple[str, str, str]:
+    """``text`` split at the ':' where the options start: the first one followed by an option name.
+
+    A parameter value may hold a ':' of its own (``code=http://loinc.org|8310-5``), so the first ':' will not do.
+    """
+    options = {f.name for f in fields(Fault)} - {"match", "params"}
+    for index, char in enumerate(text):
+        if char == ":" and re.split(r"[=,]", text[index + 1:], maxsplit=1)[0].strip() in options:
+            return text[:index], ":", text[index + 1:]
+    return text.partition(":")
 
 
 def _number(name: str, raw: str, kind: type[int] | type[float]) -> int | float:

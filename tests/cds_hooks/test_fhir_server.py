@@ -469,7 +469,14 @@ def test_base_path(live: FixtureServer) -> None:
      "/Observation?patient=p1"),
     ({"match": "*", "method": "POST", "status": 500}, "/_services/smart/Launch", "/Patient/p1"),
     ({"match": "/metadata", "status": 503}, "/metadata", "/Patient"),
-], ids=["type-503", "type-read-500", "path-401", "path-prefix-403", "params-404", "method-post", "metadata"])
+    # The vitals template's code list, hit by one of its codes with or without the system.
+    ({"match": "Observation", "params": {"code": "8310-5"}, "status": 503},
+     "/Observation?patient=p1&code=http://loinc.org|8331-1,http://loinc.org|8310-5",
+     "/Observation?patient=p1&code=http://loinc.org|751-8"),
+    ({"match": "Observation", "params": {"code": "http://loinc.org|8310-5"}, "status": 503},
+     "/Observation?patient=p1&code=http://loinc.org|8310-5", "/Observation?patient=p1&code=http://snomed.info/sct|8310-5"),
+], ids=["type-503", "type-read-500", "path-401", "path-prefix-403", "params-404", "method-post", "metadata",
+        "params-code", "params-system-and-code"])
 def test_fault_status_answers_an_operation_outcome(fault: dict[str, Any], hit: str, spared: str) -> None:
     client = create_fhir_app(RESOURCES, faults=[fault]).test_client()
     method = fault.get("method", "GET")
@@ -568,7 +575,13 @@ def test_parse_faults(data: Any, expected: list[Fault]) -> None:
     ("*:loop,oversize=100", Fault("*", loop=True, oversize=100)),
     ("Observation:foreign_next=http://x.example:81", Fault("Observation", foreign_next="http://x.example:81")),
     ("Condition:wrong_type=true", Fault("Condition", wrong_type=True)),
-], ids=["status", "path-delay-method", "params", "flags", "foreign-url", "explicit-true"])
+    # A token parameter's system is a URL: its ':' is not where the options start.
+    ("Observation?code=http://loinc.org|8310-5:status=503",
+     Fault("Observation", params={"code": "http://loinc.org|8310-5"}, status=503)),
+    ("Observation?code=http://loinc.org|8310-5:foreign_next=http://x.example:81",
+     Fault("Observation", params={"code": "http://loinc.org|8310-5"}, foreign_next="http://x.example:81")),
+], ids=["status", "path-delay-method", "params", "flags", "foreign-url", "explicit-true", "params-with-url",
+        "params-with-url-foreign-url"])
 def test_parse_fault_option(text: str, expected: Fault) -> None:
     assert parse_fault_option(text) == expected
 
