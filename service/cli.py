@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -141,7 +142,18 @@ def _service_arguments(parser: argparse.ArgumentParser, service_help: str) -> No
     parser.add_argument("--iss", help=f"the JWT issuer (default {DEV_ISS})")
     parser.add_argument("--kid", help="the JWT kid (default: the key's RFC 7638 thumbprint)")
     parser.add_argument("--jku", type=_http_url, metavar="URL", help="the JWT jku header")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (default 10)")
+    parser.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS", help="per request (default 10)")
+
+
+def _seconds(value: str) -> float:
+    # requests refuses 0 and below with a ValueError, and NaN or infinity fail deeper: a traceback, not a usage line.
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {value!r}")
+    return seconds
 
 
 def _http_url(value: str) -> str:
