@@ -2,11 +2,13 @@
 
 import json
 import sys
+import uuid
 
 from gunicorn import glogging, util
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
+from cds_hooks.request_context import REQUEST_ID
 from service.config import ConfigError, load_settings
 from service.logs import JsonFormatter
 
@@ -46,13 +48,20 @@ class JsonErrorWorker(ThreadWorker):
             super().handle_error(req, client, addr, exc)
             return
         _, status, reason, code, diagnostics = match
-        self.log.warning("invalid request from ip=%s refused with %d (%s)", (addr or ("",))[0], status,
-                         type(exc).__name__)
+        # Like every answer of the app (openapi.yaml): a request id, the same in the answer and the log line.
+        request_id = uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        try:
+            self.log.warning("invalid request from ip=%s refused with %d (%s)", (addr or ("",))[0], status,
+                             type(exc).__name__)
+        finally:
+            REQUEST_ID.reset(token)
         body = json.dumps({"resourceType": "OperationOutcome",
                            "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]},
                           separators=(",", ":"))
         head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n")
+                f"Content-Length: {len(body)}\r\nX-Request-ID: {request_id}\r\nCache-Control: no-store\r\n"
+                "X-Content-Type-Options: nosniff\r\n\r\n")
         try:
             util.write_nonblock(client, (head + body).encode("ascii"))
         except Exception:  # noqa: BLE001 - the client may be gone; as gunicorn does

@@ -8,6 +8,7 @@ Epic-like issuer (RS384, `nbf`, `sub`, an extra configured audience).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import uuid
@@ -394,8 +395,11 @@ def test_requests_gunicorn_cannot_parse_get_an_operation_outcome_and_leave_no_tr
     assert b"Content-Type: application/json" in head
     outcome = json.loads(body)
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "error"
+    request_id = re.search(rb"\r\nX-Request-ID: ([0-9a-f]{32})\r\n", head)
+    assert request_id is not None and b"Cache-Control: no-store" in head  # like every answer (openapi.yaml)
     log = deployment.server.log()
     assert f"refused with {status}" in log
+    assert f'"request_id": "{request_id.group(1).decode()}"' in log
     assert all(part not in log for part in token.split(".")) and "AAAAAAAAAAAAAAAA" not in log
 
 
