@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
@@ -398,3 +399,15 @@ def test_shift_command_errors_are_usage_messages(argv: list[str], capsys: pytest
         main(argv)
     assert exit_info.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_shift_command_piped_into_a_reader_that_stops_early_has_no_traceback() -> None:
+    # `... shift FILE | head`: the reader goes away before the fixture is written, as the CLI's commands allow.
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-m", "cds_hooks.testing.fixtures", "shift", str(REQUESTS[0])],
+                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None
+    child.stdout.close()
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 1
+    assert err == b""
