@@ -6,7 +6,7 @@ names the field and the reason, except 401, which by best practice says nothing 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +133,10 @@ class PreconditionFailed(CDSHooksError):
     status_code = 412
     default_message = "required data could not be obtained"
 
-    def __init__(self, missing: Mapping[str, str]) -> None:
-        issues = [Issue(f"prefetch key '{key}' was not provided and could not be fetched: {why}",
+    def __init__(self, missing: Mapping[str, str], *, sent: Collection[str] = ()) -> None:
+        """``missing``: key -> why it is unavailable; ``sent``: those of them the client did send (unusable)."""
+        issues = [Issue(f"prefetch key '{key}' was sent but cannot be used: {why}" if key in sent else
+                        f"prefetch key '{key}' was not provided and could not be fetched: {why}",
                         expression=f"prefetch.{key}") for key, why in sorted(missing.items())]
         super().__init__("required prefetch data unavailable: " + ", ".join(sorted(missing)), issues=issues)
         self.missing = dict(missing)

@@ -310,7 +310,10 @@ def resolve_prefetch(definition: ServiceDefinition, request: HookRequest, *, pol
                if results[key].state is KeyState.UNAVAILABLE}
     if missing:
         _log.info("prefetch: required keys unavailable: %s", ", ".join(missing))
-        raise PreconditionFailed(missing)
+        # A key sent and used as sent (not refetched) was unusable, not missing: the 412 says which it was.
+        sent = {key for key in missing if key in request.prefetch
+                and not (policy.operation_outcome_refetch and _is_outcome(request.prefetch[key]))}
+        raise PreconditionFailed(missing, sent=sent)
     if definition.follow_references:
         results = _follow_references(definition, request, results, access=access, policy=policy, fetcher=fetcher,
                                      deadline=deadline, patient_id=patient_id)

@@ -369,6 +369,23 @@ def test_prefetch_sends_bearer_token_when_authorized(fhir_stub: FhirStub,
     assert {r.authorization for r in fhir_stub.requests} == {f"Bearer {TOKEN}"}
 
 
+@pytest.mark.parametrize(("labs", "diagnostics"), (
+    (ABSENT, "prefetch key 'labs' was not provided and could not be fetched: no fhirServer in the request"),
+    (operation_outcome("lab system down"),
+     "prefetch key 'labs' was sent but cannot be used: the client sent an OperationOutcome: lab system down"),
+    ("Observation/anc1", "prefetch key 'labs' was sent but cannot be used: prefetch.labs is not a FHIR resource"),
+), ids=("absent", "operation-outcome", "not-a-resource"))
+def test_412_says_whether_the_key_was_sent(resolve: Callable[..., PrefetchResult], labs: Any,
+                                           diagnostics: str) -> None:
+    # An integrator reading "was not provided" about a key its EHR did send looks for the wrong bug.
+    prefetch = {k: v for k, v in FULL_PREFETCH.items() if k != "labs"}
+    if labs is not ABSENT:
+        prefetch["labs"] = labs
+    with pytest.raises(PreconditionFailed) as raised:
+        resolve(make_request(None, prefetch))
+    assert [i["diagnostics"] for i in raised.value.to_outcome()["issue"]] == [diagnostics]
+
+
 def test_prefetch_anonymous_fetch_sends_no_authorization(fhir_stub: FhirStub,
                                                          resolve: Callable[..., PrefetchResult]) -> None:
     serve_all(fhir_stub)
