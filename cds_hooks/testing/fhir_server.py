@@ -715,10 +715,13 @@ def _smart_launch() -> Response:
 def _admin_faults() -> Response:
     state = _state()
     if request.method == "POST":
+        data = request.get_json(force=True, silent=True)
+        if data is None:
+            raise FhirError(400, "invalid faults: the body is not JSON; send a JSON list of fault objects")
         try:
-            state.faults.replace(parse_faults(request.get_json(force=True, silent=False)))
-        except (ValueError, TypeError, HTTPException) as error:
-            raise FhirError(400, f"invalid faults: {getattr(error, 'description', None) or error}") from None
+            state.faults.replace(parse_faults(data))
+        except (ValueError, TypeError) as error:
+            raise FhirError(400, f"invalid faults: {error}") from None
     elif request.method == "DELETE":
         state.faults.replace(())
     return _fhir_response({"faults": [fault.to_json() for fault in state.faults]}, mimetype="application/json")

@@ -618,7 +618,9 @@ def test_admin_endpoint_sets_lists_and_clears_faults(live: FixtureServer) -> Non
         assert requests.get(f"{live.url}/Patient/p1", timeout=5).status_code == 200
         bad = requests.post(url, json=[{"match": "Observation", "colour": "red"}], timeout=5)
         assert is_outcome(bad, 400) and "colour" in bad.text
-        assert is_outcome(requests.post(url, data=b"{not json", timeout=5), 400)
+        not_json = requests.post(url, data=b"{not json", timeout=5)
+        # werkzeug's own text ("The browser (or proxy) sent a request...") said nothing of what was wrong.
+        assert is_outcome(not_json, 400) and "not JSON" in not_json.json()["issue"][0]["diagnostics"]
         preflight = requests.options(url, headers={"Access-Control-Request-Method": "DELETE"}, timeout=5)
         assert "DELETE" in preflight.headers["Access-Control-Allow-Methods"]
     finally:
