@@ -366,6 +366,8 @@ def _body(response: requests.Response, what: str, *, print_json: bool = False) -
     if response.status_code == 200:
         raise CliError(f"{what} answered {method} {response.url} with 200 but not a JSON object")
     details = console.outcome_lines(body) or ([response.text.strip()[:300]] if response.text.strip() else [])
+    if response.status_code in (404, 405) and "/cds-services/cds-services" in response.url:
+        details.append("hint: --service-url is the base URL before /cds-services, e.g. http://127.0.0.1:8080")
     if response.status_code == 401:
         details.append("hint: check --key/--iss against the service's trusted issuers, and that --service-url is "
                        "exactly its CDS_PUBLIC_BASE_URL (the JWT aud is the URL called)"

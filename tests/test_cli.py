@@ -396,6 +396,19 @@ def test_invoke_412_prints_the_operation_outcome_diagnostics(capsys: pytest.Capt
 
 
 @gunicorn
+@pytest.mark.parametrize("command", ("invoke", "feedback"))
+def test_service_url_ending_in_cds_services_gets_a_hint(capsys: pytest.CaptureFixture[str],
+                                                        deployment: Deployment, command: str) -> None:
+    # The service URL is the base before /cds-services; with it, the answer was a bare 405 (or 404) for
+    # ".../cds-services/cds-services", which did not say what to change.
+    signed = ["--service-url", deployment.url + "/cds-services", *deployment.signed()[2:]]
+    target = ["--fixture", str(FEBRILE)] if command == "invoke" else ["--card", "c", "--override"]
+    status, _, err = run(capsys, command, *signed, *target)
+    assert status == 1 and "/cds-services/cds-services" in err
+    assert "hint: --service-url is the base URL before /cds-services" in err
+
+
+@gunicorn
 def test_invoke_unknown_service_lists_what_discovery_offers(capsys: pytest.CaptureFixture[str],
                                                             deployment: Deployment) -> None:
     status, _, err = run(capsys, "invoke", *deployment.signed(), "--service", "nope", "--fixture", str(FEBRILE))
