@@ -34,6 +34,7 @@ ingredient or ATC class only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from enum import Enum
 
@@ -62,12 +63,21 @@ SYSTEM_ALIASES: Mapping[str, str] = {
 
 Code = tuple[str, str]
 
+#: An ICD-10-CM code written without its dot ("D701"), as claims files and many EHR exports write them; the code
+#: system's form, and the tables', has the dot after the third character ("D70.1", brief §3.3). Read as something
+#: else, a chemotherapy-induced agranulocytosis lost the high-risk context and a presumed febrile neutropenia
+#: (critical, R2) became a fever without ANC (warning, R5).
+_ICD10CM_UNDOTTED = re.compile(r"[A-Z][0-9][0-9A-Z][0-9A-Z]{1,4}")
+
 
 def canonical(system: object, code: object) -> Code | None:
-    """The (system, code) pair of a coding, with system aliases resolved; None unless both are strings."""
+    """The (system, code) pair of a coding, system aliases resolved, ICD-10-CM dots restored; None unless strings."""
     if not isinstance(system, str) or not isinstance(code, str):
         return None
-    return (SYSTEM_ALIASES.get(system.strip(), system.strip()), code.strip())
+    system, code = SYSTEM_ALIASES.get(system.strip(), system.strip()), code.strip()
+    if system == ICD10CM and _ICD10CM_UNDOTTED.fullmatch(code):
+        code = f"{code[:3]}.{code[3:]}"
+    return (system, code)
 
 
 def rows(system: str, text: str) -> dict[Code, str]:

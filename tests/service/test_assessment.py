@@ -24,6 +24,7 @@ from service.assessment import (
 from service.cards import render
 from service.rules import INDICATOR
 from tests.service.factories import (
+    ICD10CM,
     NOW,
     SNOMED,
     ago,
@@ -466,3 +467,20 @@ def test_copies_of_one_version_with_an_invalid_last_updated_are_all_used() -> No
     result = assess([first, second, temperature("38.6", "Cel", ago(hours=1))], now=NOW)
     assert result.findings[0] is Finding.FEBRILE_NEUTROPENIA
     assert "conflicting-duplicates" in {i.code for i in result.data_issues}
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("D70.1", Finding.PRESUMED_FEBRILE_NEUTROPENIA),
+        ("D701", Finding.PRESUMED_FEBRILE_NEUTROPENIA),
+        ("D702", Finding.FEVER_NO_ANC),  # drug-induced, not chemotherapy context: R5
+    ],
+    ids=["dotted", "undotted", "undotted-not-chemotherapy"],
+)
+def test_icd10cm_chemotherapy_context_with_or_without_its_dot(code: str, expected: Finding) -> None:
+    # "D701" (the claims form of D70.1, agranulocytosis secondary to cancer chemotherapy) was not recognised: fever
+    # without an ANC was a warning (R5) instead of presumed febrile neutropenia, critical (R2, brief §3.3, §4).
+    result = assess([condition(code, ICD10CM), temperature("38.6", "Cel", ago(hours=1))], now=NOW)
+    assert result.findings[0] is expected
+    assert [r.code for r in result.risk_factors] == [f"{code[:3]}.{code[3:]}" if "." not in code else code]

@@ -123,9 +123,19 @@ def test_medication_display_for_class_and_code() -> None:
         ("http://example.org/loinc.org", "751-8", ("http://example.org/loinc.org", "751-8")),
         (None, "751-8", None),
         ("http://loinc.org", 751, None),
+        # ICD-10-CM written without its dot, as claims and many EHR exports do (brief §3.3 "D70.1").
+        (ICD10CM, "D701", (ICD10CM, "D70.1")),
+        (ICD10CM, " D702 ", (ICD10CM, "D70.2")),
+        ("urn:oid:2.16.840.1.113883.6.90", "D72819", (ICD10CM, "D72.819")),
+        (ICD10CM, "D70", (ICD10CM, "D70")),
+        (ICD10CM, "D70.1", (ICD10CM, "D70.1")),
+        # Only ICD-10-CM: a code of another system is never changed.
+        ("http://hl7.org/fhir/sid/icd-10", "D701", ("http://hl7.org/fhir/sid/icd-10", "D701")),
+        (SNOMED, "D701", (SNOMED, "D701")),
     ],
     ids=["loinc", "loinc-oid", "snomed-oid", "rxnorm-oid", "icd-oid", "spaces", "trailing-slash", "https",
-         "https-and-slash", "other-system", "no-system", "numeric-code"],
+         "https-and-slash", "other-system", "no-system", "numeric-code", "icd-undotted", "icd-undotted-spaces",
+         "icd-oid-undotted", "icd-category", "icd-dotted", "who-icd-10-unchanged", "other-system-unchanged"],
 )
 def test_canonical(system: object, code: object, expected: tuple[str, str] | None) -> None:
     assert canonical(system, code) == expected
