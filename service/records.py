@@ -122,12 +122,16 @@ def medication_facts(
     if r.get("doNotPerform") is True:
         return frozenset(), None
     matched = [(c, role) for c in sorted(_medication_codes(r, medications)) if (role := medication_role(c))]
-    last = latest_order_date(r)
-    if not matched or (status in ENDED_MEDICATION and last is None):
-        return frozenset(), None  # an ended order without any date cannot be placed in a look-back window
+    if not matched:
+        return frozenset(), None
+    # Validated before the dates are judged: an ended order whose only date is invalid is reported, not dropped
+    # unseen as one without any date.
     usable, issue = screen(MedicationRequest, r, MEDICATION_REQUEST_READS)
     if not usable:
         return frozenset(), issue
+    last = latest_order_date(r)
+    if status in ENDED_MEDICATION and last is None:
+        return frozenset(), None  # an ended order without any date cannot be placed in a look-back window
     facts = set()
     for role in {role for _, role in matched}:
         code = next(c for c, rl in matched if rl is role)

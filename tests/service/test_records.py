@@ -59,6 +59,25 @@ def test_medication_request_invalid_where_read_is_not_used(invalid: dict[str, An
     assert issue is not None and issue.code == ("invalid-unread-elements" if usable else "malformed-resource")
 
 
+@pytest.mark.parametrize(
+    ("dates", "issue_code"),
+    [({"authoredOn": "2025-03-40"}, "malformed-resource"),
+     ({"dosageInstruction": [{"timing": {"event": ["yesterday"]}}]}, "malformed-resource"),
+     ({}, None)],
+    ids=["invalid-authored-on", "invalid-event", "no-date"],
+)
+def test_ended_order_without_a_usable_date_is_dropped_and_an_invalid_date_reported(
+    dates: dict[str, Any], issue_code: str | None
+) -> None:
+    # A completed G-CSF order whose only date was invalid was dropped without a word, like one with no date at
+    # all: the high-risk context (R2) was lost and nothing told the clinician that a record could not be read.
+    order = medication_request("338036", status="completed", id="m")
+    del order["authoredOn"]
+    facts, issue = medication_facts({**order, **dates}, {})
+    assert facts == frozenset()
+    assert (issue.code if issue else None) == issue_code
+
+
 def test_medication_index_and_reference() -> None:
     index = medication_index([{"resourceType": "Medication", "id": "m", "code": {"coding": [
         {"system": ATC, "code": "L01XA01"}]}}, {"resourceType": "Medication"}])
