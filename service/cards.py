@@ -58,6 +58,7 @@ from cds_hooks.models import (
 from service import card_text
 from service.assessment import DEFAULT_POLICY, Anc, Assessment, CodedRef
 from service.card_text import CARD_TEMPLATES, CardTemplate, Order
+from service.thresholds import ANC_MODERATE_BELOW
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: Markdown characters escaped in values that come from patient data (displays, sources, details).
@@ -182,7 +183,10 @@ class _View:
         triggers = card_text.INFECTION_PREVENTION_TRIGGERS
         indicators = [triggers[code] for code in self.findings if code in triggers]
         anc = self.assessment.anc
-        if anc is not None and not anc.stale and anc.cells_per_ul < self.settings.febrile_neutropenia_anc_below:
+        # R14 is "ANC <1000 (any)" (brief §4) whatever the febrile-neutropenia cut-off: with a lower one (500/uL),
+        # a fever with ANC 800 is R4, which drops the moderate grade, and the advice was missing.
+        below = max(self.settings.febrile_neutropenia_anc_below, ANC_MODERATE_BELOW)
+        if anc is not None and not anc.stale and anc.cells_per_ul < below:
             indicators.append(Indicator.WARNING)
         return indicators
 

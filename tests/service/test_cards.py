@@ -406,6 +406,25 @@ def test_escalation_rule_quotes_the_configured_cut_off() -> None:
     assert "ANC below 500/uL" in (card.detail or "")
 
 
+@pytest.mark.parametrize(
+    ("value", "temp", "prevention"),
+    [(800, "38.6", WARNING), (999, "38.6", WARNING), (800, None, WARNING), (400, "38.6", CRITICAL),
+     (1000, "38.6", None)],
+    ids=["fever-anc-800", "fever-anc-999", "afebrile-anc-800", "fever-anc-400", "fever-anc-1000"],
+)
+def test_infection_prevention_below_1000_whatever_the_febrile_neutropenia_cut_off(
+    value: int, temp: str | None, prevention: Indicator | None
+) -> None:
+    # R14 "ANC <1000 (any)" (brief §4). With the febrile-neutropenia cut-off set to 500/uL, a fever with ANC 800 is
+    # R4 (fever-mild-neutropenia), which carries no grade finding: the infection-prevention advice was left out.
+    policy = dataclasses.replace(DEFAULT_POLICY, fn_anc_cutoff=Decimal(500))
+    settings = CardSettings(febrile_neutropenia_anc_below=Decimal(500))
+    resources = [anc_result(value, effective=ago(hours=2))]
+    resources += [temperature(temp, effective=ago(hours=1))] if temp else []
+    cards = render(assess(resources, now=NOW, policy=policy), settings=settings)
+    assert {c.kind: c.indicator for c in cards}.get("infection-prevention") == prevention
+
+
 def test_neutropenia_card_shows_method_trend_and_date() -> None:
     card = card_of("neutropenia", SCENARIOS[10][1])
     assert card.summary == "Mild neutropenia: ANC 1200/uL (grade 2) on 2025-03-10, falling"
