@@ -190,7 +190,7 @@ FEVER_ESCALATION = CardTemplate(
                 "fever-normal-anc": _INFO},
     summaries={
         "temperature-elevated": "Temperature {temp} with ANC {anc}: recheck within 1 hour",
-        "fever-mild-neutropenia": "Fever {temp} with mild neutropenia, ANC {anc}: review today",
+        "fever-mild-neutropenia": "Fever {temp} with neutropenia, ANC {anc}: review today",
         "fever-no-anc": "Fever {temp} and no current ANC: get a CBC with differential urgently",
         "fever-normal-anc": "Fever {temp} with ANC {anc}: not neutropenic, usual fever assessment",
     },

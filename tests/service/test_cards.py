@@ -425,6 +425,27 @@ def test_infection_prevention_below_1000_whatever_the_febrile_neutropenia_cut_of
     assert {c.kind: c.indicator for c in cards}.get("infection-prevention") == prevention
 
 
+@pytest.mark.parametrize(
+    ("value", "cut_off", "born", "summary"),
+    [(1200, 1000, None, "Fever 38.6 °C with neutropenia, ANC 1200/uL (grade 2): review today"),
+     (800, 500, None, "Fever 38.6 °C with neutropenia, ANC 800/uL (grade 3): review today"),
+     (3000, 1000, "2025-03-08", "Fever 38.6 °C with neutropenia, ANC 3000/uL: review today")],
+    ids=["grade-2", "grade-3-under-a-500-cut-off", "neonate-ungraded"],
+)
+def test_fever_with_neutropenia_below_the_cut_off_is_not_called_mild_when_it_is_not(
+    value: int, cut_off: int, born: str | None, summary: str
+) -> None:
+    # R4 covers [febrile-neutropenia cut-off, the age's normal limit): with a cut-off of 500/uL an ANC of 800 is
+    # moderate (grade 3), for a neonate 3000 is below 5000 but ungraded. The summary said "mild neutropenia".
+    policy = dataclasses.replace(DEFAULT_POLICY, fn_anc_cutoff=Decimal(cut_off))
+    settings = CardSettings(febrile_neutropenia_anc_below=Decimal(cut_off))
+    resources = [anc_result(value, effective=ago(hours=2)), temperature("38.6", effective=ago(hours=1))]
+    resources += [patient(born)] if born else []
+    result = assess(resources, now=NOW, policy=policy)
+    assert result.findings[0] is F.FEVER_MILD_NEUTROPENIA
+    assert card_of("fever-escalation", result, settings=settings).summary == summary
+
+
 def test_neutropenia_card_shows_method_trend_and_date() -> None:
     card = card_of("neutropenia", SCENARIOS[10][1])
     assert card.summary == "Mild neutropenia: ANC 1200/uL (grade 2) on 2025-03-10, falling"
