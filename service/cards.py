@@ -264,9 +264,12 @@ class _View:
         parts = []
         if self.assessment.anc is not None:
             parts.append(self._results_table())
-        if "risk-factor-no-anc" in self.present and self.assessment.risk_factors:
-            risk_factors = _bullets(_coded(r) for r in self.assessment.risk_factors)
-            parts.append(card_text.RISK_FACTORS_HEADING + "\n\n" + risk_factors)
+        # R12 counts conditions, medicines that can cause neutropenia and the chemotherapy context (G-CSF, a
+        # recent chemotherapy order): the card names whichever made it fire, not only the conditions.
+        a = self.assessment
+        reasons = list(dict.fromkeys((*a.risk_factors, *a.medications, *a.context)))
+        if "risk-factor-no-anc" in self.present and reasons:
+            parts.append(card_text.RISK_FACTORS_HEADING + "\n\n" + _bullets(_coded(r) for r in reasons))
         return "\n\n".join(parts)
 
     def _issues(self) -> str:

@@ -20,7 +20,7 @@ from service import card_text, thresholds
 from service.assessment import DEFAULT_POLICY, Anc, AncPoint, Assessment, CodedRef, DataIssue, Fever, Finding, assess
 from service.card_text import CARD_TEMPLATES, FINDING_KINDS
 from service.cards import DEFAULT_CARD_SETTINGS, CardSettings, render
-from tests.service.factories import ago, patient, temperature
+from tests.service.factories import ago, medication_request, patient, temperature
 from tests.service.factories import anc as anc_result
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
@@ -481,6 +481,22 @@ def test_lab_follow_up_for_stale_anc_is_not_graded() -> None:
 def test_lab_follow_up_lists_risk_factors() -> None:
     card = card_of("lab-follow-up", SCENARIOS[13][1])
     assert "Acute leukemia (SNOMED CT 91855006)" in (card.detail or "")
+
+
+@pytest.mark.parametrize(
+    ("resources", "listed"),
+    [([{"code": "2626"}], "clozapine (RxNorm 2626)"),
+     ([{"code": "68442"}], "filgrastim (RxNorm 68442)"),
+     ([{"code": "338036", "status": "completed", "authored": ago(days=3)}], "pegfilgrastim (RxNorm 338036)")],
+    ids=["cause-medicine", "current-g-csf", "completed-g-csf"],
+)
+def test_risk_factor_card_names_the_medicine_that_made_it_fire(resources: list[dict[str, Any]], listed: str) -> None:
+    # R12 fired on a medicine (or G-CSF context) alone, but the card listed only conditions: "the patient has risk
+    # factors" with none named.
+    orders = [medication_request(r["code"], **{k: v for k, v in r.items() if k != "code"}) for r in resources]
+    result = assess(orders, now=NOW)
+    assert result.findings == (F.RISK_FACTOR_NO_ANC,)
+    assert f"- {listed}" in (card_of("lab-follow-up", result).detail or "")
 
 
 def test_data_quality_lists_issues() -> None:
