@@ -3,8 +3,9 @@
 Every code here is VERIFIED in clinical-brief.md §3 or was confirmed in a public terminology source before use:
 
 - ATC: A07EC01, J01CE01, J01CE02, J01EE01, J05AF01, L04AX01, N02BA01, N03AF01, N05AH02, H03BA02, H03BB01,
-  H03BB02, N02BB02 (metamizole), J04BA02 (dapsone), the classes L01, L03AA, J01C, J01D, H03B and L03AA09
-  (sargramostim): a complete public WHO ATC index (SubjectRaw/SubjectRaw subject/data/eng/atc.md).
+  H03BB02, N02BB02 (metamizole), J04BA02 (dapsone), C01BA02 (procainamide), the classes L01, L03AA, J01C, J01D,
+  H03B and L03AA09 (sargramostim): a complete public WHO ATC index (SubjectRaw/SubjectRaw subject/data/eng/atc.md);
+  B01AC05 (ticlopidine) and V03AC02 (deferiprone): several public drug tables and ATC maps.
 - RxNorm 68442 filgrastim, 338036 pegfilgrastim and the other G-CSF ingredients/products below: CIBMTR reporting
   IG value set "med-mobilizing-agents-vs" (nmdp-ig/cibmtr-reporting-ig).
 - RxNorm chemotherapy ingredients beyond the brief's: 3041 cytarabine, 4179 etoposide, 24698 fludarabine, 5657
@@ -24,7 +25,8 @@ Every code here is VERIFIED in clinical-brief.md §3 or was confirmed in a publi
 Medicine tables live in ``service.drugs``; the verification notes for them are here.
 
 LEFT OUT, because they could not be confirmed: RxNorm 6835 (methimazole) and 8794 (propylthiouracil) and any
-RxNorm code for carbimazole (the ATC class H03B covers all three); ATC L01FA01 (rituximab; the public index lists
+RxNorm code for carbimazole (the ATC class H03B covers all three); RxNorm codes for procainamide, ticlopidine and
+deferiprone (public sources disagree; their ATC codes are listed); ATC L01FA01 (rituximab; the public index lists
 rituximab as L01XC02, an older code - the L01 class covers both); any SNOMED CT code for cyclic neutropenia
 (ICD-10-CM D70.4 is used), for Duffy-null associated neutrophil count / benign ethnic neutropenia (so the DANC
 rule of brief §1.5 cannot be applied), and for vitamin B12, folate or copper deficiency (ICD-10-CM codes used);

@@ -130,6 +130,10 @@ _ATC_ROLES: Mapping[str, tuple[MedicationRole, str]] = {
     "L04AX01": (MedicationRole.CAUSE, "azathioprine"),
     "H03B": (MedicationRole.CAUSE, "antithyroid preparation (thionamide)"),
     "J04BA02": (MedicationRole.CAUSE, "dapsone"),
+    # Three more of the most-implicated drugs of brief §3.4 (Andersohn 2007 [S16]); left out of the list before.
+    "C01BA02": (MedicationRole.CAUSE, "procainamide"),
+    "B01AC05": (MedicationRole.CAUSE, "ticlopidine"),
+    "V03AC02": (MedicationRole.CAUSE, "deferiprone"),
 }
 _RXNORM_ROLES: Mapping[Code, MedicationRole] = {
     **{code: MedicationRole.CHEMOTHERAPY for code in _CHEMO_RXN},

@@ -24,6 +24,7 @@ from service.assessment import (
 from service.cards import render
 from service.rules import INDICATOR
 from tests.service.factories import (
+    ATC,
     ICD10CM,
     NOW,
     SNOMED,
@@ -484,3 +485,14 @@ def test_icd10cm_chemotherapy_context_with_or_without_its_dot(code: str, expecte
     result = assess([condition(code, ICD10CM), temperature("38.6", "Cel", ago(hours=1))], now=NOW)
     assert result.findings[0] is expected
     assert [r.code for r in result.risk_factors] == [f"{code[:3]}.{code[3:]}" if "." not in code else code]
+
+
+@pytest.mark.parametrize("code", ["C01BA02", "B01AC05", "V03AC02"], ids=["procainamide", "ticlopidine", "deferiprone"])
+def test_most_implicated_drugs_of_the_brief_are_risk_factors_and_reviewed(code: str) -> None:
+    # Brief §3.4 names procainamide, ticlopidine and deferiprone among the drugs most often causing neutropenia;
+    # they were not on the list: no "consider a CBC" card without an ANC (R12), no medicine named in R15's card.
+    order = medication_request(code, ATC, id="m")
+    assert assess([order], now=NOW).findings == (Finding.RISK_FACTOR_NO_ANC,)
+    result = assess([order, anc(1200, "/uL", ago(hours=2))], now=NOW)
+    assert Finding.MEDICATION_REVIEW in result.findings
+    assert [m.code for m in result.medications] == [code]

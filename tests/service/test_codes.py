@@ -91,6 +91,10 @@ def test_condition_roles(code: tuple[str, str], roles: set[ConditionRole]) -> No
         ((ATC, "H03BA02"), MedicationRole.CAUSE),
         ((ATC, "J01CA04"), MedicationRole.CAUSE),
         ((ATC, "J01DD04"), MedicationRole.CAUSE),
+        # The rest of brief §3.4's most-implicated drugs (Andersohn 2007): they were missing, so R12/R15 missed them.
+        ((ATC, "C01BA02"), MedicationRole.CAUSE),  # procainamide
+        ((ATC, "B01AC05"), MedicationRole.CAUSE),  # ticlopidine
+        ((ATC, "V03AC02"), MedicationRole.CAUSE),  # deferiprone
         ((ATC, "J01"), None),
         ((ATC, "N05AH03"), None),
         ((RXNORM, "6835"), None),  # methimazole RxNorm: unverified, left out (ATC H03BB02 covers it)
