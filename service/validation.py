@@ -19,6 +19,7 @@ is used, and the invalid elements are reported. An EHR's empty ``display`` on a 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import threading
 import typing
@@ -101,9 +102,8 @@ class KnownElements:
         """The validated instance of ``value`` as ``element_model``; None when it is not a valid one."""
         if not isinstance(value, dict):
             return None  # the wrong shape (a list for an object, a string): the resource's validation says so
-        try:
-            content = orjson.dumps(value)
-        except TypeError:  # not plain JSON (an integer beyond 64 bits): validated with the resource
+        content = _content(value)
+        if content is None:  # not plain JSON (an integer beyond 64 bits, an infinity): validated with the resource
             return None
         key = (element_model, content)
         if key not in self._instances:
@@ -112,6 +112,37 @@ class KnownElements:
             except Exception:  # noqa: BLE001 - untrusted input: the resource's validation reports it
                 self._instances[key] = None
         return self._instances[key]
+
+
+def _content(value: object) -> bytes | None:
+    """The JSON of ``value``, which tells it apart from every other value; None when it cannot.
+
+    orjson refuses what is not plain JSON (an integer beyond 64 bits), and writes NaN and the infinities as
+    ``null``: ``1e400`` in a request body (read as infinity by the standard library) would share the key of a
+    ``null`` that is valid where the number is not.
+    """
+    try:
+        content = orjson.dumps(value)
+    except TypeError:
+        return None
+    if b"null" in content and _holds_non_finite(value):
+        return None
+    return content
+
+
+def _holds_non_finite(value: object) -> bool:
+    """Whether ``value`` (parsed JSON) holds a float that is NaN or infinite, at any depth."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return False
 
 
 #: :func:`_complex_elements` of each model asked for (a handful: worked out once per process).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 from unittest import mock
 
@@ -195,6 +197,33 @@ def test_known_elements_give_the_verdict_validation_gives(changes: dict[str, Any
     resource = {**TEMPERATURE, "id": "t2", **changes}
     assert validate(Observation, resource, known) == validate(Observation, resource)
     assert validate(Observation, resource, known) == validate(Observation, resource)  # and once known
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan], ids=["inf", "minus-inf", "nan"])
+def test_a_number_that_is_not_finite_does_not_take_the_instance_of_a_null(number: float) -> None:
+    # orjson writes NaN and the infinities as null, so {"reference": 1e400} (read as inf by the standard library,
+    # the body parser's slow path) was keyed as {"reference": null}: a sibling's valid instance was handed over,
+    # and a temperature whose subject.reference (read) is a number was used instead of malformed-resource.
+    known = validation.KnownElements()
+    nulls = {**TEMPERATURE, "subject": {"reference": None}, "valueQuantity": {**TEMPERATURE["valueQuantity"],
+                                                                            "value": None}}
+    assert validate(Observation, nulls, known) is None
+    for changes in ({"subject": {"reference": number}}, {"valueQuantity": {**nulls["valueQuantity"], "value": number}},
+                    {"component": [{"code": TEMPERATURE["code"], "valueQuantity": {"value": number}}]}):
+        resource = {**nulls, "id": "t2", **changes}
+        if "component" in changes:  # its twin with null, known first
+            validate(Observation, {**resource, "component": [{"code": TEMPERATURE["code"],
+                                                              "valueQuantity": {"value": None}}]}, known)
+        assert validate(Observation, resource, known) == validate(Observation, resource) is not None, changes
+
+
+def test_a_number_beyond_a_double_in_a_request_body_is_not_the_null_of_a_sibling() -> None:
+    text = json.dumps([{**TEMPERATURE, "subject": {"reference": None}},
+                       {**TEMPERATURE, "id": "t2", "subject": {"reference": "1e400"}}]).replace('"1e400"', "1e400")
+    first, second = json.loads(text)  # as the request body's slow path reads it: 1e400 is inf
+    known = validation.KnownElements()
+    assert validate(Observation, first, known) is None
+    assert validate(Observation, second, known) == validate(Observation, second) is not None
 
 
 def test_an_element_seen_before_in_the_request_is_validated_once() -> None:
