@@ -74,7 +74,13 @@ class KnownElements:
         return len(self._instances)
 
     def substituted(self, model: type[Any], resource: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``resource`` with each complex element of ``model`` that is valid replaced by its validated instance."""
+        """``resource`` with each complex element of ``model`` that is valid replaced by its validated instance.
+
+        A resource that is not a dict is left as it is: pydantic reads another Mapping otherwise than the dict a
+        substitution would make of it.
+        """
+        if not isinstance(resource, dict):
+            return resource
         elements = _complex_elements(model)
         copy: dict[str, Any] | None = None
         for name, value in resource.items():

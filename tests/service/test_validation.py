@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import MappingProxyType
 from typing import Any
 from unittest import mock
 
@@ -224,6 +225,15 @@ def test_a_number_beyond_a_double_in_a_request_body_is_not_the_null_of_a_sibling
     known = validation.KnownElements()
     assert validate(Observation, first, known) is None
     assert validate(Observation, second, known) == validate(Observation, second) is not None
+
+
+def test_known_elements_leave_a_resource_that_is_not_a_dict_as_it_is() -> None:
+    # pydantic reads a Mapping that is not a dict otherwise (fhir_core's checks look at dicts only: there
+    # "resourceType" is an extra input); substituting made it a dict, and an invalid resource valid.
+    known = validation.KnownElements()
+    for changes in ({}, {"category": [None]}):
+        resource = MappingProxyType({**TEMPERATURE, **changes})
+        assert validate(Observation, resource, known) == validate(Observation, resource) is not None
 
 
 def test_an_element_seen_before_in_the_request_is_validated_once() -> None:
