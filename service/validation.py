@@ -278,9 +278,8 @@ class VerdictMemo:
     def validation_error(self, model: type[Any], resource: Mapping[str, Any],
                          known: KnownElements | None = None) -> Verdict | None:
         """The verdict of :func:`validate`, from the memo when this content was validated before."""
-        try:
-            content = orjson.dumps(resource)
-        except TypeError:  # not plain JSON (an integer beyond 64 bits, read by the standard library): no memo
+        content = _content(resource)
+        if content is None:  # not plain JSON (an integer beyond 64 bits, an infinity, read by the standard library)
             return validate(model, resource, known)
         key = (model.__name__, hashlib.blake2b(content, digest_size=16).digest())
         with self._lock:

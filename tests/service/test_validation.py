@@ -103,6 +103,16 @@ def test_the_memo_gives_the_same_verdict_as_validating_first_time_and_again(reso
     assert memo.validation_error(Observation, resource) == validate(Observation, resource)
 
 
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan], ids=["inf", "minus-inf", "nan"])
+def test_the_memo_does_not_give_a_number_that_is_not_finite_the_verdict_of_a_null(number: float) -> None:
+    # orjson writes NaN and the infinities as null: a temperature of 1e400 (inf, from the body parser's slow path)
+    # got the verdict "valid" of the same resource with a null value, seen before by this process.
+    memo = VerdictMemo()
+    assert memo.validation_error(Observation, {**VALID, "subject": {"reference": None}}) is None
+    resource = {**VALID, "subject": {"reference": number}}
+    assert memo.validation_error(Observation, resource) == validate(Observation, resource) is not None
+
+
 def test_content_seen_before_is_not_validated_again() -> None:
     memo = VerdictMemo()
     with mock.patch.object(validation, "validate", wraps=validate) as spy:
