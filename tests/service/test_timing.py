@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import date, datetime, timedelta, timezone
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from service import timing
 from service.timing import (
     EARLIEST_ZONE_LEAD,
     Timing,
@@ -102,6 +107,49 @@ def _date_times(count: int) -> list[str]:
 def test_parse_of_a_date_time_equals_building_it_field_by_field(value: str) -> None:
     expected = _by_fields(value)
     assert parse(value) == (None if expected is None else Timing(expected, expected))
+
+
+def _formatted(moment: datetime, digits: str, offset: int | None, space: str) -> str:
+    zone = "Z" if offset is None else f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
+    return f"{space}{moment:%Y-%m-%dT%H:%M:%S}{'.' + digits if digits else ''}{zone}{space}"
+
+
+#: Valid instants: every day of years 1-9999, fractions of up to 12 digits, offsets up to a minute short of 24 h.
+_INSTANTS = st.builds(_formatted, st.datetimes(), st.text("0123456789", max_size=12),
+                     st.none() | st.integers(-24 * 60 + 1, 24 * 60 - 1), st.sampled_from(["", " ", "\n"]))
+#: One edit of an instant that makes it another form (a dateTime without seconds or zone, a date), puts a field
+#: at or past its limit (second 60, hour 24, offset 24:00), or writes it otherwise (lower case, other digits).
+_EDITS = [
+    lambda v: re.sub(r"(T[0-9]{2}:[0-9]{2}):[0-9]{2}(\.[0-9]*)?", r"\1", v),
+    lambda v: re.sub(r"(Z|[+-][0-9]{2}:[0-9]{2})(\s*)$", r"\2", v),
+    lambda v: re.sub(r"(T[0-9]{2}:[0-9]{2}:)[0-9]{2}", r"\g<1>60", v),
+    lambda v: re.sub(r"T[0-9]{2}:[0-9]{2}:[0-9]{2}", "T24:00:00", v),
+    lambda v: re.sub(r"(Z|[+-][0-9]{2}:[0-9]{2})(\s*)$", r"+24:00\2", v),
+    lambda v: re.sub(r"(Z|[+-][0-9]{2}:[0-9]{2})(\s*)$", r"-00:00\2", v),
+    lambda v: re.sub(r"([+-][0-9]{2}):([0-9]{2})(\s*)$", r"\1\2\3", v),
+    lambda v: re.sub(r"(Z|[+-][0-9]{2}:[0-9]{2})(\s*)$", r".\1\2", v),
+    lambda v: v.replace("T", "t").replace("Z", "z"),
+    lambda v: v.replace("T", " "),
+    lambda v: v.replace("0", "\u0660", 1),
+    lambda v: v.replace("1", "\uff11", 1),
+    lambda v: v.replace("2", "\u00b2", 1),
+    lambda v: v.strip()[:10],
+    lambda v: "0000" + v.strip()[4:],
+    lambda v: v + "\u2028",
+]
+_EDITED_INSTANTS = st.builds(lambda value, edit: edit(value), _INSTANTS, st.sampled_from(_EDITS))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_INSTANTS | _EDITED_INSTANTS | st.text(st.sampled_from("0123456789-:T.Z+ \n٣"), max_size=32))
+def test_the_fast_path_of_parse_gives_what_the_long_way_gives(value: str) -> None:
+    # The fast path (an ASCII instant, built by the C parser) must not change a result: without it every value
+    # takes the long way, as before 88b1c86.
+    fast = parse(value)
+    with mock.patch.object(timing, "_INSTANT", re.compile(r"(?!)")):
+        slow = parse(value)
+    assert fast == slow  # equal instants; and both in UTC (equal aware datetimes may differ in zone)
+    assert [t.utcoffset() for t in fast or ()] == [t.utcoffset() for t in slow or ()]
 
 
 def test_precise_only_for_instants() -> None:

@@ -299,3 +299,54 @@ def test_known_elements_never_change_a_verdict(changes: dict[str, Any]) -> None:
     validate(Observation, TEMPERATURE, known)
     resource = {**TEMPERATURE, **changes}
     assert validate(Observation, resource, known) == validate(Observation, resource)
+
+
+def _twin(value: Any, how: str) -> Any:
+    """``value`` with equal JSON text but other Python values: NaN/inf for null, 1.0 or True for 1; or reordered."""
+    if isinstance(value, dict):
+        items = [(k, _twin(v, how)) for k, v in value.items()]
+        return dict(reversed(items) if how == "reorder" else items)
+    if isinstance(value, list):
+        return [_twin(v, how) for v in value]
+    if how == "inf" and value is None:
+        return math.inf
+    if how == "float" and type(value) is int:
+        return float(value)
+    if how == "bool" and type(value) is int and value in (0, 1):
+        return bool(value)
+    return value
+
+
+_ELEMENT = st.recursive(
+    st.none() | st.booleans() | st.sampled_from([0, 1, 2**63, 38.4, 1.0, -0.0, "", "x", "Cel", "Patient/p", "2025"]),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+        st.sampled_from(["coding", "code", "system", "value", "reference", "text", "unit", "url", "valueString",
+                         "extension", "_code", "low", "start", "id"]), inner, max_size=3),
+    max_leaves=6)
+#: Valid elements of several types, some with a null (valid there, unlike a number that is not finite).
+_VALID_ELEMENTS = st.sampled_from([
+    {"text": "x"}, {"reference": None}, {"reference": "Patient/p", "display": None}, {"value": None, "unit": "Cel"},
+    {"value": 1, "unit": "Cel"}, {"coding": [{"system": "http://loinc.org", "code": "8310-5", "display": None}]},
+    {"url": "http://x", "valueString": "a"}, {"start": "2025-03-10", "end": None}, {"low": {"value": 1}},
+])
+_NAMES = st.sampled_from(["code", "category", "subject", "valueQuantity", "component", "extension", "focus", "meta",
+                          "interpretation", "referenceRange", "valueRange", "effectivePeriod", "note"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_VALID_ELEMENTS | _ELEMENT, min_size=1, max_size=3), st.sampled_from(["inf", "float", "bool", "reorder"]),
+       st.data())
+def test_known_elements_never_change_a_verdict_across_the_resources_of_a_request(pool: list[Any], how: str,
+                                                                                  data: Any) -> None:
+    # Resources of one request share elements (also inside components), then come again with elements whose JSON
+    # text is equal or nearly so but whose Python values differ: each verdict must be the one a validation from
+    # scratch gives.
+    element = st.sampled_from(pool)
+    component = st.fixed_dictionaries({"code": element}, optional={"valueQuantity": element,
+                                                                   "interpretation": st.lists(element, max_size=2)})
+    value = element | st.lists(element, min_size=1, max_size=2) | st.lists(component, min_size=1, max_size=2)
+    changes = data.draw(st.lists(st.dictionaries(_NAMES, value, max_size=4), min_size=1, max_size=3))
+    known = validation.KnownElements()
+    for change in changes + [_twin(change, how) for change in changes]:
+        resource = {**TEMPERATURE, **change}
+        assert validate(Observation, resource, known) == validate(Observation, resource)
