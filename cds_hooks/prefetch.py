@@ -333,6 +333,12 @@ def _fetch_access(request: HookRequest, policy: FetchPolicy, received_at: float,
         if not policy.allow_anonymous:
             return "no fhirAuthorization in the request, and anonymous FHIR access is not allowed"
         return _Access(request.fhir_server, None, deadline)
+    if authorization.access_token is None:
+        # A token was meant to be sent: calling the server without one (anonymous access) is not what was asked.
+        return "fhirAuthorization has no access_token"
+    if authorization.expires_in is None:
+        # No lifetime given: the token is used only until this request's deadline, and never kept.
+        return _Access(request.fhir_server, authorization.access_token, deadline)
     expires_at = received_at + authorization.expires_in
     if time.monotonic() >= expires_at:
         return "the fhirAuthorization access token has expired"

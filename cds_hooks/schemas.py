@@ -110,13 +110,18 @@ def _non_empty(value: str) -> bool:
 
 @dataclass(frozen=True)
 class FhirAuthorization:
-    """The client's short-lived FHIR access token (spec §FHIR Resource Access). Never logged or stored."""
+    """The client's short-lived FHIR access token (spec §FHIR Resource Access). Never logged or stored.
 
-    access_token: str = field(repr=False)
-    token_type: str
-    expires_in: int
-    scope: str
-    subject: str
+    Members the client left out are None (see :class:`FhirAuthorizationSchema`): without ``access_token`` there
+    is nothing to call the FHIR server with; without ``expires_in`` the token is used only while the request
+    that brought it lasts, which is all this service ever uses a token for.
+    """
+
+    access_token: str | None = field(default=None, repr=False)
+    token_type: str = "Bearer"
+    expires_in: int | None = None
+    scope: str | None = None
+    subject: str | None = None
     patient: str | None = None
 
 
@@ -134,14 +139,22 @@ class HookRequest:
 
 
 class FhirAuthorizationSchema(_Body):
-    """`fhirAuthorization`: all fields the spec marks REQUIRED are required here."""
+    """`fhirAuthorization`: every member sent is checked (a wrong type or value is a 400 naming it), but a member
+    the spec marks REQUIRED that the client left out is tolerated.
 
-    access_token = _StrictString(required=True, validate=_non_empty)
-    token_type = _StrictString(required=True, validate=validate.OneOf(["Bearer", "bearer"]))
+    Real clients omit `expires_in` (cds-hooks/sandbox issues 22 and 65; the spec digest's pitfall 6: "validate
+    tolerantly and fall back to 412"). Refusing such a request would show the clinician no card at all, although
+    its prefetch may hold everything needed; tolerated, the prefetch is used, and a key that must be fetched is
+    fetched with the token while the request lasts, or is unavailable (412 for a required key) when there is no
+    `access_token` to fetch with.
+    """
+
+    access_token = _StrictString(validate=_non_empty)
+    token_type = _StrictString(validate=validate.OneOf(["Bearer", "bearer"]))
     # Seconds; the upper bound (int32, 68 years) only keeps absurd values out of the expiry arithmetic.
-    expires_in = _StrictInteger(required=True, validate=validate.Range(min=0, max=2**31 - 1))
-    scope = _StrictString(required=True)
-    subject = _StrictString(required=True)
+    expires_in = _StrictInteger(validate=validate.Range(min=0, max=2**31 - 1))
+    scope = _StrictString()
+    subject = _StrictString()
     patient = _StrictString()
 
     @post_load

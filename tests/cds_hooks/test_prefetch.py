@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import logging
 import threading
@@ -367,6 +369,29 @@ def test_prefetch_sends_bearer_token_when_authorized(fhir_stub: FhirStub,
     resolve(make_request(fhir_stub))
     assert len(fhir_stub.requests) == 4
     assert {r.authorization for r in fhir_stub.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_prefetch_token_without_expires_in_is_used_while_the_request_lasts(
+        fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult]) -> None:
+    # Real clients leave expires_in out (the spec digest's pitfall 6): the token is still good for this request.
+    serve_all(fhir_stub)
+    request = make_request(fhir_stub)
+    assert request.fhir_authorization is not None
+    request = replace(request, fhir_authorization=replace(request.fhir_authorization, expires_in=None))
+    assert resolve(request).unavailable() == {}
+    assert {r.authorization for r in fhir_stub.requests} == {f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize("allow_anonymous", (False, True), ids=("anonymous-off", "anonymous-on"))
+def test_prefetch_authorization_without_access_token_fetches_nothing(
+        fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult], allow_anonymous: bool) -> None:
+    # A token was meant to be sent: calling the server anonymously instead is not what the client asked for.
+    serve_all(fhir_stub)
+    request = make_request(fhir_stub)
+    request = replace(request, fhir_authorization=FhirAuthorization(expires_in=300))
+    missing = required_412(resolve, request, allow_anonymous=allow_anonymous)
+    assert missing == {"labs": "fhirAuthorization has no access_token", "vitals": "fhirAuthorization has no access_token"}
+    assert fhir_stub.requests == []
 
 
 @pytest.mark.parametrize(("labs", "diagnostics"), (
