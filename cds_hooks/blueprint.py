@@ -82,6 +82,11 @@ def create_blueprint(
         REQUEST_ID.set(g.request_id)
         g.started = time.perf_counter()
 
+    @bp.teardown_app_request
+    def _end(_error: BaseException | None) -> None:
+        # The worker thread serves other requests, and logs between them: those lines are no request's.
+        REQUEST_ID.set("-")
+
     @bp.after_app_request
     def _finish(response: Response) -> Response:
         if request.method == "OPTIONS":

@@ -24,6 +24,7 @@ from cds_hooks.errors import ServiceUnavailable
 from cds_hooks.models import Action, Card, Coding, ServiceResponse, Source, Suggestion
 from cds_hooks.prefetch import FetchPolicy, KeyState
 from cds_hooks.registry import HookCall, ServiceDefinition, ServiceRegistry
+from cds_hooks.request_context import REQUEST_ID
 from cds_hooks.store import FeedbackStore
 from cds_hooks.testing.tokens import ClientKey, TokenSigner, write_issuer_config
 from cds_hooks.auth import AuthPolicy, TokenVerifier, load_trusted_issuers
@@ -447,6 +448,12 @@ def test_a_bug_in_a_handler_is_a_500_outcome_without_a_stack_trace() -> None:
     assert response.status_code == 500
     assert response.json["issue"][0]["code"] == "exception"
     assert "secret" not in response.get_data(as_text=True)
+
+
+def test_the_request_id_ends_with_the_request(client: FlaskClient) -> None:
+    # A log line the worker thread writes after the request (or between requests) must not carry its id.
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    assert REQUEST_ID.get() == "-"
 
 
 def test_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
