@@ -52,6 +52,9 @@ TEMPERATURE_UNITS: Mapping[str, str] = {
 
 #: Every unit string above: one of them beside a unit of another kind is a contradiction, not free text.
 ALL_UNITS = frozenset({*COUNT_FACTORS, *FRACTION_UNITS, *TEMPERATURE_UNITS})
+#: Temperature units are compared without regard to case: unlike a count's, no temperature unit's meaning depends
+#: on it, and EHRs print "DegC", "DEG F" or "CELSIUS" (one that was not recognised hid the fever it measured).
+_TEMPERATURE_UNITS_FOLDED: Mapping[str, str] = {unit.casefold(): code for unit, code in TEMPERATURE_UNITS.items()}
 
 _TWO_PLACES = Decimal(1).scaleb(-TEMPERATURE_DECIMALS)
 _M = TypeVar("_M")
@@ -72,8 +75,10 @@ def quantity_unit(quantity: Mapping[str, object]) -> tuple[str | None, str | Non
     )
 
 
-def _lookup(quantity: Mapping[str, object], table: Mapping[str, _M]) -> tuple[_M | None, str | None]:
-    """What ``table`` says the Quantity's unit means, or (None, why).
+def _lookup(quantity: Mapping[str, object], table: Mapping[str, _M], *,
+            fold: bool = False) -> tuple[_M | None, str | None]:
+    """What ``table`` says the Quantity's unit means, or (None, why); with ``fold``, ``table``'s keys are
+    case-folded and so are the Quantity's units before they are looked up.
 
     The UCUM ``code`` and the printed ``unit`` must not contradict each other, but one that is not a unit we know
     is not a contradiction: the printed unit is free text for people ("degrees C", "DegC" beside ``Cel``), and a
@@ -82,8 +87,9 @@ def _lookup(quantity: Mapping[str, object], table: Mapping[str, _M]) -> tuple[_M
     code, unit = quantity_unit(quantity)
     if code is None and unit is None:
         return None, "no unit"
-    meanings = {table[u] for u in (code, unit) if u is not None and u in table}
-    foreign = any(u is not None and u not in table and u in ALL_UNITS for u in (code, unit))
+    keys = [None if u is None else u.casefold() if fold else u for u in (code, unit)]
+    meanings = {table[k] for k in keys if k is not None and k in table}
+    foreign = any(u is not None and k not in table and u in ALL_UNITS for u, k in zip((code, unit), keys))
     if len(meanings) > 1 or (meanings and foreign):
         return None, f"conflicting units {code!r} and {unit!r}"
     if not meanings:
@@ -122,7 +128,7 @@ def percent(value: Decimal, quantity: Mapping[str, object], *, fraction: bool) -
 def celsius(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
     """A body temperature in degrees Celsius rounded to 2 decimals (brief §2), or (None, why) for a missing,
     unknown or conflicting unit or a temperature outside the plausible range (checked after conversion)."""
-    unit, problem = _lookup(quantity, TEMPERATURE_UNITS)
+    unit, problem = _lookup(quantity, _TEMPERATURE_UNITS_FOLDED, fold=True)
     if unit is None:
         return None, problem
     result = value if unit == CELSIUS else (value - 32) * 5 / 9

@@ -167,6 +167,42 @@ def test_celsius_accepts_ucum_and_printed_units(value: str, unit: str, expected:
 
 
 @pytest.mark.parametrize(
+    ("value", "quantity", "expected"),
+    [
+        ("38.6", {"unit": "DegC"}, "38.60"),
+        ("38.6", {"unit": "DEGC"}, "38.60"),
+        ("38.6", {"unit": "deg c"}, "38.60"),
+        ("38.6", {"unit": "CELSIUS"}, "38.60"),
+        ("38.6", {"unit": "c"}, "38.60"),
+        ("38.6", {"code": "cel"}, "38.60"),
+        ("101.5", {"unit": "DegF"}, "38.61"),
+        ("101.5", {"unit": "f"}, "38.61"),
+        ("101.5", {"code": "[DEGF]"}, "38.61"),
+    ],
+    ids=["DegC", "DEGC", "deg-c", "CELSIUS", "c", "code-cel", "DegF", "f", "code-DEGF"],
+)
+def test_temperature_units_are_read_in_any_case(value: str, quantity: dict[str, str], expected: str) -> None:
+    # No temperature unit's meaning depends on its case; an EHR printing "DegC" alone hid a fever of 38.6.
+    assert celsius(D(value), quantity) == (D(expected), None)
+
+
+def test_count_units_keep_their_case() -> None:
+    # For counts case carries meaning: G/L is giga per litre (a count), g/L grams per litre (brief §2).
+    assert count_per_ul(D("0.4"), {"unit": "G/L"}) == (D("400.0"), None)
+    assert count_per_ul(D("0.4"), {"unit": "g/L"})[0] is None
+
+
+@pytest.mark.parametrize(
+    "quantity",
+    [{"unit": "k"}, {"unit": "K"}, {"code": "Cel", "unit": "%"}, {"code": "cel", "unit": "10*3/uL"}],
+    ids=["kelvin-lower", "kelvin", "percent-beside", "count-beside"],
+)
+def test_any_case_never_makes_a_guess(quantity: dict[str, str]) -> None:
+    result, problem = celsius(D("38.5"), quantity)
+    assert result is None and problem
+
+
+@pytest.mark.parametrize(
     "quantity",
     [{}, {"unit": "K"}, {"code": "Cel", "unit": "[degF]"}, {"unit": "mmHg"}],
     ids=["missing", "kelvin", "conflict", "pressure"],
