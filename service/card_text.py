@@ -294,8 +294,9 @@ MEDICATION_REVIEW = CardTemplate(
         "medication-review-unlisted": "Medication review: look for a medicine that may lower the neutrophil count",
     },
     advice={
-        "medication-review": "Consider whether a medicine is causing the low count; stopping or switching it is "
-                             "the prescriber's decision. Also treat any infection, check nutrition (vitamin B12, "
+        # Neutral about the count: R15 also fires on a drug-induced neutropenia on record with a normal ANC.
+        "medication-review": "Consider whether a medicine is lowering the neutrophil count; stopping or switching it "
+                             "is the prescriber's decision. Also treat any infection, check nutrition (vitamin B12, "
                              "folate, copper) and discuss G-CSF with a specialist if needed.",
     },
     override_reasons=(

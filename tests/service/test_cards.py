@@ -473,6 +473,14 @@ def test_medication_review_lists_medicines() -> None:
     assert "- MTX (http://example.org/local MTX)" in (card.detail or "")
 
 
+def test_medication_review_on_a_recorded_drug_induced_neutropenia_with_a_normal_count() -> None:
+    # R15 also fires on an active drug-induced neutropenia diagnosis whatever the count: its advice must not speak of
+    # a low count beside an ANC of 3000.
+    card = card_of("medication-review", assessment(F.ANC_NORMAL, F.MEDICATION_REVIEW, anc=anc(3000, 0),
+                                                   medications=(CLOZAPINE,)))
+    assert "low count" not in (card.detail or "") and "lowering the neutrophil count" in (card.detail or "")
+
+
 def test_lab_follow_up_for_stale_anc_is_not_graded() -> None:
     card = card_of("lab-follow-up", SCENARIOS[12][1])
     assert card.summary == "Last ANC 1200/uL is 12 days old (2025-02-26): repeat the CBC with differential"
