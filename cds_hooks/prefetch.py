@@ -218,11 +218,14 @@ def _split_base(url: str, *, allow_any_port: bool) -> tuple[str, str, int | None
     if not isinstance(url, str) or any(not c.isprintable() or c.isspace() for c in url):
         return None
     any_port = False
-    parts = urlsplit(url)
-    if allow_any_port and parts.netloc.endswith(":*"):
-        any_port = True
-        url = url.replace(":*", "", 1)
+    try:
         parts = urlsplit(url)
+        if allow_any_port and parts.netloc.endswith(":*"):
+            any_port = True
+            url = url.replace(":*", "", 1)
+            parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket, a netloc that NFKC-normalises to a delimiter: not a base
+        return None
     base_origin = origin(url)
     if base_origin is None or parts.query or parts.fragment or "?" in url or "#" in url:
         return None
@@ -578,20 +581,22 @@ def collect_references(resources: Iterable[Mapping[str, Any]], element: str, res
                 ids.add(target_id)
             else:
                 elsewhere.add(target_id)
-    return References(frozenset(ids), frozenset(elsewhere - ids), len(invalid))
+    # Another server's id is counted even when fhirServer has one alike: they are different resources.
+    return References(frozenset(ids), frozenset(elsewhere), len(invalid))
 
 
 def _reference_target(reference: str, resource_type: str) -> tuple[str, str] | None:
     """(server base or "", id) of a reference to ``resource_type``: "Type/id" or "{base}/Type/id", with any
-    ``/_history/{version}`` dropped (the current version is read); None for "#id" and other types."""
+    ``/_history/{version}`` dropped (the current version is read); the id is "" for "Type/" (a reference to the
+    type without an id: reported, never skipped); None for "#id" and other types."""
     if reference.startswith("#"):
         return None
     path = reference.split("/_history/")[0].rstrip("/")
     rest, _, target_id = path.rpartition("/")
     server, _, kind = rest.rpartition("/")
-    if kind != resource_type or not target_id:
-        return None
-    return server, target_id
+    if kind == resource_type and target_id:
+        return server, target_id
+    return (rest, "") if target_id == resource_type else None
 
 
 def _follow_references(definition: ServiceDefinition, request: HookRequest, results: Mapping[str, KeyResult], *,

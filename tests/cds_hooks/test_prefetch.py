@@ -846,12 +846,22 @@ def medication(medication_id: str) -> dict[str, Any]:
         (["Medication/a,b", "Medication/a b", "Medication/" + "x" * 65], BASE, set(), set(), 3),
         (["Medication/m1", " Medication/m1 ", f"{BASE}/Medication/m1", "Medication/m2"], BASE, {"m1", "m2"}, set(),
          0),
-        (["Medication/", "Medication", ""], BASE, set(), set(), 0),
+        # Regression: "Medication/" named a Medication and was skipped without a word (its order silently unknown).
+        (["Medication/", "Medication", f"{BASE}/Medication/", "Medication/_history/1"], BASE, set(), set(), 4),
+        (["", " ", "#"], BASE, set(), set(), 0),
+        # Regression: a server part urlsplit refuses (an unclosed IPv6 bracket, a netloc that NFKC-normalises to
+        # a delimiter) raised ValueError out of resolve_prefetch: a 500, no card at all.
+        (["https://[ehr.example/fhir/Medication/m1", "https://ehr\uff03.example/fhir/Medication/m2"], BASE, set(),
+         {"m1", "m2"}, 0),
+        # Regression: the other server's m1 was hidden behind fhirServer's m1 (no note), and the order naming it
+        # was given the codes of fhirServer's Medication/m1, read for the other order.
+        (["Medication/m1", "https://other.example/fhir/Medication/m1"], BASE, {"m1"}, {"m1"}, 0),
     ),
     ids=("relative", "relative-versioned", "absolute-under-fhirServer", "absolute-versioned",
          "absolute-default-port-and-case", "contained", "other-types", "other-server", "lookalike-path",
          "other-scheme", "absolute-without-fhirServer", "relative-without-fhirServer", "ids-not-fhir-ids",
-         "repeats-once", "no-id"),
+         "repeats-once", "no-id-is-not-a-fhir-id", "empty-reference", "server-not-a-url",
+         "same-id-on-another-server"),
 )
 def test_collect_references(references: list[str], fhir_server: str | None, ids: set[str], elsewhere: set[str],
                             invalid: int) -> None:
@@ -1037,6 +1047,38 @@ def test_follow_never_calls_another_server(fhir_stub: FhirStub, make_fhir_stub: 
     assert result.incomplete() == {"medications": "2 Medication(s) named by medicationReference could not be "
                                                   "obtained: they are on another server than fhirServer"}
     assert other.requests == [] and fhir_stub.requests == []
+
+
+def test_follow_same_id_on_another_server_is_reported(fhir_stub: FhirStub,
+                                                     follow: Callable[..., PrefetchResult]) -> None:
+    # Regression: fhirServer's Medication/m1 (read for o1) silently stood for the other server's m1 too (o2's
+    # medicine: the engine resolves medicationReference by "Type/id"), with no note that o2's was never read.
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")]), query={"_id": "m1"})
+    orders = (order("Medication/m1"), order("https://other.example/fhir/Medication/m1", "o2"))
+    result = follow(make_request(fhir_stub, with_orders(*orders)))
+    assert result.keys["medications"].resources == (*orders, medication("m1"))
+    assert result.incomplete() == {"medications": WHY + "they are on another server than fhirServer"}
+    assert medication_searches(fhir_stub) == [("m1",)]
+
+
+@pytest.mark.parametrize("reference", ("https://[ehr.example/fhir/Medication/m1",
+                                       "https://ehr\uff03.example/fhir/Medication/m1"),
+                         ids=("unclosed-ipv6-bracket", "netloc-nfkc-delimiter"))
+def test_follow_reference_whose_server_is_not_a_url(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult],
+                                                    reference: str) -> None:
+    # Regression: urlsplit's ValueError escaped resolve_prefetch (HTTP 500: the clinician saw no card at all).
+    result = follow(make_request(fhir_stub, with_orders(order(reference))))
+    assert result.keys["medications"].resources == (order(reference),)
+    assert result.incomplete() == {"medications": WHY + "they are on another server than fhirServer"}
+    assert fhir_stub.requests == []
+
+
+def test_follow_reference_without_id_is_reported(fhir_stub: FhirStub,
+                                                 follow: Callable[..., PrefetchResult]) -> None:
+    # Regression: "Medication/" was skipped like a reference to another type: the order's medicine silently unknown.
+    result = follow(make_request(fhir_stub, with_orders(order("Medication/"))))
+    assert result.incomplete() == {"medications": WHY + "their id is not a FHIR id"}
+    assert fhir_stub.requests == []
 
 
 def test_follow_ids_that_are_not_fhir_ids_are_never_searched(fhir_stub: FhirStub,
