@@ -673,10 +673,12 @@ def _fetch_by_id(asked: Mapping[str, set[str]], *, access: _Access | str, policy
         if isinstance(access, str):
             why_not.update({(resource_type, i): access for i in ordered})
             continue
-        over = ordered[policy.max_resources:]
-        why_not.update({(resource_type, i): f"over the limit of {policy.max_resources} references followed"
+        # Bounded like a key's pages: a request naming thousands of targets must not become a hundred searches.
+        limit = min(policy.max_resources, policy.max_pages * REFERENCE_CHUNK)
+        over = ordered[limit:]
+        why_not.update({(resource_type, i): f"over the limit of {limit} references followed"
                         for i in over})
-        ordered = ordered[:policy.max_resources]
+        ordered = ordered[:limit]
         for start in range(0, len(ordered), REFERENCE_CHUNK):
             label = f"{resource_type} references {start // REFERENCE_CHUNK + 1}"
             chunk = ordered[start:start + REFERENCE_CHUNK]

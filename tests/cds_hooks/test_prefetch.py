@@ -21,7 +21,7 @@ from cds_hooks import prefetch as prefetch_module
 from cds_hooks.errors import PreconditionFailed
 from cds_hooks.fhir_client import FhirFetcher
 from cds_hooks.models import ServiceResponse
-from cds_hooks.prefetch import FetchPolicy, KeyResult, KeyState, PrefetchResult, resolve_prefetch
+from cds_hooks.prefetch import REFERENCE_CHUNK, FetchPolicy, KeyResult, KeyState, PrefetchResult, resolve_prefetch
 from cds_hooks.registry import HookCall, ServiceDefinition
 from cds_hooks.schemas import FhirAuthorization, HookRequest
 from tests.support.fhir_stub_server import (  # noqa: F401  (fixtures)
@@ -1095,6 +1095,16 @@ def test_follow_stops_at_the_resource_limit(fhir_stub: FhirStub, follow: Callabl
     result = follow(make_request(fhir_stub, with_orders(*orders)), max_resources=2)
     assert medication_searches(fhir_stub) == [("m1,m2",)]
     assert result.incomplete() == {"medications": WHY + "over the limit of 2 references followed"}
+
+
+def test_follow_searches_no_more_than_a_key_has_pages(fhir_stub: FhirStub,
+                                                      follow: Callable[..., PrefetchResult]) -> None:
+    # A request naming thousands of Medications must not turn into a hundred searches of the EHR's server.
+    fhir_stub.add("/fhir/Medication", searchset([medication("m1")]))
+    orders = [order(f"Medication/m{n:03d}", f"o{n}") for n in range(REFERENCE_CHUNK + 1)]
+    result = follow(make_request(fhir_stub, with_orders(*orders)), max_pages=1)
+    assert [len(ids[0].split(",")) for ids in medication_searches(fhir_stub)] == [REFERENCE_CHUNK]
+    assert WHY + f"over the limit of {REFERENCE_CHUNK} references followed" in result.incomplete()["medications"]
 
 
 def test_follow_drops_targets_about_another_patient(fhir_stub: FhirStub,
