@@ -167,9 +167,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("FHIR_ALLOW_ANONYMOUS", _boolean, "false",
            "Fetch from `fhirServer` without `fhirAuthorization` (open test servers, the Sandbox). Dev only."),
     Option("FHIR_DEADLINE_SECONDS", _positive_float, "2.0", "One overall deadline for all fallback fetches."),
-    Option("FHIR_MAX_PAGES", _positive_int, "10", "Bundle `next` pages followed per prefetch key."),
+    Option("FHIR_MAX_PAGES", _positive_int, "10",
+           "Bundle `next` pages followed per prefetch key; also the most `_id` searches (50 ids each) for the "
+           "references of one type."),
     Option("FHIR_MAX_RESOURCES", _positive_int, "5000",
-           "Resources accepted per prefetch key; also the most references of one type followed per request."),
+           "Resources accepted per prefetch key; also caps the references of one type followed per request."),
     Option("FHIR_MAX_PAGE_BYTES", _positive_int, str(8 * MIB), "Largest FHIR response page read."),
     Option("FHIR_REFETCH_OPERATION_OUTCOME", _boolean, "false",
            "Treat an OperationOutcome prefetch value as absent and fetch the key (default: unavailable)."),
