@@ -123,7 +123,10 @@ def medication_facts(
         return frozenset(), None
     matched = [(c, role) for c in sorted(_medication_codes(r, medications)) if (role := medication_role(c))]
     if not matched:
-        return frozenset(), None
+        # An order whose medicine is a '#id' matching nothing it contains is broken FHIR, and its medicine, maybe a
+        # G-CSF or chemotherapy, unknowable: said, not silently skipped.
+        return frozenset(), (_malformed(r, "medicationReference: its '#id' matches no contained Medication")
+                             if _unresolved_contained(r) else None)
     # Validated before the dates are judged: an ended order whose only date is invalid is reported, not dropped
     # unseen as one without any date.
     usable, issue = screen(MedicationRequest, r, MEDICATION_REQUEST_READS)
@@ -153,6 +156,19 @@ def _medication_codes(r: Mapping[str, Any], medications: Mapping[str, frozenset[
         return frozenset()
     ref = reference(target)
     return medications.get(ref, frozenset()) if ref else frozenset()
+
+
+def _unresolved_contained(r: Mapping[str, Any]) -> bool:
+    """Whether ``r`` names its medicine by a contained '#id' that none of its contained resources has."""
+    if "medicationCodeableConcept" in r:
+        return False
+    medication = r.get("medicationReference")
+    target = medication.get("reference") if isinstance(medication, Mapping) else None
+    if not (isinstance(target, str) and target.startswith("#")):
+        return False
+    contained = r.get("contained")
+    return not any(isinstance(item, Mapping) and item.get("id") == target[1:]
+                   for item in (contained if isinstance(contained, list) else ()))
 
 
 def latest_order_date(r: Mapping[str, Any]) -> datetime | None:

@@ -122,6 +122,29 @@ def test_medication_is_known_by_its_ingredients(medication: dict[str, Any], role
     assert {f.role for f in facts} == roles
 
 
+@pytest.mark.parametrize(
+    ("contained", "reference", "issue_code"),
+    [
+        ([], "#m1", "malformed-resource"),
+        ([{**_FILGRASTIM_PRODUCT, "id": "m2"}], "#m1", "malformed-resource"),
+        ([{"resourceType": "Medication", "id": "m1"}], "#m1", None),  # found, but not a medicine the rules know
+        ([], "Medication/unknown", None),  # not sent: reported by the reference following (cds_hooks.prefetch)
+    ],
+    ids=["nothing-contained", "other-id-contained", "contained-but-unknown", "not-contained"],
+)
+def test_an_order_whose_contained_medicine_is_missing_says_so(contained: list[dict[str, Any]], reference: str,
+                                                              issue_code: str | None) -> None:
+    # Its medicine, maybe a G-CSF or chemotherapy, cannot be known: silently skipped, the R2 context could vanish.
+    order = medication_request("0")
+    del order["medicationCodeableConcept"]
+    order["medicationReference"] = {"reference": reference}
+    if contained:
+        order["contained"] = contained
+    facts, issue = medication_facts(order, {})
+    assert facts == frozenset()
+    assert (issue.code if issue else None) == issue_code
+
+
 def test_latest_order_date_uses_every_date() -> None:
     order = medication_request("338036", authored=ago(days=10),
                                dispenseRequest={"validityPeriod": {"end": ago(days=4)}},
