@@ -518,7 +518,15 @@ def _audiences(value: Any) -> tuple[str, ...]:
 
 def _numeric_date(payload: Mapping[str, Any], name: str) -> int:
     value = payload[name]
-    # bool is an int in Python, and not a date.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # bool is an int in Python, and not a date. An integer beyond a double (JSON allows 4300 digits) made
+    # math.isfinite raise OverflowError: a 500 for a signed token with "exp": 1e400 written out as digits.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise _refuse(AuthFailure.INVALID_CLAIM, f"{name} is not a NumericDate (epoch seconds)")
     return math.floor(value)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

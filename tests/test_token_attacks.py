@@ -201,6 +201,13 @@ ATTACKS: list[tuple[str, Attack, AuthFailure]] = [
      AuthFailure.INVALID_CLAIM),
     ("exp-a-boolean", lambda k, aud: bearer(k.sandbox.sign(aud, extra_claims={"exp": True})),
      AuthFailure.INVALID_CLAIM),
+    # Integers beyond a double (JSON has no limit; Python reads 4300 digits): math.isfinite raised OverflowError.
+    ("exp-an-integer-beyond-a-double", lambda k, aud: bearer(k.sandbox.sign(aud, extra_claims={"exp": 10**400})),
+     AuthFailure.INVALID_CLAIM),
+    ("iat-an-integer-beyond-a-double", lambda k, aud: bearer(k.sandbox.sign(aud, extra_claims={"iat": -10**400})),
+     AuthFailure.INVALID_CLAIM),
+    ("nbf-an-integer-beyond-a-double", lambda k, aud: bearer(k.sandbox.sign(aud, extra_claims={"nbf": 10**309})),
+     AuthFailure.INVALID_CLAIM),
     ("wrong-aud", lambda k, aud: bearer(k.sandbox.sign("https://cds.example.org/cds-services")),
      AuthFailure.AUD_MISMATCH),
     ("aud-of-another-endpoint", lambda k, aud: bearer(k.sandbox.sign(aud.rsplit("/", 1)[0] + "/other")),
