@@ -112,7 +112,9 @@ def _check_public_jwk(jwk: Any) -> str:
     if jwk.get("use", "sig") != "sig":
         raise InvalidJwks(f"kid {kid!r}: 'use' is {jwk.get('use')!r}, not 'sig'")
     alg = jwk.get("alg")
-    if alg is not None and (alg not in ALGORITHM_KEYS or key_mismatch(jwk, alg)):
+    # A string first: a list or object here made ``in ALGORITHM_KEYS`` raise TypeError (unhashable), which
+    # escaped a fetched set as a 500 and a pinned one as a traceback instead of a ConfigError.
+    if alg is not None and (not isinstance(alg, str) or alg not in ALGORITHM_KEYS or key_mismatch(jwk, alg)):
         raise InvalidJwks(f"kid {kid!r}: alg {alg!r} is not an allowed algorithm for this key")
     # Parse the key material now, so a typo in x/y/n/e fails at load time rather than on the first request.
     try:

@@ -414,6 +414,17 @@ def test_unknown_kid_is_fetched_once_then_rate_limited(service: InProcess, caplo
     assert keys.fetches() == 1 and keys.fetches(UNLISTED_JKU_PATH) == 0
 
 
+def test_jku_serving_a_key_whose_alg_is_not_a_string_is_a_401(service: InProcess) -> None:
+    """The allowlisted JWK Set holds a key with ``"alg": ["ES384"]``: that key is unusable (401), never a 500."""
+    keys, aud = service.keys, f"{BASE}/cds-services"
+    odd = keys.ehr.jwks()
+    odd["keys"][0]["alg"] = [odd["keys"][0]["alg"]]
+    keys.stub.add(JKU_PATH, odd, content_type="application/json")
+    for _ in range(2):  # the fetch, then the rate-limited answer
+        assert_refused(call(service.app, "GET", "/cds-services", None, bearer(keys.ehr.sign(aud))))
+    assert keys.fetches() == 1
+
+
 def test_token_in_the_query_string_is_not_a_token(service: InProcess) -> None:
     token = service.keys.sandbox.sign(f"{BASE}/cds-services")
     assert_refused(service.app.test_client().get(f"/cds-services?access_token={token}"))

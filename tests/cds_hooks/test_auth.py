@@ -26,7 +26,7 @@ from cds_hooks.auth import (
     parse_trusted_issuers,
 )
 from cds_hooks.errors import Unauthorized
-from cds_hooks.jwks import JwksFetcher, JwksFetchError, UnknownKid, index_jwks, key_mismatch
+from cds_hooks.jwks import InvalidJwks, JwksFetcher, JwksFetchError, UnknownKid, index_jwks, key_mismatch
 from cds_hooks.testing.tokens import SANDBOX_ISS, ClientKey, TokenSigner, tamper_payload, write_issuer_config
 
 NOW = 1_800_000_000.0
@@ -582,6 +582,14 @@ def test_index_jwks_lenient_skips_unusable_and_ambiguous_keys(es_key: ClientKey,
     assert list(index_jwks(data, strict=False)) == [es_key.kid]
 
 
+@pytest.mark.parametrize("alg", (["ES384"], {"ES384": True}, 384), ids=("list", "object", "number"))
+def test_index_jwks_key_with_an_alg_that_is_not_a_string(es_key: ClientKey, rs_key: ClientKey, alg: Any) -> None:
+    odd = {**rs_key.public_jwk(), "alg": alg}
+    assert list(index_jwks({"keys": [es_key.public_jwk(), odd]}, strict=False)) == [es_key.kid]
+    with pytest.raises(InvalidJwks, match=r"keys\[1\]: .*alg"):
+        index_jwks({"keys": [es_key.public_jwk(), odd]}, strict=True)
+
+
 # --- trusted-issuer config ---------------------------------------------------------------------------------------
 
 
@@ -634,6 +642,8 @@ _BAD_CONFIGS: tuple[tuple[str, Callable[[ClientKey], Any], tuple[str, ...]], ...
     ("bad-key-material", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, x="AAAA")}]},
      ("'https://a'", "jwks:", "unusable key material")),
     ("alg-does-not-fit-key", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, alg="RS384")}]},
+     ("'https://a'", "jwks:", "alg")),
+    ("alg-not-a-string", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, alg=["ES384"])}]},
      ("'https://a'", "jwks:", "alg")),
     ("encryption-key", lambda k: {"issuers": [{"iss": "https://a", "jwks": _jwks(k, use="enc")}]},
      ("'https://a'", "jwks:", "use")),
