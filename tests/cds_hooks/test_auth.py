@@ -527,6 +527,21 @@ def test_jku_unusable_responses(jwks_server: JwksServer, es_key: ClientKey, cloc
     fetcher.close()
 
 
+@pytest.mark.parametrize("chunked", (False, True), ids=("content-length", "chunked"))
+def test_jku_set_trickled_is_cut_off_at_the_deadline(make_fhir_stub: Any, es_key: ClientKey, chunked: bool) -> None:
+    """A JWK Set sent 1 KiB every 0.2 s (20 KiB: 4 s) is abandoned at the 0.5 s deadline, not read to its end."""
+    stub = make_fhir_stub()
+    stub.add("/jwks.json", es_key.jwks(), content_type="application/json", pad_to=20 * 1024, drip=0.2,
+             chunked=chunked)
+    url = stub.url("/jwks.json")
+    fetcher = JwksFetcher(timeout_seconds=0.5)
+    started = time.monotonic()
+    with pytest.raises(JwksFetchError, match="deadline"):
+        fetcher.get_key(url, es_key.kid, allowlist=(url,))
+    assert time.monotonic() - started < 1.5
+    fetcher.close()
+
+
 def test_jku_unreachable_is_unavailable(es_key: ClientKey, clock: Clock) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
