@@ -148,7 +148,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("AUTH", _auth_mode, "required",
            "`required` (default): every discovery, invoke and feedback call needs a client JWT; "
            "`disabled`: local use only, a warning is logged at every start."),
-    Option("PUBLIC_BASE_URL", _text, "",
+    # Parsed, not just checked: a trailing slash kept made the audience "https://cds.example.org//cds-services",
+    # and every client's token was refused.
+    Option("PUBLIC_BASE_URL", _optional_url, "",
            "The public URL clients call, e.g. `https://cds.example.org`; JWT `aud` must equal it plus the "
            "path called. Required when auth is on."),
     Option("TRUSTED_ISSUERS_FILE", _text, "",

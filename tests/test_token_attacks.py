@@ -425,6 +425,20 @@ def test_jku_serving_a_key_whose_alg_is_not_a_string_is_a_401(service: InProcess
     assert keys.fetches() == 1
 
 
+def test_public_base_url_with_a_trailing_slash_accepts_the_audience_clients_send(tmp_path: Path,
+                                                                                make_fhir_stub: Any) -> None:
+    keys = make_keys(make_fhir_stub())
+    app = create_app({"AUTH": "required", "PUBLIC_BASE_URL": BASE + "/",
+                      "TRUSTED_ISSUERS_FILE": str(issuers_file(tmp_path, keys)),
+                      "DATABASE_URL": f"sqlite:///{tmp_path}/f.db"}, environ={})
+    try:
+        token = keys.sandbox.sign(f"{BASE}/cds-services")
+        assert call(app, "GET", "/cds-services", None, bearer(token)).status_code == 200
+        assert_refused(call(app, "GET", "/cds-services", None, bearer(keys.sandbox.sign(f"{BASE}//cds-services"))))
+    finally:
+        app.extensions["neutropenia_cds"]["store"].dispose()
+
+
 def test_token_in_the_query_string_is_not_a_token(service: InProcess) -> None:
     token = service.keys.sandbox.sign(f"{BASE}/cds-services")
     assert_refused(service.app.test_client().get(f"/cds-services?access_token={token}"))

@@ -65,6 +65,16 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
         load_settings({**LOCAL, name: value})
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("https://cds.example.org/", "https://cds.example.org"),
+    (" https://cds.example.org/cds/ ", "https://cds.example.org/cds"),
+], ids=["trailing-slash", "prefix-and-spaces"])
+def test_public_base_url_is_the_audience_prefix_without_a_trailing_slash(value: str, expected: str) -> None:
+    # The JWT aud must equal this plus the path called ("/cds-services"): kept as written, a trailing slash
+    # made it ".org//cds-services", which no client sends, so every token was refused.
+    assert load_settings({**LOCAL, "CDS_PUBLIC_BASE_URL": value}).public_base_url == expected
+
+
 @pytest.mark.parametrize("value, origins", [
     ("https://EHR.Example.org", ("https://ehr.example.org",)),
     ("HTTPS://ehr.example.org:443, http://localhost:80", ("https://ehr.example.org", "http://localhost")),
