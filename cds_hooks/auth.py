@@ -473,7 +473,7 @@ class TokenVerifier:
         if accepted.isdisjoint(aud):
             what = f"aud {_short(aud[0])}" if isinstance(payload["aud"], str) else f"none of {len(aud)} aud values"
             raise _refuse(AuthFailure.AUD_MISMATCH,
-                          f"{what} matches the endpoint {audience!r} or the issuer's extra audiences")
+                          f"{what} matches neither the endpoint {audience!r} nor the issuer's extra audiences")
         exp, iat = _numeric_date(payload, "exp"), _numeric_date(payload, "iat")
         nbf = _numeric_date(payload, "nbf") if "nbf" in payload else None
         now, skew = self._clock(), self.policy.clock_skew_seconds

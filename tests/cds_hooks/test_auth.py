@@ -256,6 +256,14 @@ def test_verify_refusal_reasons_are_distinct(kit: Kit, verifier: TokenVerifier) 
     assert len(set(reasons)) == len(reasons), reasons
 
 
+def test_verify_aud_mismatch_reason_says_what_was_expected(kit: Kit, verifier: TokenVerifier) -> None:
+    # The reason is how an operator finds a client's wrong aud (spec pitfall 2); it read "aud 'x' matches the
+    # endpoint 'y'", the opposite of what happened.
+    _, refused = _refusal(kit, verifier, lambda k: bearer(k.sandbox.sign(ENDPOINT + "/x")))
+    assert refused.reason == (f"{AuthFailure.AUD_MISMATCH}: aud {ENDPOINT + '/x'!r} matches neither the endpoint "
+                              f"{ENDPOINT!r} nor the issuer's extra audiences")
+
+
 def test_verify_log_names_iss_kid_jti_tenant(kit: Kit, verifier: TokenVerifier,
                                              caplog: pytest.LogCaptureFixture) -> None:
     token = kit.cerner.sign(ENDPOINT, extra_claims={"tenant": "tenant-z", "jti": "jti-123"})
