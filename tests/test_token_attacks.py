@@ -240,6 +240,19 @@ ATTACKS: list[tuple[str, Attack, AuthFailure]] = [
     ("jku-unlisted-even-with-a-pinned-kid", lambda k, aud: bearer(k.sandbox.sign(aud, jku=k.unlisted_jku)),
      AuthFailure.JKU_NOT_ALLOWLISTED),
     ("embedded-jwk-header", lambda k, aud: bearer(_embedded_jwk(k, aud)), AuthFailure.UNKNOWN_KID),
+    # Keys named in the header (RFC 7515 x5u/x5c) are never used or fetched: the attacker's key, the Sandbox's kid.
+    ("x5u-header-names-the-attackers-key", lambda k, aud: bearer(k.attacker.sign(
+        aud, iss=k.sandbox.iss, kid=k.sandbox.key.kid, headers={"jku": None, "x5u": k.unlisted_jku})),
+     AuthFailure.BAD_SIGNATURE),
+    ("x5c-header", lambda k, aud: bearer(k.attacker.sign(aud, iss=k.sandbox.iss, kid=k.sandbox.key.kid,
+                                                         headers={"jku": None, "x5c": [b64url(b"\x30\x82")]})),
+     AuthFailure.BAD_SIGNATURE),
+    # A critical header extension we do not implement must refuse the token (RFC 7515 §4.1.11), as must
+    # an unencoded payload (RFC 7797 b64: false).
+    ("crit-unknown-extension", lambda k, aud: bearer(k.sandbox.sign(aud, headers={"crit": ["exp"], "exp": 1})),
+     AuthFailure.MALFORMED),
+    ("b64-false", lambda k, aud: bearer(k.sandbox.sign(aud, headers={"b64": False, "crit": ["b64"]})),
+     AuthFailure.MALFORMED),
     ("unknown-kid-pinned-issuer", lambda k, aud: bearer(k.sandbox.sign(aud, kid="rotated-away")),
      AuthFailure.UNKNOWN_KID),
     ("kid-path-traversal", lambda k, aud: bearer(k.sandbox.sign(aud, kid="../../../etc/passwd")),
