@@ -66,6 +66,9 @@ _JTI_PURGE_EVERY = 500
 _SCHEMA_LOCK_KEY = 0x6364_735F_6662  # "cds_fb"
 #: Longest a request waits for one PostgreSQL operation (pool checkout included); see FeedbackStore._bounded.
 DEFAULT_OPERATION_TIMEOUT = 2.0
+#: SQLSTATE read_only_sql_transaction: a hot standby (after a failover) or default_transaction_read_only refuses a
+#: write. psycopg raises it as InternalError, not OperationalError, but it is an outage of the store all the same.
+_READ_ONLY_SQLSTATE = "25006"
 
 _T = TypeVar("_T")
 
@@ -416,7 +419,7 @@ class FeedbackStore:
         except (OperationalError, InterfaceError, PoolTimeoutError) as error:
             raise self._unavailable(action, error) from error
         except DBAPIError as error:
-            if not error.connection_invalidated:
+            if not error.connection_invalidated and getattr(error.orig, "sqlstate", None) != _READ_ONLY_SQLSTATE:
                 raise
             raise self._unavailable(action, error) from error
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from cds_hooks.errors import ServiceUnavailable
@@ -393,5 +394,29 @@ def test_store_survives_postgres_restart(postgres_server: PostgresServer,
             assert [row["outcome_timestamp"] for row in store.feedback_for_card(CARD)] == [
                 NOW, NOW + timedelta(seconds=1)]
             assert store.card(CARD) is not None
+        finally:
+            store.dispose()
+
+
+@pytest.mark.postgres
+def test_store_read_only_postgres_is_unavailable(postgres_server: PostgresServer) -> None:
+    # A hot standby after a failover (or default_transaction_read_only) refuses writes with SQLSTATE 25006, which
+    # psycopg raises as InternalError: it went through as a 500 on feedback and on invoke (no cards at all), and a
+    # worker booting against an empty read-only database failed to start.
+    with postgres_server.fresh_schema() as url:
+        parsed = make_url(url)
+        read_only = parsed.update_query_dict(
+            {"options": f"{parsed.query['options']} -cdefault_transaction_read_only=on"}).render_as_string(
+            hide_password=False)
+        store = FeedbackStore(read_only)
+        try:
+            store.create_schema(defer_if_unavailable=True)
+            assert store.ping() is False
+            with pytest.raises(StoreUnavailable):
+                record(store, CARD)
+            with pytest.raises(StoreUnavailable):
+                store.save_feedback(SERVICE, [feedback()], NOW)
+            with pytest.raises(StoreUnavailable):
+                store.remember_jti("https://ehr.example.org", "jti-1", 2e9, 1e9)
         finally:
             store.dispose()
