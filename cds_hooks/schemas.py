@@ -26,6 +26,10 @@ _RFC3339 = re.compile(
 #: RFC 3339 §5.6 allows second 60, a leap second, which ``datetime`` cannot hold.
 _LEAP_SECOND = "60"
 _SECOND = slice(17, 19)  # "YYYY-MM-DDTHH:MM:SS": where the seconds are in a value the pattern matched
+#: Longest feedback `card` accepted. Ours are 36-character uuids; the store indexes the value, and PostgreSQL
+#: refuses an index entry over 2704 bytes (ProgramLimitExceeded, a 503 the client retried for ever); 512
+#: characters are at most 2048 bytes of UTF-8.
+MAX_CARD_UUID_LENGTH = 512
 
 
 class _StrictString(fields.String):
@@ -239,7 +243,8 @@ class _AcceptedSuggestionSchema(_Body):
 class FeedbackItemSchema(_Body):
     """One element of `feedback`: card uuid, outcome, timestamp, accepted suggestions or a reason."""
 
-    card = _StrictString(required=True, validate=_non_empty)
+    card = _StrictString(required=True, validate=[_non_empty, validate.Length(
+        max=MAX_CARD_UUID_LENGTH, error="must be at most {max} characters (a card uuid)")])
     outcome = _StrictString(required=True, validate=validate.OneOf(["accepted", "overridden"]))
     outcomeTimestamp = _Timestamp(required=True, data_key="outcomeTimestamp", attribute="outcome_timestamp")
     acceptedSuggestions = fields.List(fields.Nested(_AcceptedSuggestionSchema), data_key="acceptedSuggestions",

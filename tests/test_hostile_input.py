@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -174,6 +175,11 @@ def authorization(**changes: Any) -> dict[str, Any]:
 OVERRIDDEN = {"card": "card-1", "outcome": "overridden", "outcomeTimestamp": "2025-03-10T12:05:00Z"}
 ACCEPTED = {"card": "card-1", "outcome": "accepted", "acceptedSuggestions": [{"id": "s-1"}],
             "outcomeTimestamp": "2025-03-10T12:05:00Z"}
+
+
+def incompressible(length: int) -> str:
+    """``length`` hex digits that no compression shortens (PostgreSQL compresses an index entry before measuring it)."""
+    return "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(length // 64 + 1))[:length]
 
 
 def feedback(*items: Any, **changes: Any) -> Send:
@@ -625,6 +631,7 @@ FEEDBACK_CASES: list[Case] = [
     ("feedback-card-number", feedback(card=12), Rejected(400, "feedback[0].card")),
     ("feedback-card-empty", feedback(card=" "), Rejected(400, "feedback[0].card")),
     ("feedback-card-nul", feedback(card="card\x00"), Rejected(400, "feedback[0].card")),
+    ("feedback-card-too-long", feedback(card="c" * 513), Rejected(400, "feedback[0].card")),
     ("feedback-outcome-missing", feedback(outcome=DROP), Rejected(400, "feedback[0].outcome")),
     ("feedback-outcome-unknown", feedback(outcome="rejected"), Rejected(400, "feedback[0].outcome")),
     ("feedback-timestamp-missing", feedback(outcomeTimestamp=DROP), Rejected(400, "feedback[0].outcomeTimestamp")),
@@ -827,6 +834,10 @@ def test_hostile_input_with_auth_on(auth_app: tuple[Flask, TokenSigner], spec: S
 POSTGRES_CASES: list[Case] = [
     ("hookInstance-nul", Send(request(labs=[observation()], hookInstance="hi\x00")), Rejected(400, "hookInstance")),
     ("feedback-card-nul", feedback(card="c\x00"), Rejected(400, "feedback[0].card")),
+    # The card uuid is indexed: an entry over 2704 bytes was ProgramLimitExceeded, a 503 the client retried for ever.
+    ("feedback-card-too-long", feedback(card=incompressible(3000)), Rejected(400, "feedback[0].card")),
+    ("feedback-card-longest-stored", feedback(card="".join(  # 512 four-byte characters: 2048 bytes
+        chr(0x10000 + int(incompressible(4 * 512)[i:i + 4], 16)) for i in range(0, 4 * 512, 4))), Assessed()),
     ("feedback-comment-nul", feedback(overrideReason={"userComment": "\x00"}),
      Rejected(400, "feedback[0].overrideReason.userComment")),
     ("feedback-suggestion-id-nul", feedback(outcome="accepted", acceptedSuggestions=[{"id": "\x00"}]),
