@@ -69,6 +69,8 @@ DEFAULT_OPERATION_TIMEOUT = 2.0
 #: SQLSTATE read_only_sql_transaction: a hot standby (after a failover) or default_transaction_read_only refuses a
 #: write. psycopg raises it as InternalError, not OperationalError, but it is an outage of the store all the same.
 _READ_ONLY_SQLSTATE = "25006"
+#: Card uuids looked up per statement: psycopg binds at most 65535 parameters, many SQLite builds 32766.
+_LOOKUP_CHUNK = 1000
 
 _T = TypeVar("_T")
 
@@ -303,7 +305,8 @@ class FeedbackStore:
         def write() -> tuple[int, set[str]]:
             stored = 0
             with self._guard("save feedback"), self._writer.begin() as conn:
-                known = set(conn.scalars(select(card_table.c.uuid).where(card_table.c.uuid.in_(uuids))))
+                known = {uuid for start in range(0, len(uuids), _LOOKUP_CHUNK) for uuid in conn.scalars(
+                    select(card_table.c.uuid).where(card_table.c.uuid.in_(uuids[start:start + _LOOKUP_CHUNK])))}
                 for item in items:
                     row = _feedback_row(service_id, item, received_at, item.card not in known)
                     stored += conn.execute(insert, row).first() is not None

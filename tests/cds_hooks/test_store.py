@@ -420,3 +420,18 @@ def test_store_read_only_postgres_is_unavailable(postgres_server: PostgresServer
                 store.remember_jti("https://ehr.example.org", "jti-1", 2e9, 1e9)
         finally:
             store.dispose()
+
+
+def test_store_batch_on_more_cards_than_a_statement_may_bind(store_url: str) -> None:
+    # The known-card lookup bound every distinct card uuid of the batch in one IN (...): past 65535 psycopg
+    # refused to send it (OperationalError, so a 503 "retry later" that could never succeed); SQLite builds
+    # refuse past 32766 the same way.
+    store = FeedbackStore(store_url, operation_timeout=None)  # one insert per report: this batch takes seconds
+    try:
+        store.create_schema()
+        record(store, "card-0", "card-65999")
+        receipt = store.save_feedback(SERVICE, [feedback(f"card-{i}") for i in range(66_000)], NOW)
+        assert (receipt.stored, receipt.duplicates, len(receipt.unknown_cards)) == (66_000, 0, 65_998)
+        assert store.feedback_for_card("card-65999")[0]["unknown_card"] is False
+    finally:
+        store.dispose()
