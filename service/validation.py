@@ -195,7 +195,8 @@ def validate(model: type[Any], resource: Mapping[str, Any], known: KnownElements
         details = errors() if callable(errors) else None
         found = [d for d in details if isinstance(d, Mapping)] if isinstance(details, list) else []
         if not found:
-            return Verdict(f"invalid {model.__name__}", frozenset({WHOLE_RESOURCE}))
+            whole = frozenset({WHOLE_RESOURCE})
+            return Verdict(f"invalid {model.__name__}", whole, frozenset({(None, WHOLE_RESOURCE)}))
         first = found[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "resource"
         located = frozenset((_component(d.get("loc", ())), _element(d.get("loc", ()))) for d in found)
@@ -232,7 +233,7 @@ def touches(verdict: Verdict, read: Collection[str], unread_components: Collecti
     the heart rate beside a temperature in a vital-signs panel) is not in an element read.
     """
     elements = verdict.elements
-    if unread_components:
+    if unread_components and verdict.components:  # without located errors, nothing can be ruled out
         elements = frozenset(e for n, e in verdict.components if n is None or n not in unread_components)
     for element in elements:
         if element == WHOLE_RESOURCE:

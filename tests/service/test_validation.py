@@ -59,6 +59,17 @@ def test_validate_names_every_invalid_element_without_list_indexes(invalid: dict
 def test_touches(elements: set[str], touched: bool) -> None:
     verdict = Verdict("x", frozenset(elements))
     assert touches(verdict, {"code.coding.code", "valueQuantity"}) is touched
+    # Without the component of each error (a verdict made without them), no component can be ruled out.
+    assert touches(verdict, {"code.coding.code", "valueQuantity"}, unread_components={0, 1}) is touched
+
+
+def test_an_unexpected_failure_touches_a_panel_with_unread_components() -> None:
+    # An error that names no element (a validator that failed outright) is about the whole resource: it must
+    # make a panel unusable even when some of its components are not read.
+    with mock.patch.object(Observation, "model_validate", side_effect=RuntimeError("boom")):
+        verdict = validate(Observation, VALID)
+    assert verdict is not None
+    assert touches(verdict, {"valueQuantity"}, unread_components={1})
 
 
 @pytest.mark.parametrize(
