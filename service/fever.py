@@ -66,16 +66,21 @@ def _latest_sustained_run(readings: list[Temperature]) -> list[Temperature] | No
     by_time: dict[datetime, list[Temperature]] = {}
     for reading in readings:
         by_time.setdefault(reading.effective, []).append(reading)
-    found: list[Temperature] | None = None
+    # The run and how far it qualifies, its readings gathered once at the end: gathered at every instant of a long
+    # run (a monitor's readings every few seconds), they made this quadratic.
+    found: tuple[list[datetime], int] | None = None
     run: list[datetime] = []
     for moment in sorted(by_time):
         if max(t.celsius for t in by_time[moment]) >= FEVER_SUSTAINED:
             run.append(moment)
             if run[-1] - run[0] >= FEVER_SUSTAINED_DURATION:
-                found = [t for m in run for t in by_time[m] if t.celsius >= FEVER_SUSTAINED]
+                found = (run, len(run))
         else:
             run = []
-    return found
+    if found is None:
+        return None
+    moments, length = found
+    return [t for m in moments[:length] for t in by_time[m] if t.celsius >= FEVER_SUSTAINED]
 
 
 def _fever(maximum: Decimal, criterion: str, used: list[Temperature], since: datetime | None) -> Fever:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -165,3 +166,15 @@ def test_afebrile_reports_the_maximum() -> None:
 
 def test_panel_component_temperature_counts() -> None:
     assert criterion(vital_signs_panel([component("8310-5", 38.5, "Cel")], ago(minutes=5))) == "single-reading"
+
+
+def test_a_long_sustained_run_is_found_in_linear_time() -> None:
+    # A monitor's readings every 4 s for 22 h, all 38.0-38.2: the run found so far was rebuilt at every reading once
+    # it spanned an hour, quadratic (20 000 readings: 20 s, long past the EHR's cut-off, for a critical card).
+    readings = [Temperature(f"Observation/t{n}", D("38.1"), NOW - timedelta(seconds=4 * n),
+                            NOW - timedelta(seconds=4 * n), "final") for n in range(20_000)]
+    started = time.monotonic()
+    found = assess_fever(readings, now=NOW)
+    assert time.monotonic() - started < 1.0
+    assert found is not None and found.criterion == "sustained" and len(found.sources) == 20_000
+    assert found.since == NOW - timedelta(seconds=4 * 19_999) and found.effective == NOW
