@@ -228,7 +228,11 @@ def _read_json(limit: int) -> Any:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     try:
         raw = request.get_data(cache=False)
-    except HTTPException:
+    except HTTPException as error:
+        # The server bounds the time a body may take (gunicorn.conf.py): werkzeug reports a read that timed out
+        # as a client disconnect, which this client did not do.
+        if isinstance(error.__cause__ or error.__context__, TimeoutError):
+            raise InvalidRequest("the request body was not received in time: send it at once") from None
         raise  # werkzeug's own answers (413 over MAX_CONTENT_LENGTH, 400 client disconnected)
     except Exception as error:
         # The server's body reader refused the framing (gunicorn raises InvalidChunkSize and friends from

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -327,3 +328,27 @@ def _postgres_always_restarted(request: pytest.FixtureRequest) -> Iterator[None]
     yield
     if "postgres_server" in request.fixturenames:
         request.getfixturevalue("postgres_server").start()
+
+
+def test_a_body_sent_slowly_is_cut_off_at_the_timeout(tmp_path: Path, gunicorn_factory: Any) -> None:
+    """A client trickling its body held a worker thread for as long as it kept sending (76 s measured; gunicorn's
+    ``timeout`` never fires in a gthread worker whose main loop runs): 8 such clients took every thread of 2 workers.
+    The body must arrive within ``timeout`` of the headers, or the answer is a 400 OperationOutcome."""
+    server = gunicorn_factory({"CDS_AUTH": "disabled", "CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3",
+                               "GUNICORN_CMD_ARGS": "--timeout 1"})
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as client:
+        client.sendall(b"POST /cds-services/neutropenia-patient-view HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        started, answer, closed = time.monotonic(), b"", False
+        while time.monotonic() - started < 4 and not closed:
+            try:
+                if not answer:
+                    client.sendall(b" ")
+                received = client.recv(65536)
+                answer, closed = answer + received, not received
+            except TimeoutError:
+                pass
+    assert closed and time.monotonic() - started < 2.5
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"resourceType":"OperationOutcome"' in answer
+    assert b"not received in time" in answer
