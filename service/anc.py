@@ -95,17 +95,71 @@ def _groups(labs: list[LabResult], links: list[frozenset[str]]) -> list[list[Lab
             linked.setdefault(member, []).append(number)
     first: dict[tuple[str, object], int] = {}
     for index, lab in enumerate(labs):
-        keys: list[tuple[str, object]] = [("time", lab.effective)]
-        keys += [("source", lab.source)] if not lab.source.endswith(NO_ID) else []
-        keys += [("specimen", lab.specimen)] if lab.specimen else []
-        keys += [("link", number) for number in linked.get(lab.source, ())]
-        for key in keys:
+        for key in _keys(lab, linked):
             other = first.setdefault(key, index)
             parent[find(index)] = find(other)
     grouped: dict[int, list[LabResult]] = {}
     for index, lab in enumerate(labs):
         grouped.setdefault(find(index), []).append(lab)
     return list(grouped.values())
+
+
+def _keys(lab: LabResult, linked: dict[str, list[int]]) -> list[tuple[str, object]]:
+    """What puts ``lab`` in one group with another result: its time, source, specimen and links."""
+    keys: list[tuple[str, object]] = [("time", lab.effective)]
+    keys += [("source", lab.source)] if not lab.source.endswith(NO_ID) else []
+    keys += [("specimen", lab.specimen)] if lab.specimen else []
+    keys += [("link", number) for number in linked.get(lab.source, ())]
+    return keys
+
+
+class GrowingGroups:
+    """The groups of a growing set of results, telling after each batch whether some group now gives an ANC.
+
+    Adding results only merges groups, and a group left untouched by a batch keeps its (absent) ANC, so each batch
+    recomputes only the groups it touched: finding the first batch with an ANC is linear in the results, not
+    quadratic, and gives the same answer as computing every prefix (older results can take an ANC away by merging
+    into its group, so no prefix may be skipped).
+    """
+
+    def __init__(self, links: Iterable[frozenset[str]] = ()) -> None:
+        self._linked: dict[str, list[int]] = {}
+        for number, link in enumerate(links):
+            for member in link:
+                self._linked.setdefault(member, []).append(number)
+        self._parent: list[int] = []
+        self._members: dict[int, list[LabResult]] = {}
+        self._first: dict[tuple[str, object], int] = {}
+        self._seen: set[LabResult] = set()
+
+    def _find(self, i: int) -> int:
+        while self._parent[i] != i:
+            self._parent[i] = self._parent[self._parent[i]]
+            i = self._parent[i]
+        return i
+
+    def _union(self, a: int, b: int) -> None:
+        a, b = self._find(a), self._find(b)
+        if a == b:
+            return
+        if len(self._members[a]) < len(self._members[b]):
+            a, b = b, a
+        self._parent[b] = a
+        self._members[a] += self._members.pop(b)
+
+    def add(self, labs: Iterable[LabResult]) -> bool:
+        """Add ``labs``; whether a group they touched now gives an ANC."""
+        touched: list[int] = []
+        for lab in sorted(set(labs) - self._seen, key=LabResult.order):
+            self._seen.add(lab)
+            index = len(self._parent)
+            self._parent.append(index)
+            self._members[index] = [lab]
+            touched.append(index)
+            for key in _keys(lab, self._linked):
+                self._union(index, self._first.setdefault(key, index))
+        roots = {self._find(index) for index in touched}
+        return any(_group_anc(sorted(self._members[root], key=LabResult.order))[0] is not None for root in roots)
 
 
 def _amount(lab: LabResult) -> Decimal:

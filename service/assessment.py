@@ -101,35 +101,20 @@ def _newest_stale(facts: Facts, labs: list[LabResult], *, now: datetime,
                   policy: ClinicalPolicy) -> tuple[list[Facts], anc_module.AncSeries]:
     """The older slabs up to the first that yields an ANC (all of them if none does), and the series they give.
 
-    The newest stale ANC is found; anything older cannot change the result. Slab counts are tried doubling, then
-    halving between the last without an ANC and the first with one (more results hardly ever take an ANC away):
-    trying every count recomputed every result read so far once per slab, quadratic (years of weekly counts
-    without a differential took minutes).
+    The newest stale ANC is found; anything older cannot change the result. Every slab count is tried, in order:
+    an older result can take an ANC away (it joins the ANC's group by specimen, link or time with a conflicting
+    share or bound), so a search that skips counts (doubling, then halving) missed a stale ANC and answered with
+    none. GrowingGroups recomputes only the groups each slab touches, not every result read so far (quadratic:
+    years of weekly counts without a differential took minutes).
     """
     slabs: list[Facts] = []
-    pending = older_labs(facts, now=now, policy=policy)
-
-    def series_of(count: int) -> anc_module.AncSeries:
-        while len(slabs) < count and (slab := next(pending, None)) is not None:
-            slabs.append(slab)
-        return anc_module.compute(labs + [lab for slab in slabs[:count] for lab in slab.labs], facts.links)
-
-    low, high, series = 0, 1, anc_module.AncSeries()
-    while True:
-        series = series_of(high)
-        if series.values or len(slabs) < high:
+    groups = anc_module.GrowingGroups(facts.links)
+    groups.add(labs)
+    for slab in older_labs(facts, now=now, policy=policy):
+        slabs.append(slab)
+        if groups.add(slab.labs):
             break
-        low, high = high, high * 2
-    if not series.values:
-        return slabs, series
-    while high - low > 1:  # compute(low slabs) has no ANC, compute(high slabs) has one
-        middle = (low + high) // 2
-        found = series_of(middle)
-        if found.values:
-            high, series = middle, found
-        else:
-            low = middle
-    return slabs[:high], series
+    return slabs, anc_module.compute(labs + [lab for slab in slabs for lab in slab.labs], facts.links)
 
 
 def _anc(value: anc_module.AncValue, *, stale: bool) -> Anc:

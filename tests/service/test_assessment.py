@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.assessment import (
     Anc,
@@ -22,12 +24,17 @@ from service.assessment import (
     rfc3339,
     tidy,
 )
+from service.anc import compute
 from service.cards import render
+from service.extract import extract, older_labs
 from service.rules import INDICATOR
 from tests.service.factories import (
     ATC,
+    BANDS_PCT,
     ICD10CM,
+    NEUTROPHILS_PCT,
     NOW,
+    SEGS_PCT,
     SNOMED,
     ago,
     anc,
@@ -508,3 +515,44 @@ def test_newest_stale_anc_behind_years_of_results_without_one_is_found_in_linear
     result = assess(resources, now=NOW)
     assert time.monotonic() - started < 1.5
     assert result.anc is not None and result.anc.sources == ("Observation/oldest",) and result.anc.stale
+
+
+def test_older_result_taking_an_anc_away_does_not_hide_the_newest_stale_anc() -> None:
+    # Slab 3 (24 days ago) gives an ANC of 400; slab 4 holds a band % on the same specimen, whose group then adds up
+    # to 110 % and has none. A search trying 1, 2, 4 slabs never looked at 3: no ANC at all, a false all-clear.
+    resources = [
+        wbc(3, effective=ago(days=8), id="w1"),
+        wbc(3, effective=ago(days=16), id="w2"),
+        wbc("1.0", effective=ago(days=24), id="w3"),
+        observation_percent(SEGS_PCT, 40, ago(days=24), id="s3", specimen="Specimen/s1"),
+        observation_percent(BANDS_PCT, 70, ago(days=32), id="b4", specimen="Specimen/s1"),
+    ]
+    result = assess(resources, now=NOW)
+    assert result.anc is not None and result.anc.stale and result.anc.cells_per_ul == 400
+    assert result.anc.sources == ("Observation/s3", "Observation/w3")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(1, 6), st.sampled_from(["wbc", "segs", "bands", "total", "anc"]),
+                          st.integers(0, 90), st.sampled_from([None, "Specimen/a", "Specimen/b"])),
+                max_size=10))
+def test_newest_stale_anc_is_the_one_a_slab_by_slab_scan_finds(rows: list[tuple[int, str, int, str | None]]) -> None:
+    make = {"wbc": lambda v, **kw: wbc(D(v) / 10, **kw), "anc": lambda v, **kw: anc(v * 10, "/uL", **kw),
+            "segs": lambda v, **kw: observation_percent(SEGS_PCT, v, **kw),
+            "bands": lambda v, **kw: observation_percent(BANDS_PCT, v, **kw),
+            "total": lambda v, **kw: observation_percent(NEUTROPHILS_PCT, v, **kw)}
+    resources = [make[kind](value, effective=ago(days=8 * week), id=f"r{n}", specimen=specimen)
+                 for n, (week, kind, value, specimen) in enumerate(rows)]
+    facts = extract(resources, now=NOW)
+    labs, series = list(facts.labs), compute(facts.labs, facts.links)
+    issues = list(facts.issues)
+    for slab in older_labs(facts, now=NOW) if not series.values else ():  # the reference: every slab count in turn
+        labs += slab.labs
+        issues += slab.issues
+        series = compute(labs, facts.links)
+        if series.values:
+            break
+    result = assess(resources, now=NOW)
+    expected = series.values[-1].sources if series.values else None
+    assert (result.anc.sources if result.anc else None) == expected
+    assert set(issues) <= set(result.data_issues)
