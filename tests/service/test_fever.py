@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service import timing
 from service.extract import Temperature, extract
@@ -178,3 +180,33 @@ def test_a_long_sustained_run_is_found_in_linear_time() -> None:
     assert time.monotonic() - started < 1.0
     assert found is not None and found.criterion == "sustained" and len(found.sources) == 20_000
     assert found.since == NOW - timedelta(seconds=4 * 19_999) and found.effective == NOW
+
+
+def _sustained_run_reference(readings: list[Temperature]) -> list[Temperature] | None:
+    """The run as 4fe857a^ gathered it, at every qualifying instant (quadratic, obviously right)."""
+    from service.thresholds import FEVER_SUSTAINED, FEVER_SUSTAINED_DURATION
+
+    by_time: dict[datetime, list[Temperature]] = {}
+    for reading in readings:
+        by_time.setdefault(reading.effective, []).append(reading)
+    found: list[Temperature] | None = None
+    run: list[datetime] = []
+    for moment in sorted(by_time):
+        if max(t.celsius for t in by_time[moment]) >= FEVER_SUSTAINED:
+            run.append(moment)
+            if run[-1] - run[0] >= FEVER_SUSTAINED_DURATION:
+                found = [t for m in run for t in by_time[m] if t.celsius >= FEVER_SUSTAINED]
+        else:
+            run = []
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(3780, 3830)), max_size=25))
+def test_latest_sustained_run_is_the_run_gathered_at_every_instant(rows: list[tuple[int, int]]) -> None:
+    from service.fever import _latest_sustained_run
+
+    readings = [Temperature(f"Observation/t{n}", D(centi) / 100, NOW - timedelta(minutes=10 * slot),
+                            NOW - timedelta(minutes=10 * slot), "final") for n, (slot, centi) in enumerate(rows)]
+    readings.sort(key=Temperature.order)
+    assert _latest_sustained_run(readings) == _sustained_run_reference(readings)
