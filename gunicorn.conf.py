@@ -44,7 +44,13 @@ class JsonErrorWorker(ThreadWorker):
     """
 
     def handle_request(self, req, conn):
-        """Serve one request, its body read within ``timeout`` seconds of its headers (``_ReadDeadline``)."""
+        """Serve one request, its body read within ``timeout`` seconds of its headers (``_ReadDeadline``).
+
+        ``timeout`` 0 disables gunicorn's timeout, and so this deadline (as a deadline it was "now": every body not
+        read with the headers got a 400).
+        """
+        if self.cfg.timeout <= 0:
+            return super().handle_request(req, conn)
         unreader = conn.parser.unreader
         sock = unreader.sock
         unreader.sock = _ReadDeadline(sock, time.monotonic() + self.cfg.timeout, req)

@@ -352,3 +352,15 @@ def test_a_body_sent_slowly_is_cut_off_at_the_timeout(tmp_path: Path, gunicorn_f
     assert closed and time.monotonic() - started < 2.5
     assert answer.startswith(b"HTTP/1.1 400 ") and b'"resourceType":"OperationOutcome"' in answer
     assert b"not received in time" in answer
+
+
+def test_a_disabled_timeout_puts_no_deadline_on_bodies(tmp_path: Path, gunicorn_factory: Any) -> None:
+    """gunicorn's ``--timeout 0`` disables its timeout; as a body deadline it was "now": every body not already read
+    with the headers (here 200 kB) got a 400 'not received in time', so no request reached the service."""
+    server = gunicorn_factory({"CDS_AUTH": "disabled", "CDS_DATABASE_URL": f"sqlite:///{tmp_path}/f.sqlite3",
+                               "GUNICORN_CMD_ARGS": "--timeout 0"})
+    body = b'{"hook": "patient-view", "padding": "' + b"a" * 200_000 + b'"}'
+    answer = requests.post(server.base_url + "/cds-services/neutropenia-patient-view", data=body,
+                           headers={"Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 400 and "not received in time" not in answer.text
+    assert "hookInstance" in answer.text  # the body was read and validated
