@@ -791,3 +791,25 @@ def test_report_without_an_id_says_its_contained_results_are_not_read() -> None:
     assert not found.labs
     assert [(i.code, i.detail) for i in found.issues] == [("malformed-resource",
                                                           "no id: its contained results not read")]
+
+
+@pytest.mark.parametrize("before", [pytest.param(["junk"], id="string"), pytest.param([None], id="null"),
+                                    pytest.param([[]], id="list"), pytest.param([{}], id="empty")])
+@pytest.mark.parametrize("read", [
+    pytest.param({"valueQuantity": {"value": "38.6", "unit": "Cel"}}, id="quoted-value"),
+    pytest.param({"valueQuantity": {"value": 38.6, "unit": 5}}, id="invalid-quantity"),
+])
+def test_an_error_in_the_read_component_counts_behind_items_that_are_no_component(
+    before: list[Any], read: dict[str, Any]
+) -> None:
+    # Unread components are known by index: items that are not components (or a list-level error naming no index)
+    # must not shift an error of the temperature onto an unread index.
+    found = facts(vital_signs_panel([*before, component("8310-5", 38.6, "Cel") | read], id="vs"))
+    assert found.temperatures == ()
+    assert "malformed-resource" in {i.code for i in found.issues}
+
+
+def test_an_error_in_a_read_component_sent_twice_as_one_object_counts() -> None:
+    shared = component("8310-5", 38.6, "Cel") | {"valueQuantity": {"value": 38.6, "unit": 5}}
+    found = facts(vital_signs_panel([shared, _HEART_RATE, shared], id="vs"))
+    assert found.temperatures == ()
