@@ -1,16 +1,24 @@
 """Property tests: order, units, noise and retracted duplicates never change the result; lower ANC or higher
-temperature never lowers the urgency; no input makes ``assess`` raise."""
+temperature never lowers the urgency; no input makes ``assess`` raise.
+
+Over richer charts (ages, count units, CBCs in DiagnosticReports, Cel/[degF], risk factors, orders), rendered to
+cards: another temperature, a higher one, a risk factor or an order never lowers the most urgent card (a reading
+< 38.0 C may end a sustained run, brief §0); a current ANC bounds it; Bundles, zones, statuses, older versions and
+irrelevant resources change nothing; every card agrees with its findings (design.md §3 card kinds)."""
 
 from __future__ import annotations
 
 import copy
-from decimal import Decimal
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.assessment import Assessment, assess, assessment_extension
+from service.assessment import DEFAULT_POLICY, Assessment, Finding, assess, assessment_extension, rfc3339
+from service.cards import render
+from service.fever import SUSTAINED
 from service.rules import INDICATOR, URGENCY
 from tests.service.factories import (
     ATC,
@@ -20,7 +28,9 @@ from tests.service.factories import (
     SNOMED,
     ago,
     anc,
+    bundle,
     condition,
+    diagnostic_report,
     medication_request,
     observation,
     patient,
@@ -265,3 +275,389 @@ def test_parts_left_unvalidated_beside_a_measured_anc_never_change_the_result(
     # The only difference: parts that were not read are not reported as malformed.
     assert set(lazy.data_issues) <= set(strict.data_issues)
     assert {i.code for i in set(strict.data_issues) - set(lazy.data_issues)} <= {"malformed-resource"}
+
+
+# -- Urgency monotonicity over richer charts: ages, units, differentials, both temperature units, cards ----------
+
+
+QUICK = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: (unit, factor from cells/uL to the unit's value, whether the unit goes in Quantity.code)
+COUNT_UNITS = [("/uL", Decimal(1), True), ("10*9/L", Decimal("0.001"), True), ("10*3/uL", Decimal("0.001"), True),
+               ("K/uL", Decimal("0.001"), False), ("cells/mm3", Decimal(1), False)]
+RISK_CONDITIONS = [("306058006", SNOMED), ("93143009", SNOMED), ("69896004", SNOMED), ("86406008", SNOMED),
+                   ("425229001", SNOMED), ("D70.1", ICD10CM), ("234336002", SNOMED), ("47318007", SNOMED)]
+GCSF_ORDERS = [("L03AA02", ATC), ("L03AA13", ATC), ("68442", RXNORM), ("338036", RXNORM)]
+CHEMO_ORDERS = [("3002", RXNORM), ("56946", RXNORM), ("40048", RXNORM)]
+BIRTH_DATES = ["1950-01-01", "1990-06-15", "2020-01-01", "2024-09-01", "2025-03-07"]  # adult, child, infant, newborn
+chart_minutes = (st.integers(min_value=0, max_value=60 * 24 * 10)  # inside and outside the 7-day window
+                 | st.sampled_from([60 * 24 * 7 - 1, 60 * 24 * 7, 60 * 24 * 7 + 1]))
+temperature_minutes = (st.integers(min_value=0, max_value=60 * 30)  # inside and outside the 24-hour window
+                       | st.sampled_from([60 * 24 - 1, 60 * 24, 60 * 24 + 1]))
+chart_celsius = (st.integers(min_value=3600, max_value=4050).map(lambda v: Decimal(v) / 100)
+                 | st.sampled_from(["37.99", "38.0", "38.01", "38.2", "38.29", "38.3"]).map(Decimal))
+anc_cells = st.integers(0, 4000) | st.sampled_from([99, 100, 499, 500, 999, 1000, 1499, 1500, 2000])
+
+
+def count(cells: int | Decimal, unit: tuple[str, Decimal, bool]) -> tuple[float, str, bool]:
+    name, factor, ucum = unit
+    return float(Decimal(cells) * factor), name, ucum
+
+
+def reading(celsius: Decimal, unit: str, when: str, **kw: Any) -> dict[str, Any]:
+    """A temperature of ``celsius`` in ``unit``, its °F value exact to 2 decimals of °C after rounding."""
+    value = celsius * 9 / 5 + 32 if unit == "[degF]" else celsius
+    return temperature(value, unit, when, **kw)
+
+
+@st.composite
+def charts(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A chart: ANCs and CBCs with differential in several units, temperatures in Cel/[degF], risk factors, orders."""
+    resources: list[dict[str, Any]] = []
+    statuses = st.sampled_from(["final", "final", "amended", "preliminary"])
+    for i in range(draw(st.integers(0, 3))):
+        value, unit, ucum = count(draw(anc_cells), draw(st.sampled_from(COUNT_UNITS)))
+        resources.append(anc(value, unit, ago(minutes=draw(chart_minutes)), id=f"anc{i}", ucum=ucum,
+                             status=draw(statuses)))
+    for i in range(draw(st.integers(0, 2))):
+        minutes = draw(chart_minutes)
+        # the differential at the WBC's time, or at another time but reported with it in one DiagnosticReport
+        report = draw(st.booleans())
+        later = ago(minutes=minutes - draw(st.integers(1, 30))) if report else ago(minutes=minutes)
+        value, unit, ucum = count(draw(st.integers(0, 9000)), draw(st.sampled_from(COUNT_UNITS)))
+        cbc = [wbc(value, unit, ago(minutes=minutes), id=f"wbc{i}", ucum=ucum)]
+        if draw(st.booleans()):
+            cbc.append(percent("770-8", draw(st.integers(0, 90)), later, id=f"pct{i}"))
+        else:
+            cbc += [percent("769-0", draw(st.integers(0, 80)), later, id=f"segs{i}"),
+                    percent("764-1", draw(st.integers(0, 20)), later, id=f"bands{i}")]
+        resources += cbc
+        if report:
+            resources.append(diagnostic_report(cbc, id=f"dr{i}"))
+    if draw(st.booleans()):  # a run of readings 38.0-38.29 °C, some spanning 60 minutes or more
+        start = draw(st.integers(0, 60 * 26))
+        for i in range(draw(st.integers(2, 4))):
+            resources.append(reading(draw(st.integers(3800, 3829).map(lambda v: Decimal(v) / 100)),
+                                     draw(st.sampled_from(["Cel", "[degF]"])), ago(minutes=start), id=f"run{i}"))
+            start += draw(st.integers(10, 45))
+    for i in range(draw(st.integers(0, 4))):
+        resources.append(reading(draw(chart_celsius), draw(st.sampled_from(["Cel", "[degF]"])),
+                                 ago(minutes=draw(temperature_minutes)), id=f"t{i}", status=draw(statuses)))
+    for i, (code, system) in enumerate(draw(st.lists(st.sampled_from(RISK_CONDITIONS), max_size=2))):
+        resources.append(condition(code, system, id=f"c{i}"))
+    for i, (code, system) in enumerate(draw(st.lists(st.sampled_from(GCSF_ORDERS + CHEMO_ORDERS), max_size=2))):
+        resources.append(medication_request(code, system, id=f"m{i}",
+                                            status=draw(st.sampled_from(["active", "completed", "stopped"])),
+                                            authored=ago(days=draw(st.integers(0, 30)))))
+    if draw(st.booleans()):
+        resources.append(patient(draw(st.sampled_from(BIRTH_DATES))))
+    return resources
+
+
+def card_urgency(result: Assessment) -> int:
+    """The most urgent card's indicator: critical 3, warning 2, info 1, no card 0."""
+    return max((card.indicator.rank + 1 for card in render(result)), default=0)
+
+
+def indicators(result: Assessment) -> list[tuple[str | None, str]]:
+    return sorted((card.kind, card.indicator.value) for card in render(result))
+
+
+@QUICK
+@given(charts(), chart_celsius, st.sampled_from(["Cel", "[degF]"]), temperature_minutes, st.data())
+def test_another_temperature_never_lowers_urgency_unless_it_breaks_a_run(
+    resources: list[dict[str, Any]], celsius: Decimal, unit: str, minutes: int, data: st.DataObject
+) -> None:
+    times = sorted({r["effectiveDateTime"] for r in resources if r["id"].startswith(("t", "run"))})
+    choice = data.draw(st.sampled_from(["new", "charted", "date-only"]))
+    if choice == "charted" and times:
+        when = data.draw(st.sampled_from(times))  # at the same instant as a charted reading
+    elif choice == "date-only":
+        when = ago(minutes=minutes)[:10]  # a reading timed to the day only: a single reading, never part of a run
+    else:
+        when = ago(minutes=minutes)
+    before = assess(resources, now=NOW)
+    after = assess([*resources, reading(celsius, unit, when, id="added")], now=NOW)
+    if celsius < Decimal("38.0") and before.fever is not None and before.fever.criterion == SUSTAINED:
+        # brief §0: a reading < 38.0 °C between the first and last of a run ends it; only then may urgency fall.
+        # One at the same instant as a reading of the run counts as one reading, the highest: it breaks nothing.
+        assert after.fever is not None and after.fever.criterion in (SUSTAINED, "none")
+        assert before.fever.since is not None
+        inside = rfc3339(before.fever.since) < when < rfc3339(before.fever.effective)
+        if not inside and len(when) > 10:
+            assert after.fever.criterion == SUSTAINED, (when, before.fever)
+        return
+    assert card_urgency(after) >= card_urgency(before)
+    assert urgency(after) >= urgency(before)
+    if celsius >= Decimal("38.3") and when >= ago(hours=24):
+        assert after.fever is not None and after.fever.criterion != "none"
+
+
+@QUICK
+@given(charts(), st.data())
+def test_raising_a_charted_temperature_never_lowers_urgency(resources: list[dict[str, Any]],
+                                                            data: st.DataObject) -> None:
+    readings = [r for r in resources if r["id"].startswith(("t", "run"))]
+    if not readings:
+        return
+    target = data.draw(st.sampled_from(readings))
+    raised = copy.deepcopy(resources)
+    quantity = next(r for r in raised if r["id"] == target["id"])["valueQuantity"]
+    quantity["value"] += data.draw(st.floats(min_value=0, max_value=3))
+    before, after = assess(resources, now=NOW), assess(raised, now=NOW)
+    assert card_urgency(after) >= card_urgency(before)
+    assert urgency(after) >= urgency(before)
+
+
+@QUICK
+@given(charts())
+def test_the_current_anc_bounds_the_urgency(resources: list[dict[str, Any]]) -> None:
+    result = assess(resources, now=NOW)
+    anc_now = result.anc
+    if anc_now is None or anc_now.stale:
+        return
+    kinds = {card.kind: card.indicator.value for card in render(result)}
+    if anc_now.cells_per_ul >= DEFAULT_POLICY.fn_anc_cutoff:
+        # R1 needs ANC < 1000 and R2 no current ANC: a current ANC >= 1000 never gives a critical card
+        assert "critical" not in kinds.values(), (anc_now, kinds)
+        assert "infection-prevention" not in kinds
+    if anc_now.cells_per_ul >= result.neutropenia_below:
+        # R6 info, R10 no card, R15 info; R13 (warning) asks for the newest < 1500/uL whatever the age's cut-off, so
+        # an infant's falling 1000-1499 may still warn
+        allowed = 2 if anc_now.cells_per_ul < 1500 and Finding.ANC_FALLING in result.findings else 1
+        assert card_urgency(result) <= allowed, (anc_now, kinds)
+
+
+@QUICK
+@given(charts(), st.sampled_from(RISK_CONDITIONS + [("G", None)]),
+       st.sampled_from(GCSF_ORDERS + CHEMO_ORDERS + [("2626", RXNORM), ("9524", RXNORM)]),
+       st.integers(0, 13))
+def test_a_risk_factor_gcsf_chemotherapy_or_causative_order_never_lowers_urgency(
+    resources: list[dict[str, Any]], risk: tuple[str, str | None], gcsf: tuple[str, str], days: int
+) -> None:
+    before = assess(resources, now=NOW)
+    code, system = risk
+    if system is None:
+        added = medication_request(*gcsf, id="added", status=("active", "on-hold", "completed")[days % 3],
+                                   authored=ago(days=days))
+    else:
+        added = condition(code, system, id="added", clinical=("active", "recurrence", "relapse")[days % 3],
+                          verification=("confirmed", "provisional", None)[days // 3 % 3])
+    after = assess([*resources, added], now=NOW)
+    assert card_urgency(after) >= card_urgency(before)
+    assert urgency(after) >= urgency(before)
+
+
+IRRELEVANT = [
+    condition("38341003", id="x-htn"),  # hypertension: in no table
+    condition("44054006", id="x-diabetes"),
+    condition("306058006", clinical="resolved", id="x-resolved"),
+    condition("425229001", verification="refuted", id="x-refuted"),
+    condition("93143009", clinical="inactive", id="x-inactive"),
+    observation("2345-7", 110, "mg/dL", ago(hours=1), id="x-glucose"),
+    observation("751-8", 100, "/uL", ago(hours=1), id="x-othersystem", system="http://example.org/local"),
+    anc(50, "/uL", ago(hours=1), id="x-cancelled", status="cancelled"),
+    anc(50, "/uL", ago(hours=1), id="x-eie", status="entered-in-error"),
+    temperature("40.1", "Cel", ago(hours=1), id="x-registered", status="registered"),
+    temperature("104", "[degF]", ago(hours=2), id="x-eie-temp", status="entered-in-error"),
+    temperature("40.1", "Cel", ago(hours=25), id="x-old-temp"),
+    medication_request("L03AA02", ATC, id="x-eie-gcsf", status="entered-in-error"),
+    medication_request("3002", RXNORM, id="x-cancelled-chemo", status="cancelled"),
+    medication_request("6809", RXNORM, id="x-metformin"),
+    condition("93143009", ICD10CM, id="x-wrong-system"),  # a SNOMED leukaemia code under ICD-10-CM: no match
+    condition("425229001", "http://example.org/local", id="x-local"),
+    medication_request("L03AA02", "http://example.org/local", id="x-local-gcsf"),
+    temperature("40.1", "Cel", ago(hours=1), id="x-unknown", status="unknown"),
+    temperature(None, None, ago(hours=1), id="x-absent", dataAbsentReason={"text": "refused"}),
+    anc(None, None, ago(hours=1), id="x-absent-anc", dataAbsentReason={"text": "clotted"}),
+    medication_request("L03AA02", ATC, id="x-gcsf-old", status="completed", authored=ago(days=40)),
+    {"resourceType": "Procedure", "id": "x-proc", "status": "completed"},
+]
+
+
+@QUICK
+@given(charts(), st.lists(st.sampled_from(IRRELEVANT), max_size=4, unique_by=lambda r: r["id"]))
+def test_an_irrelevant_resource_never_changes_findings(resources: list[dict[str, Any]],
+                                                        noise: list[dict[str, Any]]) -> None:
+    before = assess(resources, now=NOW)
+    after = assess([*resources, *copy.deepcopy(noise)], now=NOW)
+    assert after.findings == before.findings
+    assert (after.anc, after.fever, after.risk_factors, after.chemotherapy_context) == (
+        before.anc, before.fever, before.risk_factors, before.chemotherapy_context)
+    assert indicators(after) == indicators(before)
+
+
+@QUICK
+@given(charts(), st.randoms(use_true_random=False), st.integers(1, 4), st.booleans())
+def test_order_and_bundles_never_change_findings_or_cards(
+    resources: list[dict[str, Any]], random: Any, parts: int, nest: bool
+) -> None:
+    shuffled = copy.deepcopy(resources)
+    random.shuffle(shuffled)
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(parts)]
+    for resource in shuffled:
+        groups[random.randrange(parts)].append(resource)
+        if random.random() < 0.2:  # the same resource again, under another prefetch key
+            groups[random.randrange(parts)].append(copy.deepcopy(resource))
+    bundles: list[dict[str, Any]] = [bundle(group) for group in groups]
+    if nest and bundles:
+        bundles = [bundle(bundles)]
+    before, after = assess(resources, now=NOW), assess(bundles, now=NOW)
+    assert after.findings == before.findings
+    assert (after.anc, after.fever, after.anc_trend) == (before.anc, before.fever, before.anc_trend)
+    assert indicators(after) == indicators(before)
+
+
+#: The card kind each finding belongs to and the indicator that card must at least show (design.md §3, brief §4).
+FINDING_CARDS = {
+    "febrile-neutropenia": ("febrile-neutropenia", "critical"),
+    "presumed-febrile-neutropenia": ("febrile-neutropenia", "critical"),
+    "temperature-elevated": ("fever-escalation", "warning"),
+    "fever-mild-neutropenia": ("fever-escalation", "warning"),
+    "fever-no-anc": ("fever-escalation", "warning"),
+    "fever-normal-anc": ("fever-escalation", "info"),
+    "neutropenia-severe": ("neutropenia", "warning"),
+    "neutropenia-profound": ("neutropenia", "warning"),
+    "neutropenia-moderate": ("neutropenia", "warning"),
+    "neutropenia-mild": ("neutropenia", "info"),
+    "anc-falling": ("neutropenia", "warning"),
+    "medication-review": ("medication-review", "info"),
+    "anc-stale": ("lab-follow-up", "info"),
+    "risk-factor-no-anc": ("lab-follow-up", "info"),
+    "anc-uninterpretable": ("data-quality", "info"),
+    "anc-not-computable": ("data-quality", "info"),
+}
+RANK = {"info": 1, "warning": 2, "critical": 3}
+
+
+@QUICK
+@given(charts())
+def test_cards_agree_with_findings(resources: list[dict[str, Any]]) -> None:
+    result = assess(resources, now=NOW)
+    cards = render(result)
+    kinds = [card.kind for card in cards]
+    assert len(kinds) == len(set(kinds)), kinds  # at most one card per kind
+    shown = {card.kind: card.indicator.value for card in cards}
+    codes = {finding.value for finding in result.findings}
+    critical = {"febrile-neutropenia", "presumed-febrile-neutropenia"} & codes
+    assert bool(critical) == ("critical" in shown.values()), (codes, shown)
+    if critical:
+        assert shown.get("febrile-neutropenia") == "critical"
+        assert shown.get("infection-prevention") == "critical"
+    for code in codes - {"anc-normal"}:
+        kind, least = FINDING_CARDS[code]
+        suppressed = (kind == "neutropenia" and "febrile-neutropenia" in shown) or (
+            kind == "lab-follow-up" and codes & {"presumed-febrile-neutropenia", "fever-no-anc"})
+        if not suppressed:
+            assert kind in shown, (code, shown)
+    for card_kind, indicator in shown.items():
+        # a card shows the indicator of the most urgent finding of its kind (the add-on follows its parent)
+        mine = [RANK[least] for code, (k, least) in FINDING_CARDS.items() if k == card_kind and code in codes]
+        if mine:
+            assert RANK[indicator] == max(mine), (card_kind, indicator, codes)
+    if not codes - {"anc-normal"} and not result.data_issues:
+        assert cards == []
+
+
+@QUICK
+@given(charts(), st.decimals(min_value=Decimal("95"), max_value=Decimal("106"), places=3), temperature_minutes)
+def test_fahrenheit_is_rounded_celsius(resources: list[dict[str, Any]], fahrenheit: Decimal, minutes: int) -> None:
+    """Brief §0: °F is converted to °C and rounded to 2 decimals before any comparison."""
+    celsius = ((fahrenheit - 32) * 5 / 9).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    when = ago(minutes=minutes)
+    in_f = assess([*resources, temperature(fahrenheit, "[degF]", when, id="added")], now=NOW)
+    in_c = assess([*resources, temperature(celsius, "Cel", when, id="added")], now=NOW)
+    assert in_f.findings == in_c.findings
+    assert in_f.fever == in_c.fever
+
+
+@QUICK
+@given(charts(), st.integers(0, 9000), st.integers(0, 9000), st.integers(0, 90), st.sampled_from(COUNT_UNITS))
+def test_a_higher_wbc_in_the_newest_cbc_never_raises_urgency(
+    resources: list[dict[str, Any]], a: int, b: int, pct: int, unit: tuple[str, Decimal, bool]
+) -> None:
+    low, high = sorted((a, b))
+    when = ago(minutes=1)
+    others = [r for r in resources if not r["id"].startswith(("anc", "wbc", "pct", "segs", "bands", "dr"))]
+
+    def cbc(cells: int) -> list[dict[str, Any]]:
+        value, name, ucum = count(cells, unit)
+        return [wbc(value, name, when, id="new-wbc", ucum=ucum), percent("770-8", pct, when, id="new-pct")]
+
+    assert card_urgency(assess([*others, *cbc(high)], now=NOW)) <= card_urgency(assess([*others, *cbc(low)], now=NOW))
+
+
+@QUICK
+@given(charts(), st.data())
+def test_a_preliminary_or_amended_status_never_changes_findings(resources: list[dict[str, Any]],
+                                                               data: st.DataObject) -> None:
+    """Brief §2: preliminary results are used (and flagged), never suppressing an alert; amended/corrected count."""
+    changed = copy.deepcopy(resources)
+    for resource in changed:
+        if resource["resourceType"] == "Observation":
+            resource["status"] = data.draw(st.sampled_from(["final", "amended", "corrected", "preliminary"]))
+    before, after = assess(resources, now=NOW), assess(changed, now=NOW)
+    assert after.findings == before.findings
+    assert indicators(after) == indicators(before)
+
+
+def moved(moment: str, hours: int, minutes: int) -> str:
+    """``moment`` (a UTC RFC 3339 string) written in the zone +hours:minutes (negative: west), the same instant."""
+    zone = timezone(timedelta(hours=hours, minutes=minutes if hours >= 0 else -minutes))
+    return datetime.fromisoformat(moment.replace("Z", "+00:00")).astimezone(zone).isoformat()
+
+
+@QUICK
+@given(charts(), st.data())
+def test_the_same_instant_written_otherwise_never_changes_findings(resources: list[dict[str, Any]],
+                                                                   data: st.DataObject) -> None:
+    """A time in another zone, or as effectiveInstant / a zero-length effectivePeriod, is the same time."""
+    changed = copy.deepcopy(resources)
+    for resource in changed:
+        when = resource.get("effectiveDateTime")
+        if when is None:
+            continue
+        when = moved(when, data.draw(st.integers(-11, 13)), data.draw(st.sampled_from([0, 30, 45])))  # valid zones
+        key = data.draw(st.sampled_from(["effectiveDateTime", "effectiveInstant", "effectivePeriod"]))
+        del resource["effectiveDateTime"]
+        resource[key] = {"start": when, "end": when} if key == "effectivePeriod" else when
+    before, after = assess(resources, now=NOW), assess(changed, now=NOW)
+    assert after.findings == before.findings
+    assert (after.anc, after.fever, after.anc_trend) == (before.anc, before.fever, before.anc_trend)
+    assert indicators(after) == indicators(before)
+
+
+@QUICK
+@given(charts(), st.integers(1, 4000), st.sampled_from(["<", "<="]))
+def test_a_less_than_anc_is_at_least_as_urgent_as_its_bound(resources: list[dict[str, Any]], bound: int,
+                                                            comparator: str) -> None:
+    others = [r for r in resources if not r["id"].startswith(("anc", "wbc", "pct", "segs", "bands", "dr"))]
+    exact = assess([*others, anc(bound, "/uL", ago(minutes=1), id="new")], now=NOW)
+    below = assess([*others, anc(bound, "/uL", ago(minutes=1), id="new", comparator=comparator)], now=NOW)
+    assert card_urgency(below) >= card_urgency(exact)
+    assert urgency(below) >= urgency(exact)
+
+
+@QUICK
+@given(charts(), st.data())
+def test_an_older_version_of_a_resource_never_changes_findings(resources: list[dict[str, Any]],
+                                                               data: st.DataObject) -> None:
+    """The newest version of a resource that arrives twice is the one read (meta.versionId / lastUpdated)."""
+    current = copy.deepcopy(resources)
+    for resource in current:
+        resource["meta"] = {"versionId": "2", "lastUpdated": "2025-03-10T11:00:00Z"}
+    older = []
+    chosen = st.lists(st.sampled_from(current), max_size=4, unique_by=lambda r: r["id"]) if current else st.just([])
+    for resource in data.draw(chosen):
+        version = copy.deepcopy(resource)
+        version["meta"] = {"versionId": "1", "lastUpdated": "2025-03-01T11:00:00Z"}
+        if "valueQuantity" in version:
+            version["valueQuantity"]["value"] = data.draw(st.integers(0, 45))
+        if version["resourceType"] == "Condition":
+            version["clinicalStatus"]["coding"][0]["code"] = "resolved"
+        older.append(version)
+    mixed = [*older, *current]
+    data.draw(st.randoms(use_true_random=False)).shuffle(mixed)
+    before, after = assess(current, now=NOW), assess(mixed, now=NOW)
+    assert after.findings == before.findings
+    assert (after.anc, after.fever, after.anc_trend) == (before.anc, before.fever, before.anc_trend)
+    assert indicators(after) == indicators(before)
