@@ -146,29 +146,32 @@ def medication_facts(
 def _medication_codes(r: Mapping[str, Any], medications: Mapping[str, frozenset[Code]]) -> frozenset[Code]:
     if "medicationCodeableConcept" in r:
         return codes_of(r["medicationCodeableConcept"])
-    medication = r.get("medicationReference")
-    target = medication.get("reference") if isinstance(medication, Mapping) else None
-    if isinstance(target, str) and target.startswith("#"):
-        contained = r.get("contained")
-        for item in contained if isinstance(contained, list) else ():
-            if isinstance(item, Mapping) and item.get("id") == target[1:]:
-                return medication_codes(item)
-        return frozenset()
+    target = _medication_target(r)
+    if target is not None and target.startswith("#"):
+        item = _contained(r, target[1:])
+        return frozenset() if item is None else medication_codes(item)
     ref = reference(target)
     return medications.get(ref, frozenset()) if ref else frozenset()
 
 
-def _unresolved_contained(r: Mapping[str, Any]) -> bool:
-    """Whether ``r`` names its medicine by a contained '#id' that none of its contained resources has."""
-    if "medicationCodeableConcept" in r:
-        return False
+def _medication_target(r: Mapping[str, Any]) -> str | None:
+    """The reference of an order's ``medicationReference``, if it has one."""
     medication = r.get("medicationReference")
     target = medication.get("reference") if isinstance(medication, Mapping) else None
-    if not (isinstance(target, str) and target.startswith("#")):
-        return False
+    return target if isinstance(target, str) else None
+
+
+def _contained(r: Mapping[str, Any], target_id: str) -> Mapping[str, Any] | None:
+    """The resource ``r`` contains with the id ``target_id``, if any."""
     contained = r.get("contained")
-    return not any(isinstance(item, Mapping) and item.get("id") == target[1:]
-                   for item in (contained if isinstance(contained, list) else ()))
+    return next((item for item in (contained if isinstance(contained, list) else ())
+                 if isinstance(item, Mapping) and item.get("id") == target_id), None)
+
+
+def _unresolved_contained(r: Mapping[str, Any]) -> bool:
+    """Whether ``r`` names its medicine by a contained '#id' that none of its contained resources has."""
+    target = None if "medicationCodeableConcept" in r else _medication_target(r)
+    return target is not None and target.startswith("#") and _contained(r, target[1:]) is None
 
 
 def latest_order_date(r: Mapping[str, Any]) -> datetime | None:
