@@ -44,10 +44,6 @@ def flatten(resources: object, depth: int = 0) -> Iterator[Mapping[str, Any]]:
             yield item
 
 
-#: A FHIR instant: to the second, with a zone (R4 §2.24.0.1). Only such a ``meta.lastUpdated`` orders copies.
-_INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
-
-
 #: A versionId that orders copies: a number (FHIR allows any id; only numbers have an order).
 _VERSION_NUMBER = re.compile(r"[0-9]{1,18}")
 
@@ -64,7 +60,8 @@ def _version(resource: Mapping[str, Any]) -> tuple[int | None, float | None]:
     version = meta.get("versionId")
     number = int(version) if isinstance(version, str) and _VERSION_NUMBER.fullmatch(version) else None
     stamp = meta.get("lastUpdated")
-    updated = timing.parse(stamp) if isinstance(stamp, str) and _INSTANT.fullmatch(stamp) else None
+    # Only a FHIR instant (to the second, with a zone) orders copies, not a date or a time without a zone.
+    updated = timing.parse(stamp) if isinstance(stamp, str) and timing.INSTANT.fullmatch(stamp) else None
     return number, None if updated is None else updated.effective.timestamp()
 
 
