@@ -116,12 +116,10 @@ def _keys(lab: LabResult, linked: dict[str, list[int]]) -> list[tuple[str, objec
 class GrowingGroups:
     """The groups of a growing set of results, telling after each batch whether some group now gives an ANC.
 
-    Adding results only merges groups, and a group left untouched by a batch keeps its (absent) ANC, so only the
-    groups a batch touched are looked at again: finding the first batch with an ANC gives the same answer as
-    computing every prefix (older results can take an ANC away by merging into its group, so no prefix may be
-    skipped), in linear time. A group is held as the lowest usable result of each role, all that
-    :func:`_group_anc` reads (ties broken as :func:`compute` meets them, in ``LabResult.order``): a group growing
-    with every batch (one specimen for years of counts) is not read again whole.
+    Adding results only merges groups, and a group left untouched by a batch keeps its (absent) ANC, so each batch
+    recomputes only the groups it touched: finding the first batch with an ANC is linear in the results, not
+    quadratic, and gives the same answer as computing every prefix (older results can take an ANC away by merging
+    into its group, so no prefix may be skipped).
     """
 
     def __init__(self, links: Iterable[frozenset[str]] = ()) -> None:
@@ -130,7 +128,7 @@ class GrowingGroups:
             for member in link:
                 self._linked.setdefault(member, []).append(number)
         self._parent: list[int] = []
-        self._lowest: dict[int, dict[LabRole, LabResult]] = {}
+        self._members: dict[int, list[LabResult]] = {}
         self._first: dict[tuple[str, object], int] = {}
         self._seen: set[LabResult] = set()
 
@@ -144,11 +142,10 @@ class GrowingGroups:
         a, b = self._find(a), self._find(b)
         if a == b:
             return
+        if len(self._members[a]) < len(self._members[b]):
+            a, b = b, a
         self._parent[b] = a
-        lowest = self._lowest[a]
-        for role, lab in self._lowest.pop(b).items():
-            if role not in lowest or _rank(lab) < _rank(lowest[role]):
-                lowest[role] = lab
+        self._members[a] += self._members.pop(b)
 
     def add(self, labs: Iterable[LabResult]) -> bool:
         """Add ``labs``; whether a group they touched now gives an ANC."""
@@ -157,17 +154,12 @@ class GrowingGroups:
             self._seen.add(lab)
             index = len(self._parent)
             self._parent.append(index)
-            self._lowest[index] = {lab.role: lab} if lab.value is not None else {}
+            self._members[index] = [lab]
             touched.append(index)
             for key in _keys(lab, self._linked):
-                self._union(self._first.setdefault(key, index), index)
+                self._union(index, self._first.setdefault(key, index))
         roots = {self._find(index) for index in touched}
-        return any(_group_anc(list(self._lowest[root].values()))[0] is not None for root in roots)
-
-
-def _rank(lab: LabResult) -> tuple[object, ...]:
-    """The order in which :func:`_lowest` prefers results of one role (it meets them in ``LabResult.order``)."""
-    return (_amount(lab), lab.comparator != "<", lab.source, lab.order())
+        return any(_group_anc(sorted(self._members[root], key=LabResult.order))[0] is not None for root in roots)
 
 
 def _amount(lab: LabResult) -> Decimal:

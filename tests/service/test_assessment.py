@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import service.assessment as assessment_module
 from service.assessment import (
     Anc,
     AncPoint,
@@ -30,16 +31,21 @@ from service.extract import extract, older_labs
 from service.rules import INDICATOR
 from tests.service.factories import (
     ATC,
+    BANDS_ABS,
     BANDS_PCT,
     ICD10CM,
+    NEUTROPHIL_FRACTION,
     NEUTROPHILS_PCT,
     NOW,
+    SEGS_ABS,
     SEGS_PCT,
     SNOMED,
     ago,
     anc,
     condition,
+    diagnostic_report,
     medication_request,
+    observation,
     patient,
     temperature,
     wbc,
@@ -566,3 +572,114 @@ def test_newest_stale_anc_behind_years_of_results_on_one_specimen_is_found_in_li
     result = assess(resources, now=NOW)
     assert time.monotonic() - started < 1.5
     assert result.anc is not None and result.anc.sources == ("Observation/oldest",) and result.anc.stale
+
+
+# --- Differential: GrowingGroups' slab scan against the linear scan of 847382e -------------------------------------
+
+#: kind -> (LOINC code, usable unit, values to draw from)
+_KINDS: dict[str, tuple[str, str | None, tuple[Any, ...]]] = {
+    "anc": ("751-8", "/uL", (0, 300, 500, 900, 1500)),
+    "wbc": ("6690-2", "10*3/uL", (0.5, 1, 3, 8)),
+    "total": (NEUTROPHILS_PCT, "%", (10, 50, 60, 95)),
+    "fraction": (NEUTROPHIL_FRACTION, "1", (0.1, 0.5, 0.6, 0.95)),
+    "segs": (SEGS_PCT, "%", (10, 40, 50, 90)),
+    "bands": (BANDS_PCT, "%", (5, 20, 50, 70)),
+    "segs_abs": (SEGS_ABS, "/uL", (200, 400, 1200)),
+    "bands_abs": (BANDS_ABS, "/uL", (50, 100)),
+}
+_PART = st.tuples(st.sampled_from(sorted(_KINDS)), st.integers(0, 4),
+                  st.sampled_from([None, None, None, "<", ">", "<=", ">="]),
+                  st.sampled_from([False] * 7 + [True]))  # kind, value index, comparator, bad unit
+_ROW = st.tuples(
+    st.integers(1, 8),  # slab-ish week
+    st.sampled_from([0, 0, 2, 4.5]),  # day in the week: equal timestamps are common
+    _PART,
+    st.lists(_PART, max_size=2),  # components
+    st.sampled_from(["final", "final", "amended", "preliminary", "registered"]),
+    st.sampled_from([None, None, "Specimen/a", "Specimen/b"]),
+    st.integers(0, 30),  # id: a few collide (copies of one resource)
+)
+
+
+def _part(kind: str, index: int, comparator: str | None, bad_unit: bool) -> tuple[str, dict[str, Any]]:
+    code, unit, values = _KINDS[kind]
+    value = values[index % len(values)]
+    quantity: dict[str, Any] = {"value": value}
+    if bad_unit:
+        quantity.update(unit="kg", system="http://unitsofmeasure.org", code="kg")
+    elif unit is not None:
+        quantity.update(unit=unit, system="http://unitsofmeasure.org", code=unit)
+    if comparator is not None:
+        quantity["comparator"] = comparator
+    return code, quantity
+
+
+def _chart(rows: list[Any], reports: list[list[int]]) -> list[dict[str, Any]]:
+    resources: list[dict[str, Any]] = []
+    for week, day, main, parts, status, specimen, number in rows:
+        code, quantity = _part(*main)
+        resource = observation(code, None, None, ago(days=8 * week + day), status=status, id=f"o{number}",
+                               specimen=specimen)
+        resource["valueQuantity"] = quantity
+        if parts:
+            resource["component"] = [{"code": {"coding": [{"system": "http://loinc.org", "code": c}]},
+                                      "valueQuantity": q} for c, q in (_part(*p) for p in parts)]
+        resources.append(resource)
+    for n, members in enumerate(reports):
+        resources.append(diagnostic_report([{"id": f"o{m}"} for m in members], id=f"dr{n}"))
+    return resources
+
+
+def _linear_newest_stale(facts: Any, labs: list[Any], *, now: datetime, policy: Any) -> tuple[list[Any], Any]:
+    """847382e's loop: recompute the ANC of everything read so far after each slab, stop at the first with one."""
+    slabs: list[Any] = []
+    read = list(labs)
+    series = compute(read, facts.links)
+    for slab in older_labs(facts, now=now, policy=policy):
+        slabs.append(slab)
+        read += slab.labs
+        series = compute(read, facts.links)
+        if series.values:
+            break
+    return slabs, series
+
+
+def _both(resources: list[dict[str, Any]]) -> tuple[Assessment, Assessment]:
+    new = assess(resources, now=NOW)
+    original = assessment_module._newest_stale
+    assessment_module._newest_stale = _linear_newest_stale
+    try:
+        old = assess(resources, now=NOW)
+    finally:
+        assessment_module._newest_stale = original
+    return new, old
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_ROW, min_size=1, max_size=25), st.lists(st.lists(st.integers(0, 30), min_size=2, max_size=4),
+                                                          max_size=3))
+def test_growing_groups_scan_gives_the_assessment_of_the_linear_scan(rows: list[Any], reports: list[list[int]]) -> None:
+    new, old = _both(_chart(rows, reports))
+    assert new == old
+
+
+def test_a_share_read_from_two_roles_of_one_observation_is_chosen_as_compute_chooses_it() -> None:
+    # 16 days ago a total % 50 ">" with a fraction 0.5 component (one source: they tie in _lowest, broken by
+    # LabResult.order, fraction first) and a WBC "<1": compute gives <500 (grade 4). GrowingGroups held the roles in
+    # the order they joined the group (the total % of 8 days ago first), picked the ">" total: opposite bounds, no
+    # ANC; it read on, where the fraction ">0.1" of 24 days ago takes the ANC away, and answered 1500 (grade 0).
+    specimen = "Specimen/s"
+    fraction = {"code": {"coding": [{"system": "http://loinc.org", "code": NEUTROPHIL_FRACTION}]},
+                "valueQuantity": {"value": 0.5, "unit": "1", "system": "http://unitsofmeasure.org", "code": "1"}}
+    resources = [
+        observation_percent(NEUTROPHILS_PCT, 60, ago(days=8), id="t1", specimen=specimen),
+        observation(NEUTROPHILS_PCT, 50, "%", ago(days=16), id="p", specimen=specimen, comparator=">",
+                    components=[fraction]),
+        wbc(1, effective=ago(days=16), id="w", specimen=specimen, comparator="<"),
+        observation(NEUTROPHIL_FRACTION, 0.1, "1", ago(days=24), id="f3", specimen=specimen, comparator=">"),
+        anc(1500, "/uL", ago(days=32), id="older"),
+    ]
+    new, old = _both(resources)
+    assert new == old
+    assert new.anc is not None and new.anc.stale and new.anc.cells_per_ul == 500 and new.anc.comparator == "<"
+    assert new.anc.ctcae_grade == 4 and new.anc.sources == ("Observation/p", "Observation/w")
