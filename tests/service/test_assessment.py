@@ -564,16 +564,6 @@ def test_newest_stale_anc_is_the_one_a_slab_by_slab_scan_finds(rows: list[tuple[
     assert set(issues) <= set(result.data_issues)
 
 
-def test_newest_stale_anc_behind_years_of_results_on_one_specimen_is_found_in_linear_time() -> None:
-    # One group growing with every slab (all counts on one specimen): re-reading it whole at each slab was quadratic.
-    resources = [wbc(3, effective=ago(days=8 * n), id=f"w{n}", specimen="Specimen/x") for n in range(1, 1501)]
-    resources.append(anc(300, "/uL", ago(days=8 * 1501), id="oldest"))
-    started = time.monotonic()
-    result = assess(resources, now=NOW)
-    assert time.monotonic() - started < 1.5
-    assert result.anc is not None and result.anc.sources == ("Observation/oldest",) and result.anc.stale
-
-
 # --- Differential: GrowingGroups' slab scan against the linear scan of 847382e -------------------------------------
 
 #: kind -> (LOINC code, usable unit, values to draw from)
