@@ -117,9 +117,10 @@ class GrowingGroups:
     """The groups of a growing set of results, telling after each batch whether some group now gives an ANC.
 
     Adding results only merges groups, and a group left untouched by a batch keeps its (absent) ANC, so each batch
-    recomputes only the groups it touched: finding the first batch with an ANC is linear in the results, not
-    quadratic, and gives the same answer as computing every prefix (older results can take an ANC away by merging
-    into its group, so no prefix may be skipped).
+    recomputes only the groups it touched, each read whole through :func:`_group_anc` in ``LabResult.order`` as
+    :func:`compute` reads it: the same answer as computing every prefix (older results can take an ANC away by
+    merging into its group, so no prefix may be skipped). Linear in the results unless one group grows with every
+    batch (one specimen named for years), which is read whole again each time.
     """
 
     def __init__(self, links: Iterable[frozenset[str]] = ()) -> None:
