@@ -28,6 +28,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
+from cds_hooks.http_body import BodyTooLarge, bounded_chunks
+
 _log = logging.getLogger(__name__)
 
 #: The FHIR JSON media type (http://hl7.org/fhir/R4/http.html#mime-type).
@@ -348,27 +350,13 @@ class FhirFetcher:
             with response:
                 status = response.status_code
                 _check_status(status)
-                declared = response.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > max_bytes:
-                    raise _FetchFailed(f"the response is larger than {max_bytes} bytes")
                 chunks: list[bytes] = []
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise _FetchFailed("timed out")
-                    # requests set the socket timeout once, to the time left when the request began: a body
-                    # that stalls after late headers held this thread up to that long past the deadline (and
-                    # the call then lost the key's pages). Each read may only wait for what is left now.
-                    _limit_socket_wait(response, left)
-                    # read1 returns what one socket read yields; iter_content(n) would block until n bytes
-                    # arrived, so a server trickling bytes could hold us far past the deadline.
-                    chunk = response.raw.read1(_READ_CHUNK, decode_content=True)
-                    if not chunk:
-                        break
+                for chunk in bounded_chunks(response, deadline=deadline, max_bytes=max_bytes,
+                                            chunk_size=_READ_CHUNK):
                     size += len(chunk)
-                    if size > max_bytes:
-                        raise _FetchFailed(f"the response is larger than {max_bytes} bytes")
                     chunks.append(chunk)
+        except BodyTooLarge:
+            raise _FetchFailed(f"the response is larger than {max_bytes} bytes") from None
         except (requests.Timeout, ReadTimeoutError, TimeoutError):
             # A timeout while reading the body comes from urllib3 (ReadTimeoutError), not requests.
             raise _FetchFailed("timed out") from None
@@ -379,14 +367,6 @@ class FhirFetcher:
             _log.debug("fhir fetch key=%s page=%d status=%s bytes=%d elapsed_ms=%d", label or "-", page, status,
                        size, (time.monotonic() - started) * 1000)
         return _parse_json(b"".join(chunks))
-
-
-def _limit_socket_wait(response: requests.Response, seconds: float) -> None:
-    """Make the next socket read of ``response`` wait at most ``seconds`` (the connection's socket, if any)."""
-    connection = getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        sock.settimeout(seconds)
 
 
 def _check_status(status: int) -> None:

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
+from cds_hooks.http_body import BodyTooLarge, bounded_chunks
+
 #: JWK members that only a private (or symmetric) key has (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
@@ -237,23 +239,10 @@ class JwksFetcher:
                              headers={"Accept": "application/jwk-set+json, application/json"}) as response:
                 if response.status_code != 200:
                     raise JwksFetchError(f"HTTP {response.status_code}")
-                declared = response.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > self._max_bytes:
-                    raise JwksFetchError(f"body over {self._max_bytes} bytes")
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise JwksFetchError("fetch exceeded its deadline")
-                    # As in fhir_client: each socket read waits only for what is left, and read1 returns what
-                    # one read yields. iter_content(65536) blocked until 64 KiB (or the end) arrived, so a set
-                    # trickled a byte at a time held the per-URL lock, and every token naming it, for minutes.
-                    _limit_socket_wait(response, left)
-                    chunk = response.raw.read1(65536, decode_content=True)
-                    if not chunk:
-                        break
+                for chunk in bounded_chunks(response, deadline=deadline, max_bytes=self._max_bytes):
                     body += chunk
-                    if len(body) > self._max_bytes:
-                        raise JwksFetchError(f"body over {self._max_bytes} bytes")
+        except BodyTooLarge:
+            raise JwksFetchError(f"body over {self._max_bytes} bytes") from None
         except (ReadTimeoutError, TimeoutError):  # a body read that waited out the time left
             raise JwksFetchError("fetch exceeded its deadline") from None
         except (requests.RequestException, Urllib3Error, OSError) as exc:
@@ -262,11 +251,3 @@ class JwksFetcher:
             return json.loads(bytes(body))
         except ValueError as exc:
             raise JwksFetchError("body is not JSON") from exc
-
-
-def _limit_socket_wait(response: requests.Response, seconds: float) -> None:
-    """Make the next socket read of ``response`` wait at most ``seconds`` (the connection's socket, if any)."""
-    connection = getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        sock.settimeout(seconds)
