@@ -40,7 +40,8 @@ DEFAULT_MAX_PAGE_BYTES = 8 * 1024 * 1024
 #: Longest server-supplied text (OperationOutcome diagnostics) copied into a reason.
 REASON_TEXT_LIMIT = 200
 _READ_CHUNK = 64 * 1024
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: The port an http(s) URL without one means.
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,9 @@ def origin(url: str) -> tuple[str, str, int] | None:
     except ValueError:
         return None
     scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc or "\\" in url:
+    if scheme not in DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc or "\\" in url:
         return None
-    return scheme, parts.hostname.lower(), port if port is not None else _DEFAULT_PORTS[scheme]
+    return scheme, parts.hostname.lower(), port if port is not None else DEFAULT_PORTS[scheme]
 
 
 def same_origin(url: str, base: str) -> bool:

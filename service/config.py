@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cds_hooks.fhir_client import DEFAULT_PORTS, origin
 from service.cards import CardSettings
 from service.thresholds import ClinicalPolicy
 
@@ -93,26 +94,18 @@ def _origins(value: str) -> tuple[str, ...]:
     return tuple(_origin(item) for item in items)
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
 def _origin(value: str) -> str:
     """A browser origin as browsers send it in ``Origin`` (RFC 6454 §6.1): lower case, no default port, no path.
 
     The header is compared as a string, so an origin written any other way never matched, and silently.
     """
-    parts = urlsplit(_http_url(value))
-    if parts.path or "@" in parts.netloc:
+    url = _http_url(value)
+    found = origin(url)
+    if urlsplit(url).path or found is None:  # a path, user info or an invalid port
         raise ValueError(f"{value.strip()!r} is not an origin: give scheme://host[:port] only")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"{value.strip()!r} has an invalid port") from None
-    host = (parts.hostname or "").lower()
-    if ":" in host:  # an IPv6 literal keeps its brackets
-        host = f"[{host}]"
-    scheme = parts.scheme.lower()
-    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
+    scheme, host, port = found
+    host = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
+    return f"{scheme}://{host}" + ("" if port == DEFAULT_PORTS[scheme] else f":{port}")
 
 
 def _log_level(value: str) -> str:
