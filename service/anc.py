@@ -117,10 +117,10 @@ class GrowingGroups:
     """The groups of a growing set of results, telling after each batch whether some group now gives an ANC.
 
     Adding results only merges groups, and a group left untouched by a batch keeps its (absent) ANC, so each batch
-    recomputes only the groups it touched, each read whole through :func:`_group_anc` in ``LabResult.order`` as
-    :func:`compute` reads it: the same answer as computing every prefix (older results can take an ANC away by
-    merging into its group, so no prefix may be skipped). Linear in the results unless one group grows with every
-    batch (one specimen named for years), which is read whole again each time.
+    looks again only at the groups it touched: the same answer as computing every prefix (older results can take
+    an ANC away by merging into its group, so no prefix may be skipped). A group is held as the lowest usable
+    result of each role (by :func:`_rank`, a total order): that is all :func:`_group_anc` reads, so a group that
+    grows with every batch (one specimen named for years) is not read whole again, and the search is linear.
     """
 
     def __init__(self, links: Iterable[frozenset[str]] = ()) -> None:
@@ -129,7 +129,7 @@ class GrowingGroups:
             for member in link:
                 self._linked.setdefault(member, []).append(number)
         self._parent: list[int] = []
-        self._members: dict[int, list[LabResult]] = {}
+        self._lowest: dict[int, dict[LabRole, LabResult]] = {}
         self._first: dict[tuple[str, object], int] = {}
         self._seen: set[LabResult] = set()
 
@@ -143,10 +143,11 @@ class GrowingGroups:
         a, b = self._find(a), self._find(b)
         if a == b:
             return
-        if len(self._members[a]) < len(self._members[b]):
-            a, b = b, a
         self._parent[b] = a
-        self._members[a] += self._members.pop(b)
+        lowest = self._lowest[a]
+        for role, lab in self._lowest.pop(b).items():
+            if role not in lowest or _rank(lab) < _rank(lowest[role]):
+                lowest[role] = lab
 
     def add(self, labs: Iterable[LabResult]) -> bool:
         """Add ``labs``; whether a group they touched now gives an ANC."""
@@ -155,12 +156,12 @@ class GrowingGroups:
             self._seen.add(lab)
             index = len(self._parent)
             self._parent.append(index)
-            self._members[index] = [lab]
+            self._lowest[index] = {lab.role: lab} if lab.value is not None else {}
             touched.append(index)
             for key in _keys(lab, self._linked):
                 self._union(index, self._first.setdefault(key, index))
         roots = {self._find(index) for index in touched}
-        return any(_group_anc(sorted(self._members[root], key=LabResult.order))[0] is not None for root in roots)
+        return any(_group_anc(list(self._lowest[root].values()))[0] is not None for root in roots)
 
 
 def _amount(lab: LabResult) -> Decimal:
@@ -169,9 +170,16 @@ def _amount(lab: LabResult) -> Decimal:
     return lab.value
 
 
+def _rank(lab: LabResult) -> tuple[object, ...]:
+    """Which of two usable results :func:`_lowest` takes: the lower amount, an upper bound ("<") first, then the
+    lower source, then ``LabResult.order``. A total order, so the choice never depends on the order results are met
+    in (a group held as the lowest result per role, by ``GrowingGroups``, chooses as the whole group does)."""
+    return (_amount(lab), lab.comparator != "<", lab.source, lab.order())
+
+
 def _lowest(group: list[LabResult], *roles: LabRole) -> LabResult | None:
     usable = [lab for lab in group if lab.role in roles and lab.value is not None]
-    return min(usable, key=lambda lab: (_amount(lab), lab.comparator != "<", lab.source)) if usable else None
+    return min(usable, key=_rank) if usable else None
 
 
 def _group_anc(group: list[LabResult]) -> tuple[AncValue | None, str | None]:
