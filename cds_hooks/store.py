@@ -203,7 +203,8 @@ class FeedbackStore:
 
     def __init__(self, url: str = DEFAULT_URL, *, pool_size: int = 5, max_overflow: int = 10,
                  pool_timeout: float = 10.0, pool_recycle: int = 1800, connect_timeout: int = 5,
-                 busy_timeout: float = 30.0, operation_timeout: float | None = DEFAULT_OPERATION_TIMEOUT,
+                 busy_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+                 operation_timeout: float | None = DEFAULT_OPERATION_TIMEOUT,
                  echo: bool = False) -> None:
         self._url = normalise_url(url)
         self._dialect = self._url.get_backend_name()
@@ -216,7 +217,11 @@ class FeedbackStore:
         connect_args: dict[str, Any]
         if self._dialect == "sqlite":
             _make_parent_directory(self._url)
-            connect_args = {"timeout": busy_timeout}  # sqlite3's busy timeout, in seconds
+            # sqlite3's busy timeout, in seconds: how long an operation waits for another connection's lock. It was
+            # 30 s, and a SQLite file locked by another process (a backup, an operator's `sqlite3` shell) held every
+            # invoke that long before its cards were recorded and returned: an EHR gives up well before. Writes
+            # here take milliseconds, so the PostgreSQL operation timeout is wait enough for the workers' own turns.
+            connect_args = {"timeout": busy_timeout}
         else:
             connect_args = {"connect_timeout": connect_timeout}
         self._engine = create_engine(

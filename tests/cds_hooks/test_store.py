@@ -6,7 +6,9 @@ The ``postgres_server`` fixture (tests.support.postgres) is registered in tests/
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cds_hooks.errors import ServiceUnavailable
 from cds_hooks.schemas import Feedback, OverrideReason
-from cds_hooks.store import CardRecord, FeedbackReceipt, FeedbackStore, StoreUnavailable
+from cds_hooks.store import DEFAULT_OPERATION_TIMEOUT, CardRecord, FeedbackReceipt, FeedbackStore, StoreUnavailable
 from tests.support.postgres import PostgresServer
 
 SERVICE = "neutropenia-patient-view"
@@ -314,10 +316,35 @@ def test_store_sqlite_file_in_wal_mode(tmp_path: Path) -> None:
         store.create_schema()
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2000
     finally:
         store.dispose()
     assert path.is_file()
+
+
+def test_store_sqlite_locked_by_another_process_is_unavailable_within_the_operation_timeout(tmp_path: Path) -> None:
+    # A backup or an operator's `sqlite3` shell holding the write lock made every write wait 30 s (the busy
+    # timeout), so an invoke returned its cards only after the EHR had given up. Now the wait is the PostgreSQL
+    # operation timeout, the caller gets StoreUnavailable (cards still served, feedback 503), and the store
+    # works again once the lock is released.
+    path = tmp_path / "feedback.sqlite3"
+    store = FeedbackStore(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        store.create_schema()
+        other.execute("BEGIN IMMEDIATE")
+        for write in (lambda: store.record_cards(SERVICE, "hook-1", [CardRecord("u1", "finding", "critical")], NOW),
+                      lambda: store.save_feedback(SERVICE, [feedback()], NOW)):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                write()
+            assert DEFAULT_OPERATION_TIMEOUT - 0.1 <= time.monotonic() - started < DEFAULT_OPERATION_TIMEOUT + 3
+        other.execute("ROLLBACK")
+        store.record_cards(SERVICE, "hook-1", [CardRecord("u1", "finding", "critical")], NOW)
+        assert store.count_cards() == 1
+    finally:
+        other.close()
+        store.dispose()
 
 
 def test_store_sqlite_unopenable_is_unavailable(tmp_path: Path) -> None:
