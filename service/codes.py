@@ -118,14 +118,20 @@ LAB_ROLES: Mapping[Code, LabRole] = {
     **{(LOINC, c): LabRole.WBC for c in ("6690-2", "26464-8", "804-5", "33256-9")},
 }
 
-#: Body temperature codes (FHIR bodytemp, OHDSI FN cohort); maxima over 1/8/10/12/24 h count as single readings.
+#: Body temperature maxima over 1/8/10/12/24 h (OHDSI FN cohort): brief §3.1 counts each as a single reading only.
+#: The maximum was reached at some unknown moment of its period, not at the effective time, so it cannot place a
+#: reading in a sequence: two rolling 24 h maxima an hour apart may be one spike of 38.1 °C, not a sustained fever.
+TEMPERATURE_MAXIMUM: frozenset[Code] = frozenset(
+    (LOINC, c) for c in ("8311-3", "8312-1", "8313-9", "8314-7", "8315-4")
+)
+#: Body temperature codes (FHIR bodytemp, OHDSI FN cohort), the maxima included.
 TEMPERATURE: frozenset[Code] = frozenset(
     (LOINC, c)
     for c in (
         "8310-5", "8331-1", "8332-9", "8328-7", "8333-7", "76011-6", "8329-5", "8334-5", "61008-9",
-        "60836-4", "60838-0", "76278-1", "75539-7", "8311-3", "8312-1", "8313-9", "8314-7", "8315-4",
+        "60836-4", "60838-0", "76278-1", "75539-7",
     )
-)  # fmt: skip
+) | TEMPERATURE_MAXIMUM  # fmt: skip
 
 #: Every Observation code the engine reads; anything else is dropped before validation.
 OBSERVATION_CODES: frozenset[Code] = frozenset(LAB_ROLES) | TEMPERATURE

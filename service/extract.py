@@ -26,7 +26,7 @@ from typing import Any
 from fhir.resources.R4B.observation import Observation
 
 from service import records, timing
-from service.codes import LAB_ROLES, OBSERVATION_CODES, TEMPERATURE, Code, LabRole
+from service.codes import LAB_ROLES, OBSERVATION_CODES, TEMPERATURE, TEMPERATURE_MAXIMUM, Code, LabRole
 from service.fhir import (
     MAX_BUNDLE_DEPTH,
     codes_of,
@@ -109,6 +109,8 @@ class Temperature:
     effective: datetime
     latest: datetime
     status: str
+    #: A maximum over a period (1 to 24 h, ``codes.TEMPERATURE_MAXIMUM``): a single reading only, never in a run.
+    maximum: bool = False
 
     @property
     def preliminary(self) -> bool:
@@ -122,7 +124,7 @@ class Temperature:
 
     def order(self) -> tuple[Any, ...]:
         """Sort key of a total order on readings that does not depend on the order they arrived in."""
-        return self.source, self.effective, self.latest, self.celsius, self.status
+        return self.source, self.effective, self.latest, self.celsius, self.status, self.maximum
 
 
 def _optional(value: Any) -> tuple[bool, Any]:
@@ -392,7 +394,8 @@ class _Collector:
             degrees, problem = (None, problem) if value is None else celsius(value, quantity)
             if degrees is None:
                 return self._issue("temperature-uninterpretable", source, problem)
-            self.temperatures.add(Temperature(source, degrees, when.effective, when.latest, status))
+            self.temperatures.add(Temperature(source, degrees, when.effective, when.latest, status,
+                                              maximum=bool(codes & TEMPERATURE_MAXIMUM)))
             return
         role = roles.pop()
         converted = None

@@ -4,7 +4,8 @@ Fever = any single reading >= 38.3 C, OR consecutive readings all >= 38.0 C whos
 are at least 60 minutes apart with no reading < 38.0 C between them. Temperatures are already in degrees Celsius
 rounded to 2 decimals (``service.units``). Readings at the same instant count as one reading, the highest
 (conservative); only readings timed to an instant can form a sustained run (a date-only reading has no place in a
-sequence), but any reading counts as a single reading.
+sequence, nor has a maximum over 1-24 h: brief §3.1 counts it as a single reading), but any reading counts as a
+single reading.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def assess_fever(
     hottest = _at_latest_time([t for t in readings if t.celsius == maximum])
     if maximum >= FEVER_SINGLE_READING:
         return _fever(maximum, SINGLE_READING, hottest, None)
-    run = _latest_sustained_run([t for t in readings if t.precise])
+    run = _latest_sustained_run([t for t in readings if t.precise and not t.maximum])
     if run is not None:
         return _fever(maximum, SUSTAINED, run, run[0].effective)
     return _fever(maximum, NONE, hottest, None)

@@ -675,7 +675,7 @@ def _one_field_changed(base: Any, changes: dict[str, Any]) -> list[Any]:
         }),
         _one_field_changed(_BASE_TEMPERATURE, {
             "source": "Observation/u", "celsius": Decimal("37.00"), "effective": NOW - timedelta(hours=1),
-            "latest": NOW + timedelta(hours=1), "status": "amended",
+            "latest": NOW + timedelta(hours=1), "status": "amended", "maximum": True,
         }),
     ],
     ids=["lab-results", "temperatures"],

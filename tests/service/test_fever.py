@@ -112,6 +112,19 @@ def test_date_only_reading_counts_once_but_not_in_a_run() -> None:
     assert criterion(temperature("38.1", "Cel", today), temperature("38.1", "Cel", ago(minutes=1))) == "none"
 
 
+@pytest.mark.parametrize("code", ["8311-3", "8312-1", "8313-9", "8314-7", "8315-4"])
+def test_a_maximum_over_hours_counts_once_but_not_in_a_run(code: str) -> None:
+    # Brief §3.1: a 1-24 h maximum is a single reading. Two rolling 24 h maxima an hour apart may report one spike
+    # of 38.1 °C: read as a run they made a sustained fever, and with ANC below 1000 a febrile-neutropenia emergency.
+    assert criterion(temperature("38.4", "Cel", ago(minutes=1), code=code)) == "single-reading"
+    assert criterion(temperature("38.1", "Cel", ago(minutes=61), code=code),
+                     temperature("38.1", "Cel", ago(minutes=1), code=code)) == "none"
+    assert criterion(temperature("38.1", "Cel", ago(minutes=61), code=code),
+                     temperature("38.0", "Cel", ago(minutes=1))) == "none"
+    # Beside it, timed readings still form a run.
+    timed = [temperature("38.0", "Cel", ago(minutes=61)), temperature("38.0", "Cel", ago(minutes=1))]
+    assert criterion(temperature("38.1", "Cel", ago(minutes=61), code=code), *timed) == "sustained"
+
 #: The UTC start of the date "2025-03-11"; the test below puts the future limit (now + tolerance) before it.
 TOMORROW_IN_UTC = datetime(2025, 3, 11, tzinfo=timezone.utc)
 
