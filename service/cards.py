@@ -186,7 +186,9 @@ class _View:
         # R14 is "ANC <1000 (any)" (brief §4) whatever the febrile-neutropenia cut-off: with a lower one (500/uL),
         # a fever with ANC 800 is R4, which drops the moderate grade, and the advice was missing.
         below = max(self.settings.febrile_neutropenia_anc_below, ANC_MODERATE_BELOW)
-        if anc is not None and not anc.stale and anc.cells_per_ul < below:
+        # An upper bound ("<1000") is below the cut-off it equals, as the rules grade it (AncValue.below).
+        if anc is not None and not anc.stale and (
+                anc.cells_per_ul < below or (anc.comparator == "<" and anc.cells_per_ul <= below)):
             indicators.append(Indicator.WARNING)
         return indicators
 

@@ -425,6 +425,18 @@ def test_infection_prevention_below_1000_whatever_the_febrile_neutropenia_cut_of
     assert {c.kind: c.indicator for c in cards}.get("infection-prevention") == prevention
 
 
+def test_infection_prevention_for_an_upper_bound_at_1000_under_a_lower_cut_off() -> None:
+    # "<1.0 10*9/L" is an ANC below 1000 (R14), graded so by the rules (grade 3); with the febrile-neutropenia
+    # cut-off at 500/uL a fever makes it R4, which drops the grade, and the add-on compared 1000 < 1000: no advice.
+    policy = dataclasses.replace(DEFAULT_POLICY, fn_anc_cutoff=Decimal(500))
+    settings = CardSettings(febrile_neutropenia_anc_below=Decimal(500))
+    resources = [anc_result(1.0, "10*9/L", effective=ago(hours=2), comparator="<"),
+                 temperature("38.6", effective=ago(hours=1))]
+    result = assess(resources, now=NOW, policy=policy)
+    assert result.findings[0] is F.FEVER_MILD_NEUTROPENIA and result.anc is not None and result.anc.ctcae_grade == 3
+    cards = {c.kind: c.indicator for c in render(result, settings=settings)}
+    assert cards.get("infection-prevention") == WARNING
+
 @pytest.mark.parametrize(
     ("value", "cut_off", "born", "summary"),
     [(1200, 1000, None, "Fever 38.6 °C with neutropenia, ANC 1200/uL (grade 2): review today"),
