@@ -7,9 +7,10 @@ result is reported as uninterpretable. So is a count or a temperature outside it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from service.thresholds import (
     COUNT_PLAUSIBLE_MAX,
@@ -67,39 +68,78 @@ def normalise(unit: str) -> str:
 
 def quantity_unit(quantity: Mapping[str, object]) -> tuple[str | None, str | None]:
     """The candidate unit strings of a FHIR Quantity: (UCUM ``code`` if any, printed ``unit`` if any)."""
-    code = quantity.get("code")
-    unit = quantity.get("unit")
+    return _candidates(quantity.get("code"), quantity.get("unit"))
+
+
+def _candidates(code: object, unit: object) -> tuple[str | None, str | None]:
+    """:func:`quantity_unit` of a Quantity whose ``code`` and ``unit`` are these values."""
     return (
         normalise(code) if isinstance(code, str) and code.strip() else None,
         normalise(unit) if isinstance(unit, str) and unit.strip() else None,
     )
 
 
-def _lookup(quantity: Mapping[str, object], table: Mapping[str, _M], *,
-            fold: bool = False) -> tuple[_M | None, str | None]:
-    """What ``table`` says the Quantity's unit means, or (None, why); with ``fold``, ``table``'s keys are
-    case-folded and so are the Quantity's units before they are looked up.
+#: Distinct (code, unit) pairs of strings each unit table remembers what it said of. A chart repeats a handful of
+#: units in every result, and normalising and looking them up again cost some 1.8 us a result; a request full of
+#: invented units only pushes older pairs out.
+UNIT_PAIRS_REMEMBERED = 1024
+#: Longer strings are looked up every time, never kept: no unit is this long, and a hostile request must not
+#: park large strings in the process.
+UNIT_LENGTH_REMEMBERED = 64
 
-    The UCUM ``code`` and the printed ``unit`` must not contradict each other, but one that is not a unit we know
-    is not a contradiction: the printed unit is free text for people ("degrees C", "DegC" beside ``Cel``), and a
-    recognised one of the two is enough. A unit we know of another kind ("%" beside ``10*3/uL``) contradicts.
+
+class _UnitTable(Generic[_M]):
+    """A table of units (keys compared after :func:`normalise`, and case-folded with ``fold``) to their meaning.
+
+    What it says of a Quantity depends only on the Quantity's ``code`` and ``unit`` strings, and the table is a
+    constant: each pair is worked out once per process (bounded, least recently used pairs go first).
     """
-    code, unit = quantity_unit(quantity)
-    if code is None and unit is None:
-        return None, "no unit"
-    keys = [None if u is None else u.casefold() if fold else u for u in (code, unit)]
-    meanings = {table[k] for k in keys if k is not None and k in table}
-    foreign = any(u is not None and k not in table and u in ALL_UNITS for u, k in zip((code, unit), keys))
-    if len(meanings) > 1 or (meanings and foreign):
-        return None, f"conflicting units {code!r} and {unit!r}"
-    if not meanings:
-        return None, f"unknown unit {code or unit!r}"
-    return meanings.pop(), None
+
+    def __init__(self, table: Mapping[str, _M], *, fold: bool = False) -> None:
+        self.table, self.fold = table, fold
+        self._meaning = functools.lru_cache(maxsize=UNIT_PAIRS_REMEMBERED)(self._work_out)
+
+    def lookup(self, quantity: Mapping[str, object]) -> tuple[_M | None, str | None]:
+        """What the table says the Quantity's unit means, or (None, why).
+
+        The UCUM ``code`` and the printed ``unit`` must not contradict each other, but one that is not a unit we
+        know is not a contradiction: the printed unit is free text for people ("degrees C", "DegC" beside
+        ``Cel``), and a recognised one of the two is enough. A unit we know of another kind ("%" beside
+        ``10*3/uL``) contradicts.
+        """
+        code, unit = quantity.get("code"), quantity.get("unit")
+        # Only strings are units (quantity_unit reads anything else as none), and only short ones are remembered.
+        code = code if isinstance(code, str) else None
+        unit = unit if isinstance(unit, str) else None
+        if len(code or "") > UNIT_LENGTH_REMEMBERED or len(unit or "") > UNIT_LENGTH_REMEMBERED:
+            return self._work_out(code, unit)
+        return self._meaning(code, unit)
+
+    def _work_out(self, raw_code: str | None, raw_unit: str | None) -> tuple[_M | None, str | None]:
+        """:meth:`lookup` of a Quantity whose ``code`` and ``unit`` are these strings (None when absent)."""
+        code, unit = _candidates(raw_code, raw_unit)
+        if code is None and unit is None:
+            return None, "no unit"
+        table = self.table
+        keys = [None if u is None else u.casefold() if self.fold else u for u in (code, unit)]
+        meanings = {table[k] for k in keys if k is not None and k in table}
+        foreign = any(u is not None and k not in table and u in ALL_UNITS for u, k in zip((code, unit), keys))
+        if len(meanings) > 1 or (meanings and foreign):
+            return None, f"conflicting units {code!r} and {unit!r}"
+        if not meanings:
+            return None, f"unknown unit {code or unit!r}"
+        return meanings.pop(), None
+
+
+_COUNTS = _UnitTable(COUNT_FACTORS)
+_PERCENTS = _UnitTable(PERCENT_UNITS)
+_FRACTIONS = _UnitTable(FRACTION_UNITS)
+_TEMPERATURES = _UnitTable(_TEMPERATURE_UNITS_FOLDED, fold=True)
 
 
 def count_per_ul(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
     """A cell count in cells/uL, or (None, why) for a missing, unknown or conflicting unit or an implausible count."""
-    factor, problem = _lookup(quantity, COUNT_FACTORS)
+    factor, problem = _COUNTS.lookup(quantity)
     if factor is None:
         return None, problem
     count = value * factor
@@ -113,7 +153,7 @@ def percent(value: Decimal, quantity: Mapping[str, object], *, fraction: bool) -
     if fraction and quantity_unit(quantity) == (None, None):
         unit: str | None = "1"  # the fraction code's own unit is the pure number
     else:
-        unit, problem = _lookup(quantity, FRACTION_UNITS if fraction else PERCENT_UNITS)
+        unit, problem = (_FRACTIONS if fraction else _PERCENTS).lookup(quantity)
         if unit is None:
             return None, problem
     if unit == "1":
@@ -128,7 +168,7 @@ def percent(value: Decimal, quantity: Mapping[str, object], *, fraction: bool) -
 def celsius(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
     """A body temperature in degrees Celsius rounded to 2 decimals (brief §2), or (None, why) for a missing,
     unknown or conflicting unit or a temperature outside the plausible range (checked after conversion)."""
-    unit, problem = _lookup(quantity, _TEMPERATURE_UNITS_FOLDED, fold=True)
+    unit, problem = _TEMPERATURES.lookup(quantity)
     if unit is None:
         return None, problem
     result = value if unit == CELSIUS else (value - 32) * 5 / 9
