@@ -64,8 +64,14 @@ def _require_absolute_url(value: str, name: str) -> None:
         raise ValueError(f"{name} must be an absolute http(s) URL, got {value!r}")
 
 
+#: The leaves of parsed JSON, by exact type (a str enum is a str, but is written as its value).
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def omit_empty(value: Any) -> Any:
     """Drop ``None``, ``""``, ``[]`` and ``{}`` recursively, as the spec's JSON rules require."""
+    if type(value) in _JSON_SCALARS:  # most of a card: nothing to drop or convert, and no ABC check to pay for
+        return value
     if isinstance(value, Mapping):
         cleaned = {k: omit_empty(v) for k, v in value.items()}
         return {k: v for k, v in cleaned.items() if not _is_empty(v)}
@@ -86,19 +92,42 @@ class _Model:
 
     def to_json(self) -> dict[str, Any]:
         """The spec JSON for this model, with empty optional attributes omitted."""
-        raw = {_camel(f.name): _dump(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        result: dict[str, Any] = omit_empty(raw)
+        # One pass: omit_empty of every attribute, nested models by their own to_json (already without empties,
+        # which omit_empty would only walk again), the JSON names worked out once per class.
+        result: dict[str, Any] = {}
+        for attribute, name in _json_names(type(self)):
+            value = _attribute_json(getattr(self, attribute))
+            if not _is_empty(value):
+                result[name] = value
         return result
 
 
-def _dump(value: Any) -> Any:
+#: Each model class's (attribute, JSON name) pairs, in declaration order.
+_JSON_NAMES: dict[type[_Model], tuple[tuple[str, str], ...]] = {}
+
+
+def _json_names(model: type[_Model]) -> tuple[tuple[str, str], ...]:
+    """``model``'s attributes with their JSON names (camelCase); worked out once per class, not per card."""
+    names = _JSON_NAMES.get(model)
+    if names is None:
+        fields = dataclasses.fields(model)  # type: ignore[arg-type]
+        names = _JSON_NAMES[model] = tuple((f.name, _camel(f.name)) for f in fields)
+    return names
+
+
+def _attribute_json(value: Any) -> Any:
+    """One attribute's JSON: a model by its to_json, a list or tuple item by item, an enum by its value; each with
+    empties omitted (:func:`omit_empty`)."""
     if isinstance(value, _Model):
+        # omit_empty would leave this as it is: nothing in it is empty, and every enum of these models has a str
+        # value, already written as that str.
         return value.to_json()
     if isinstance(value, (list, tuple)):
-        return [_dump(v) for v in value]
+        items = [_attribute_json(v) for v in value]
+        return [v for v in items if not _is_empty(v)]
     if isinstance(value, enum.Enum):
-        return value.value
-    return value
+        return omit_empty(value.value)
+    return omit_empty(value)
 
 
 def _camel(name: str) -> str:
