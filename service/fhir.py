@@ -229,18 +229,38 @@ def quoted_decimal(observation: Mapping[str, Any], unread_components: Collection
     this is checked on the raw JSON: the value, and the reference range limits, of the resource and its components,
     except the components numbered in ``unread_components`` (ones the rules do not read).
     """
+    path = _quoted_path(observation)
+    if path is not None:
+        return _quoted_problem(path)
     components = observation.get("component")
-    holders = [("", observation)] + [
-        (f"component[{n}].", c) for n, c in enumerate(components if isinstance(components, list) else ())
-        if isinstance(c, (dict, Mapping)) and n not in unread_components
-    ]
-    for prefix, holder in holders:
-        quantities: list[tuple[str, object]] = [("valueQuantity", holder.get("valueQuantity"))]
-        ranges = holder.get("referenceRange")
-        for n, limits in enumerate(ranges if isinstance(ranges, list) else ()):
-            if isinstance(limits, (dict, Mapping)):
-                quantities += [(f"referenceRange[{n}].{end}", limits.get(end)) for end in ("low", "high")]
-        for path, quantity in quantities:
-            if isinstance(quantity, (dict, Mapping)) and isinstance(quantity.get("value"), str):
-                return f"{prefix}{path}.value: a JSON string, not a number (FHIR JSON decimals are numbers)"
+    for n, component in enumerate(components if isinstance(components, list) else ()):
+        if isinstance(component, (dict, Mapping)) and n not in unread_components:
+            path = _quoted_path(component)
+            if path is not None:
+                return _quoted_problem(f"component[{n}].{path}")
     return None
+
+
+def _quoted_path(holder: Mapping[str, Any]) -> str | None:
+    """The first of ``holder``'s valueQuantity and reference range limits whose value is a string, by its path.
+
+    Paths are only written for the one found: this runs for every Observation read, nearly all of them clean.
+    """
+    if _quoted(holder.get("valueQuantity")):
+        return "valueQuantity"
+    ranges = holder.get("referenceRange")
+    for n, limits in enumerate(ranges if isinstance(ranges, list) else ()):
+        if isinstance(limits, (dict, Mapping)):
+            for end in ("low", "high"):
+                if _quoted(limits.get(end)):
+                    return f"referenceRange[{n}].{end}"
+    return None
+
+
+def _quoted(quantity: object) -> bool:
+    """Whether ``quantity`` is a Quantity whose value is a JSON string."""
+    return isinstance(quantity, (dict, Mapping)) and isinstance(quantity.get("value"), str)
+
+
+def _quoted_problem(path: str) -> str:
+    return f"{path}.value: a JSON string, not a number (FHIR JSON decimals are numbers)"
