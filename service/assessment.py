@@ -57,6 +57,11 @@ def assess(
     fever = assess_fever(facts.temperatures, now=now, policy=policy)
     since = newest.effective if newest is not None else current_from
     anc_issues = [timed.issue for timed in series.issues if timed.latest >= since]
+    # A result older than the ANC used raises no finding, but the trend (R13) reads every result of the currency
+    # window: an unreadable one left out there can make a rise look like a fall, so it is reported as a data issue.
+    # (A white cell count without a differential never was an ANC: it is not reported again.)
+    trend_issues = [timed.issue for timed in series.issues
+                    if timed.latest >= current_from and timed.issue.code == "anc-uninterpretable"]
     context = _context(facts, now, policy)
     risk_factors = tuple(
         sorted({c.ref for c in facts.conditions if ConditionRole.RISK_FACTOR in c.roles}, key=_ref_key)
@@ -79,7 +84,7 @@ def assess(
         ),
         policy=policy,
     )
-    issues = {*lab_issues, *anc_issues, *_preliminary_issues(newest, fever)}
+    issues = {*lab_issues, *anc_issues, *trend_issues, *_preliminary_issues(newest, fever)}
     issues |= {DataIssue("data-unavailable", None, f"{key}: {reason}") for key, reason in unavailable.items()}
     return Assessment(
         evaluated_at=now,

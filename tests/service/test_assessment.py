@@ -214,6 +214,22 @@ def test_data_issues_are_sorted_and_unique() -> None:
     assert codes == [("anc-uninterpretable", "Observation/a"), ("anc-uninterpretable", "Observation/z")]
 
 
+def test_an_unreadable_result_the_trend_skips_is_reported() -> None:
+    # 800 -> 1400 -> 1200 is no fall; without the unreadable 800 the trend reads 1400 -> 1200, a fall (R13). The
+    # result is older than the ANC used, so it raises no finding, but it must not vanish without a word.
+    resources = [anc(1200, "/uL", ago(hours=5), id="c"), anc(1400, "/uL", ago(days=3), id="b"),
+                 anc(-800, "/uL", ago(days=6), id="a")]
+    result = assess(resources, now=NOW)
+    assert result.has(Finding.ANC_FALLING) and not result.has(Finding.ANC_UNINTERPRETABLE)
+    assert [(i.code, i.source) for i in result.data_issues] == [("anc-uninterpretable", "Observation/a")]
+
+
+def test_a_white_cell_count_without_differential_before_the_anc_used_is_not_reported() -> None:
+    # It never was an ANC, so the trend lost nothing: reporting it put a data-quality card on ordinary charts.
+    result = assess([anc(1200, "/uL", ago(hours=5), id="c"), wbc(3.0, "10*3/uL", ago(days=2), id="w")], now=NOW)
+    assert result.data_issues == ()
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("400.0", "400"), ("520.50", "520.5"), ("1E+3", "1000"), ("0.0500", "0.05")],
