@@ -30,6 +30,8 @@ EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 #: a completed or stopped G-CSF/chemotherapy order still marks recent chemotherapy).
 CURRENT_MEDICATION = frozenset({"active", "on-hold"})
 ENDED_MEDICATION = frozenset({"completed", "stopped"})
+#: The other MedicationRequest statuses (R4, a required binding): such an order does not count.
+IGNORED_MEDICATION = frozenset({"cancelled", "entered-in-error", "draft", "unknown"})
 
 #: The elements the rules read, by resource type (``service.validation.screen``): an invalid one makes the record
 #: unusable, invalid elements elsewhere (display texts, narrative, extensions, meta: ordering copies of one resource
@@ -117,7 +119,7 @@ def medication_facts(
 ) -> tuple[frozenset[MedicationFact], DataIssue | None]:
     """The facts of a MedicationRequest for a known medicine: one per role (a drug may be a cause and chemo)."""
     status = r.get("status")
-    if not isinstance(status, str) or status not in CURRENT_MEDICATION | ENDED_MEDICATION:
+    if isinstance(status, str) and status in IGNORED_MEDICATION:
         return frozenset(), None
     if r.get("doNotPerform") is True:
         return frozenset(), None
@@ -127,6 +129,11 @@ def medication_facts(
         # G-CSF or chemotherapy, unknowable: said, not silently skipped.
         return frozenset(), (_malformed(r, "medicationReference: its '#id' matches no contained Medication")
                              if _unresolved_contained(r) else None)
+    if not isinstance(status, str) or status not in CURRENT_MEDICATION | ENDED_MEDICATION:
+        # A G-CSF or chemotherapy order without a valid status (it is required) cannot be placed, but dropped
+        # without a word it took the high-risk context (R2) away unseen: said, as for any record not readable.
+        return frozenset(), _malformed(r, "status: missing" if status is None else "status: not a MedicationRequest "
+                                          "status code")
     # Validated before the dates are judged: an ended order whose only date is invalid is reported, not dropped
     # unseen as one without any date.
     usable, issue = screen(MedicationRequest, r, MEDICATION_REQUEST_READS)

@@ -200,3 +200,23 @@ def test_birth_of_a_patient_invalid_elsewhere_is_used() -> None:
     assert found == ("Patient/p", date(2001, 2, 3))
     assert issue is not None and issue.code == "invalid-unread-elements" and issue.detail is not None
     assert issue.detail.startswith("gender")
+
+
+@pytest.mark.parametrize("status", [None, 1, "", "actve", " active"], ids=["missing", "number", "empty", "typo",
+                                                                        "spaces"])
+def test_order_for_a_known_medicine_without_a_valid_status_is_reported(status: Any) -> None:
+    # A G-CSF order whose status was missing or not a code was dropped without a word: the high-risk context (R2)
+    # was lost, presumed febrile neutropenia became fever without an ANC, and nothing said a record was unreadable.
+    order = medication_request("338036", id="m")
+    if status is None:
+        del order["status"]
+    else:
+        order["status"] = status
+    facts, issue = medication_facts(order, {})
+    assert facts == frozenset()
+    assert issue is not None and (issue.code, issue.source) == ("malformed-resource", "MedicationRequest/m")
+
+
+@pytest.mark.parametrize("status", ["cancelled", "entered-in-error", "draft", "unknown"])
+def test_order_with_a_status_that_does_not_count_is_ignored_without_an_issue(status: str) -> None:
+    assert medication_facts(medication_request("338036", status=status, id="m"), {}) == (frozenset(), None)
