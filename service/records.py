@@ -25,6 +25,8 @@ from service.validation import screen
 
 #: Condition.clinicalStatus codes that count, and verificationStatus codes that exclude (brief §2).
 ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
+#: Every Condition.clinicalStatus code (R4, a required binding): the ones not active mean the condition is over.
+CLINICAL_STATUSES = ACTIVE_CONDITION | {"inactive", "remission", "resolved"}
 EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 #: MedicationRequest statuses: current orders, and ended orders that count only inside a look-back (DESIGN:
 #: a completed or stopped G-CSF/chemotherapy order still marks recent chemotherapy).
@@ -79,6 +81,10 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
     if not matched or status_codes(r.get("verificationStatus")) & EXCLUDED_VERIFICATION:
         return None, None
     clinical = status_codes(r.get("clinicalStatus"))
+    if clinical and not clinical & CLINICAL_STATUSES:
+        # A status that is no code of its value set says nothing: read as "not active", a leukaemia or a
+        # drug-induced neutropenia left the context unseen.
+        return None, _malformed(r, "clinicalStatus: not a condition-clinical code")
     abated = any(isinstance(key, str) and key.startswith("abatement") for key in r)
     # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).
     if (clinical and not clinical & ACTIVE_CONDITION) or (not clinical and abated):

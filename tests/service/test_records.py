@@ -35,6 +35,19 @@ def test_malformed_condition_is_an_issue(invalid: dict[str, Any]) -> None:
     assert fact is None and issue is not None and (issue.code, issue.source) == ("malformed-resource", "Condition/n")
 
 
+@pytest.mark.parametrize("clinical", ["actve", "x", "2025-03-10"])
+def test_condition_whose_clinical_status_is_no_known_code_is_an_issue(clinical: str) -> None:
+    # Read as "not active", a neutropenia or a leukaemia with a clinicalStatus outside its value set was dropped
+    # without a word: the risk factor or chemotherapy context vanished unseen.
+    fact, issue = condition_fact(condition("165517008", clinical=clinical, id="n"))
+    assert fact is None and issue is not None and (issue.code, issue.source) == ("malformed-resource", "Condition/n")
+
+
+@pytest.mark.parametrize("clinical", ["inactive", "remission", "resolved"])
+def test_condition_that_is_over_is_ignored_without_an_issue(clinical: str) -> None:
+    assert condition_fact(condition("165517008", clinical=clinical, id="n")) == (None, None)
+
+
 @pytest.mark.parametrize(
     "invalid",
     [{"note": "not a list"}, {"code": {"coding": [{"system": SNOMED, "code": "165517008", "display": ""}]}},
