@@ -76,6 +76,8 @@ ORIGIN_FHIR = "fhir"
 REFERENCE_CHUNK = 50
 #: A FHIR logical id (http://hl7.org/fhir/R4/datatypes.html#id): only these are put into a search.
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+#: An access token an Authorization header can carry: visible ASCII (RFC 6750 §2.1 b64token is a subset).
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class KeyState(str, Enum):
@@ -339,6 +341,10 @@ def _fetch_access(request: HookRequest, policy: FetchPolicy, received_at: float,
     if authorization.access_token is None:
         # A token was meant to be sent: calling the server without one (anonymous access) is not what was asked.
         return "fhirAuthorization has no access_token"
+    if not _HEADER_TOKEN.fullmatch(authorization.access_token):
+        # http.client cannot send a character beyond Latin-1 (UnicodeEncodeError, logged with a traceback for every
+        # key as "failed unexpectedly") and requests refuses CR/LF: say what is wrong, and send nothing.
+        return "fhirAuthorization.access_token cannot be sent in an Authorization header (visible ASCII only)"
     if authorization.expires_in is None:
         # No lifetime given: the token is used only until this request's deadline, and never kept.
         return _Access(request.fhir_server, authorization.access_token, deadline)

@@ -394,6 +394,20 @@ def test_prefetch_authorization_without_access_token_fetches_nothing(
     assert fhir_stub.requests == []
 
 
+@pytest.mark.parametrize("token", ("tok\u2028en", "tok\u20acen", "tok\nen", "tok en"),
+                         ids=("line-separator", "euro", "newline", "space"))
+def test_prefetch_token_no_header_can_carry_fetches_nothing(fhir_stub: FhirStub, resolve: Callable[..., PrefetchResult],
+                                                            caplog: pytest.LogCaptureFixture, token: str) -> None:
+    # A token beyond Latin-1 raised UnicodeEncodeError inside http.client: a traceback logged for every key and a
+    # 412 saying "fetch failed unexpectedly"; CR/LF read as "the FHIR server could not be reached".
+    serve_all(fhir_stub)
+    missing = required_412(resolve, make_request(fhir_stub, token=token))
+    assert set(missing.values()) == {"fhirAuthorization.access_token cannot be sent in an Authorization header "
+                                     "(visible ASCII only)"}
+    assert fhir_stub.requests == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 @pytest.mark.parametrize(("labs", "diagnostics"), (
     (ABSENT, "prefetch key 'labs' was not provided and could not be fetched: no fhirServer in the request"),
     (operation_outcome("lab system down"),
