@@ -191,6 +191,15 @@ def test_fetch_never_follows_next_to_another_origin(fhir_stub: FhirStub, make_fh
     assert other.requests == []
 
 
+def test_fetch_does_not_follow_a_next_link_that_is_not_a_url(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    # urljoin raised ValueError on the unclosed bracket: the key's data was thrown away as "failed unexpectedly".
+    fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url="http://[::1/fhir/page/2"))
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=123", token=TOKEN, deadline=soon())
+    assert outcome.ok and [r["id"] for r in outcome.resources] == ["o1"]
+    assert outcome.note == "a next link that is not a URL was not followed"
+    assert len(fhir_stub.requests) == 1
+
+
 def test_fetch_stops_at_max_pages(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
     chain(fhir_stub, 5)
     outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon(), max_pages=2)
