@@ -20,8 +20,9 @@ from cds_hooks.errors import InvalidRequest
 #: Absent prefetch key vs. a key sent as JSON null are different things (spec §Prefetch); this marks absent.
 _ABSENT = object()
 
+#: The offset's minutes are 00-59 (RFC 3339 §5.6 time-numoffset): datetime.fromisoformat reads "+14:60" as +15:00.
 _RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(?P<second>\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(?P<second>\d{2})(\.\d+)?([Zz]|[+-]\d{2}:[0-5]\d)$"
 )
 #: RFC 3339 §5.6 allows second 60, a leap second, which ``datetime`` cannot hold.
 _LEAP_SECOND = "60"

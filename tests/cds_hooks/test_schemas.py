@@ -225,6 +225,7 @@ def test_optional_feedback_member_null_is_absent(sent: dict[str, Any], same_as: 
     ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2021-13-41T10:05:31Z"}]}, "feedback[0].outcomeTimestamp"),
     ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2016-12-31T23:59:61Z"}]}, "feedback[0].outcomeTimestamp"),
     ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2016-12-31T23:59:60Z\n"}]}, "feedback[0].outcomeTimestamp"),
+    ({"feedback": [{**ACCEPTED, "outcomeTimestamp": "2021-12-11T10:05:31+00:99"}]}, "feedback[0].outcomeTimestamp"),
     ({"feedback": [{k: v for k, v in ACCEPTED.items() if k != "acceptedSuggestions"}]},
      "feedback[0].acceptedSuggestions"),
     ({"feedback": [{**ACCEPTED, "acceptedSuggestions": [{}]}]}, "feedback[0].acceptedSuggestions[0].id"),
@@ -234,7 +235,7 @@ def test_optional_feedback_member_null_is_absent(sent: dict[str, Any], same_as: 
         "timestamp-null", "accepted-with-null-suggestions", "suggestion-id-null", "reason-system-null", "card-missing",
         "unknown-outcome",
         "timestamp-missing", "timestamp-not-a-date", "timestamp-without-zone", "timestamp-impossible",
-        "timestamp-second-61", "timestamp-leap-second-trailing-newline",
+        "timestamp-second-61", "timestamp-leap-second-trailing-newline", "timestamp-offset-minute-99",
         "accepted-without-suggestions", "suggestion-without-id", "reason-without-system"])
 def test_invalid_feedback_names_the_field(body: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
