@@ -145,6 +145,9 @@ def medication_facts(
     usable, issue = screen(MedicationRequest, r, MEDICATION_REQUEST_READS)
     if not usable:
         return frozenset(), issue
+    unquoted = _unquoted_date(r)
+    if unquoted is not None:
+        return frozenset(), _malformed(r, f"{unquoted}: a JSON number or boolean, not a dateTime string")
     last = latest_order_date(r)
     if status in ENDED_MEDICATION and last is None:
         return frozenset(), None  # an ended order without any date cannot be placed in a look-back window
@@ -185,6 +188,33 @@ def _unresolved_contained(r: Mapping[str, Any]) -> bool:
     """Whether ``r`` names its medicine by a contained '#id' that none of its contained resources has."""
     target = None if "medicationCodeableConcept" in r else _medication_target(r)
     return target is not None and target.startswith("#") and _contained(r, target[1:]) is None
+
+
+def _unquoted_date(r: Mapping[str, Any]) -> str | None:
+    """Where a date :func:`latest_order_date` reads is not a JSON string, or None.
+
+    fhir.resources' lax validation takes a number for a dateTime (seconds since 1970: ``"authoredOn": 0`` passes),
+    but only strings are dates here: a completed G-CSF order so dated was dropped as one without any date, unseen.
+    """
+    found: list[tuple[str, object]] = [("authoredOn", r.get("authoredOn"))]
+    dispense = r.get("dispenseRequest")
+    validity = dispense.get("validityPeriod") if isinstance(dispense, Mapping) else None
+    if isinstance(validity, Mapping):
+        found += [(f"dispenseRequest.validityPeriod.{end}", validity.get(end)) for end in ("start", "end")]
+    dosages = r.get("dosageInstruction")
+    for n, dosage in enumerate(dosages if isinstance(dosages, list) else ()):
+        when = dosage.get("timing") if isinstance(dosage, Mapping) else None
+        if not isinstance(when, Mapping):
+            continue
+        events = when.get("event")
+        found += [(f"dosageInstruction[{n}].timing.event[{i}]", e)
+                  for i, e in enumerate(events if isinstance(events, list) else ())]
+        repeat = when.get("repeat")
+        bounds = repeat.get("boundsPeriod") if isinstance(repeat, Mapping) else None
+        if isinstance(bounds, Mapping):
+            found += [(f"dosageInstruction[{n}].timing.repeat.boundsPeriod.{end}", bounds.get(end))
+                      for end in ("start", "end")]
+    return next((where for where, value in found if value is not None and not isinstance(value, str)), None)
 
 
 def latest_order_date(r: Mapping[str, Any]) -> datetime | None:

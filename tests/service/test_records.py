@@ -73,6 +73,24 @@ def test_medication_request_invalid_where_read_is_not_used(invalid: dict[str, An
 
 
 @pytest.mark.parametrize(
+    ("dates", "where"),
+    [({"authoredOn": 0}, "authoredOn"), ({"authoredOn": 1741600000.5}, "authoredOn"),
+     ({"dispenseRequest": {"validityPeriod": {"end": 1741600000}}}, "dispenseRequest.validityPeriod.end"),
+     ({"dosageInstruction": [{"timing": {"event": [1741600000]}}]}, "dosageInstruction[0].timing.event[0]")],
+    ids=["authored-on-zero", "authored-on-float", "validity-end", "event"],
+)
+def test_order_date_sent_as_a_number_is_reported(dates: dict[str, Any], where: str) -> None:
+    # fhir.resources reads a number as seconds since 1970, so validation passed; the dates here are strings only,
+    # and a completed G-CSF order so dated was dropped as undated without a word (R2's context lost unseen).
+    order = medication_request("338036", status="completed", id="m")
+    del order["authoredOn"]
+    facts, issue = medication_facts({**order, **dates}, {})
+    assert facts == frozenset()
+    assert issue == DataIssue("malformed-resource", "MedicationRequest/m",
+                              f"{where}: a JSON number or boolean, not a dateTime string")
+
+
+@pytest.mark.parametrize(
     ("dates", "issue_code"),
     [({"authoredOn": "2025-03-40"}, "malformed-resource"),
      ({"dosageInstruction": [{"timing": {"event": ["yesterday"]}}]}, "malformed-resource"),
