@@ -133,8 +133,10 @@ def medication_facts(
     if not matched:
         # An order whose medicine is a '#id' matching nothing it contains is broken FHIR, and its medicine, maybe a
         # G-CSF or chemotherapy, unknowable: said, not silently skipped.
-        return frozenset(), (_malformed(r, "medicationReference: its '#id' matches no contained Medication")
-                             if _unresolved_contained(r) else None)
+        if _unresolved_contained(r):
+            return frozenset(), _malformed(r, "medicationReference: its '#id' matches no contained Medication")
+        unreadable = _unreadable_medication(r)
+        return frozenset(), (_malformed(r, f"{unreadable}; its medicine cannot be known") if unreadable else None)
     if not isinstance(status, str) or status not in CURRENT_MEDICATION | ENDED_MEDICATION:
         # A G-CSF or chemotherapy order without a valid status (it is required) cannot be placed, but dropped
         # without a word it took the high-risk context (R2) away unseen: said, as for any record not readable.
@@ -182,6 +184,28 @@ def _contained(r: Mapping[str, Any], target_id: str) -> Mapping[str, Any] | None
     contained = r.get("contained")
     return next((item for item in (contained if isinstance(contained, list) else ())
                  if isinstance(item, Mapping) and item.get("id") == target_id), None)
+
+
+def _unreadable_medication(r: Mapping[str, Any]) -> str | None:
+    """What makes an order's medication[x] (required, 1..1) unreadable, or None when it can be read.
+
+    Only broken FHIR counts: a coding with only text, or a Reference with only a display, is valid and simply names
+    no medicine the rules know. A broken one may hide a G-CSF or chemotherapy, like a '#id' that matches nothing.
+    """
+    if "medicationCodeableConcept" in r:
+        concept = r["medicationCodeableConcept"]
+        codings = concept.get("coding", []) if isinstance(concept, Mapping) else None
+        if not isinstance(codings, list) or not all(
+                isinstance(c, Mapping) and all(isinstance(c.get(k, ""), str) for k in ("system", "code"))
+                for c in codings):
+            return "medicationCodeableConcept: not a CodeableConcept"
+        return None
+    if "medicationReference" in r:
+        target = r["medicationReference"]
+        if not isinstance(target, Mapping) or not isinstance(target.get("reference", ""), str):
+            return "medicationReference: not a Reference"
+        return None
+    return "medication[x]: missing"
 
 
 def _unresolved_contained(r: Mapping[str, Any]) -> bool:

@@ -176,6 +176,31 @@ def test_an_order_whose_contained_medicine_is_missing_says_so(contained: list[di
     assert (issue.code if issue else None) == issue_code
 
 
+@pytest.mark.parametrize(
+    ("medication", "issue"),
+    [({"medicationReference": "Medication/gcsf"}, "medicationReference: not a Reference"),
+     ({"medicationReference": {"reference": 5}}, "medicationReference: not a Reference"),
+     ({"medicationCodeableConcept": "pegfilgrastim"}, "medicationCodeableConcept: not a CodeableConcept"),
+     ({"medicationCodeableConcept": {"coding": {"code": "338036"}}}, "medicationCodeableConcept: not a CodeableConcept"),
+     ({"medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": 338036}]}},
+      "medicationCodeableConcept: not a CodeableConcept"),
+     ({}, "medication[x]: missing"),
+     ({"medicationCodeableConcept": {"text": "paracetamol"}}, None),
+     ({"medicationReference": {"display": "paracetamol"}}, None)],
+    ids=["reference-a-string", "reference-a-number", "concept-a-string", "coding-not-a-list", "code-a-number",
+         "missing", "text-only", "display-only"],
+)
+def test_an_order_whose_medicine_is_unreadable_says_so(medication: dict[str, Any], issue: str | None) -> None:
+    # Broken FHIR where the medicine is named was skipped without a word: it may have been a G-CSF or
+    # chemotherapy, and the R2 context vanished unseen. Valid orders naming no known medicine stay silent.
+    order = medication_request("0", id="m")
+    del order["medicationCodeableConcept"]
+    facts, found = medication_facts({**order, **medication}, {})
+    assert facts == frozenset()
+    assert found == (DataIssue("malformed-resource", "MedicationRequest/m", f"{issue}; its medicine cannot be known")
+                     if issue else None)
+
+
 def test_latest_order_date_uses_every_date() -> None:
     order = medication_request("338036", authored=ago(days=10),
                                dispenseRequest={"validityPeriod": {"end": ago(days=4)}},
