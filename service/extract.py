@@ -270,6 +270,11 @@ class _Collector:
             return  # a retracted report: nothing of it counts
         external = report.get("result")
         named = references_within(external)  # the results it carries in ``contained``, by their "#id"
+        if _broken_references(external) and _carries_observations(report):
+            # Results it carries cannot be told from the rest ("#r1" as a bare string, an object for the list):
+            # unread without a word, a contained ANC vanished and R1 became R2.
+            self._issue("malformed-resource", source_of(report),
+                        "result: not a list of References; contained results it may name not read")
         results, foreign, missing = _contained_results(report, named)
         # The report's results are reported together, separate and contained alike, whatever its state.
         self._link([*(external if isinstance(external, list) else []),
@@ -450,6 +455,19 @@ def _contained_results(
             continue
         results.append({**item, "id": _contained_id(report_id, item["id"])})
     return results, foreign, len(named - found)
+
+
+def _broken_references(items: object) -> bool:
+    """Whether ``items`` (a raw element that should be a list of References) is present but not one."""
+    return items is not None and not (isinstance(items, list) and all(
+        isinstance(item, (dict, Mapping)) and isinstance(item.get("reference", ""), str) for item in items))
+
+
+def _carries_observations(report: Mapping[str, Any]) -> bool:
+    """Whether a DiagnosticReport holds any Observation in ``contained``."""
+    items = report.get("contained")
+    return any(isinstance(item, (dict, Mapping)) and item.get("resourceType") == "Observation"
+               for item in (items if isinstance(items, list) else ()))
 
 
 def _contained_id(report_id: str, local_id: str) -> str:

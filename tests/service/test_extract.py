@@ -761,6 +761,16 @@ def test_report_whose_status_cannot_be_read_is_reported_not_silently_skipped(sta
     assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101", problem),)
 
 
+@pytest.mark.parametrize("result", ["#r1", ["#r1"], {"reference": "#r1"}, [{"reference": 1}]],
+                         ids=["a-string", "list-of-strings", "an-object", "reference-a-number"])
+def test_report_whose_result_is_not_a_list_of_references_is_reported(result: object) -> None:
+    # Its contained ANC was not read and nothing said so: with a fever, febrile neutropenia became presumed.
+    found = facts({**_report(_inner(anc(300, id="r1"))), "result": result})
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101",
+                                      "result: not a list of References; contained results it may name not read"),)
+
+
 def test_contained_result_naming_another_subject_is_not_read() -> None:
     # The prefetch drops top-level results about another patient; one hidden in a report must not be graded.
     other = {**anc(2500, id="x1"), "subject": {"reference": "Patient/someone-else"}}
