@@ -85,13 +85,17 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
         # A status that is no code of its value set says nothing: read as "not active", a leukaemia or a
         # drug-induced neutropenia left the context unseen.
         return None, _malformed(r, "clinicalStatus: not a condition-clinical code")
-    abated = any(isinstance(key, str) and key.startswith("abatement") for key in r)
-    # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).
-    if (clinical and not clinical & ACTIVE_CONDITION) or (not clinical and abated):
+    if clinical and not clinical & ACTIVE_CONDITION:
         return None, None
+    # Validated before abatement is judged: "abatementDateTime": "unknown" dropped a leukaemia without a word.
     usable, issue = screen(Condition, r, CONDITION_READS)
     if not usable:
         return None, issue
+    # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).
+    # An abatement sent as null is absent, as every null member is (it dropped the condition unseen).
+    if not clinical and any(isinstance(key, str) and key.startswith("abatement") and value is not None
+                            for key, value in r.items()):
+        return None, None
     system, code = matched[0]
     roles = frozenset().union(*(CONDITION_ROLES[c] for c in matched))
     return ConditionFact(CodedRef(system, code, CONDITION_DISPLAY.get((system, code)), source_of(r)), roles), issue

@@ -43,6 +43,21 @@ def test_condition_whose_clinical_status_is_no_known_code_is_an_issue(clinical: 
     assert fact is None and issue is not None and (issue.code, issue.source) == ("malformed-resource", "Condition/n")
 
 
+@pytest.mark.parametrize(
+    ("abatement", "counts", "issue_code"),
+    [({"abatementDateTime": "2024-05-01"}, False, None), ({"abatementString": "in remission"}, False, None),
+     ({"abatementDateTime": None}, True, None), ({"abatementDateTime": "unknown"}, False, "malformed-resource")],
+    ids=["abated", "abated-as-text", "abatement-null", "abatement-not-a-date"],
+)
+def test_condition_without_clinical_status_and_its_abatement(abatement: dict[str, Any], counts: bool,
+                                                             issue_code: str | None) -> None:
+    # A null abatement read as "abated", and an invalid one was never validated: either dropped a leukaemia
+    # (the chemotherapy context) without a word.
+    fact, issue = condition_fact({**condition("91861009", clinical=None, id="n"), **abatement})
+    assert (fact is not None) is counts
+    assert (issue.code if issue else None) == issue_code
+
+
 @pytest.mark.parametrize("clinical", ["inactive", "remission", "resolved"])
 def test_condition_that_is_over_is_ignored_without_an_issue(clinical: str) -> None:
     assert condition_fact(condition("165517008", clinical=clinical, id="n")) == (None, None)
