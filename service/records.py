@@ -166,7 +166,7 @@ def medication_facts(
 
 
 def _medication_codes(r: Mapping[str, Any], medications: Mapping[str, frozenset[Code]]) -> frozenset[Code]:
-    if "medicationCodeableConcept" in r:
+    if r.get("medicationCodeableConcept") is not None:  # null is absent: the order names its medicine by reference
         return codes_of(r["medicationCodeableConcept"])
     target = _medication_target(r)
     if target is not None and target.startswith("#"):
@@ -196,7 +196,7 @@ def _unreadable_medication(r: Mapping[str, Any]) -> str | None:
     Only broken FHIR counts: a coding with only text, or a Reference with only a display, is valid and simply names
     no medicine the rules know. A broken one may hide a G-CSF or chemotherapy, like a '#id' that matches nothing.
     """
-    if "medicationCodeableConcept" in r:
+    if r.get("medicationCodeableConcept") is not None:
         concept = r["medicationCodeableConcept"]
         codings = concept.get("coding", []) if isinstance(concept, Mapping) else None
         if not isinstance(codings, list) or not all(
@@ -204,7 +204,7 @@ def _unreadable_medication(r: Mapping[str, Any]) -> str | None:
                 for c in codings):
             return "medicationCodeableConcept: not a CodeableConcept"
         return None
-    if "medicationReference" in r:
+    if r.get("medicationReference") is not None:
         target = r["medicationReference"]
         if not isinstance(target, Mapping) or not isinstance(target.get("reference", ""), str):
             return "medicationReference: not a Reference"
@@ -214,7 +214,7 @@ def _unreadable_medication(r: Mapping[str, Any]) -> str | None:
 
 def _unresolved_contained(r: Mapping[str, Any]) -> bool:
     """Whether ``r`` names its medicine by a contained '#id' that none of its contained resources has."""
-    target = None if "medicationCodeableConcept" in r else _medication_target(r)
+    target = None if r.get("medicationCodeableConcept") is not None else _medication_target(r)
     return target is not None and target.startswith("#") and _contained(r, target[1:]) is None
 
 

@@ -216,6 +216,14 @@ def test_an_order_whose_medicine_is_unreadable_says_so(medication: dict[str, Any
                      if issue else None)
 
 
+def test_an_order_with_a_null_concept_is_known_by_its_reference() -> None:
+    # "medicationCodeableConcept": null hid the medicationReference beside it: a G-CSF order was never read.
+    order = {**medication_request("0", id="m"), "medicationCodeableConcept": None,
+             "medicationReference": {"reference": "Medication/g"}}
+    facts, issue = medication_facts(order, {"Medication/g": frozenset({(RXNORM, "338036")})})
+    assert {f.role for f in facts} == {MedicationRole.GCSF} and issue is None
+
+
 def test_latest_order_date_uses_every_date() -> None:
     order = medication_request("338036", authored=ago(days=10),
                                dispenseRequest={"validityPeriod": {"end": ago(days=4)}},
