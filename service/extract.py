@@ -486,9 +486,10 @@ def _subject(resource: Mapping[str, Any]) -> str | None:
 
 def _observation_reads(r: Mapping[str, Any]) -> frozenset[str]:
     """The elements of ``r`` the rules read: :data:`OBSERVATION_READS`, and ``issued`` when it gives the time."""
-    # The effective[x] keys written out (as timing.observation_timing reads them): any() over a generator cost
-    # more than the three look-ups.
-    timed = "effectiveDateTime" in r or "effectiveInstant" in r or "effectivePeriod" in r
+    # The effective[x] keys written out (as timing.observation_timing reads them, a null member as absent): any()
+    # over a generator cost more than the three look-ups.
+    timed = (r.get("effectiveDateTime") is not None or r.get("effectiveInstant") is not None
+             or r.get("effectivePeriod") is not None)
     return OBSERVATION_READS if timed else _READS_WITH_ISSUED
 
 

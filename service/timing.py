@@ -154,12 +154,13 @@ def period(value: object) -> Timing | None:
 
 def observation_timing(resource: Mapping[str, object]) -> Timing | None:
     """The time an Observation applies: effectiveDateTime, effectiveInstant, effectivePeriod, else issued."""
+    # A member sent as null is absent: "effectiveDateTime": null beside a valid issued left the result undated.
     for key in ("effectiveDateTime", "effectiveInstant"):
-        if key in resource:
+        if resource.get(key) is not None:
             return parse(resource[key])
-    if "effectivePeriod" in resource:
+    if resource.get("effectivePeriod") is not None:
         return period(resource["effectivePeriod"])
-    if "issued" in resource:
+    if resource.get("issued") is not None:
         return parse(resource["issued"])
     return None
 

@@ -166,8 +166,10 @@ def test_precise_only_for_instants() -> None:
         ({"effectivePeriod": {"start": "2025-03-10T08:00:00Z"}}, at(2025, 3, 10, 8)),
         ({"issued": "2025-03-10T11:00:00Z"}, at(2025, 3, 10, 11)),
         ({"effectiveDateTime": "2025-03-10T10:00:00Z", "issued": "2025-03-10T11:00:00Z"}, at(2025, 3, 10, 10)),
+        ({"effectiveDateTime": None, "effectivePeriod": None, "issued": "2025-03-10T11:00:00Z"}, at(2025, 3, 10, 11)),
     ],
-    ids=["dateTime", "instant", "period-end", "period-open", "issued", "effective-before-issued"],
+    ids=["dateTime", "instant", "period-end", "period-open", "issued", "effective-before-issued",
+         "null-effective-is-absent"],
 )
 def test_observation_timing(resource: dict[str, object], expected: datetime) -> None:
     found = observation_timing(resource)
