@@ -107,6 +107,13 @@ class _Body(Schema):
         return {key: value for key, value in data.items() if value is not None or key not in self._optional_keys}
 
 
+def _bearer(value: str) -> bool:
+    """RFC 6749 §5.1: a token type is case insensitive ("BEARER" was a 400, and the clinician got no card)."""
+    if value.lower() != "bearer":
+        raise ValidationError("must be 'Bearer' (in any case)")
+    return True
+
+
 def _non_empty(value: str) -> bool:
     if not value.strip():
         raise ValidationError("must not be empty")
@@ -155,7 +162,7 @@ class FhirAuthorizationSchema(_Body):
     """
 
     access_token = _StrictString(validate=_non_empty)
-    token_type = _StrictString(validate=validate.OneOf(["Bearer", "bearer"]))
+    token_type = _StrictString(validate=_bearer)
     # Seconds; the upper bound (int32, 68 years) only keeps absurd values out of the expiry arithmetic.
     expires_in = _StrictInteger(validate=validate.Range(min=0, max=2**31 - 1))
     scope = _StrictString()

@@ -146,6 +146,13 @@ def test_required_authorization_members_left_out_are_tolerated(left_out: tuple[s
     assert {name: getattr(authorization, name) for name in expected} == expected
 
 
+@pytest.mark.parametrize("token_type", ["Bearer", "bearer", "BEARER"])
+def test_token_type_is_case_insensitive(token_type: str) -> None:
+    # RFC 6749 §5.1; "BEARER" was a 400, so a request with a complete prefetch got no card at all.
+    authorization = load_hook_request(with_(fhirAuthorization={**AUTHORIZATION, "token_type": token_type}))
+    assert authorization.fhir_authorization is not None
+
+
 @pytest.mark.parametrize("body", [[], "x", 1, None], ids=["array", "string", "number", "null"])
 def test_request_body_must_be_an_object(body: Any) -> None:
     with pytest.raises(InvalidRequest, match="JSON object"):
