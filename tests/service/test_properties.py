@@ -4,7 +4,8 @@ temperature never lowers the urgency; no input makes ``assess`` raise.
 Over richer charts (ages, count units, CBCs in DiagnosticReports, Cel/[degF], risk factors, orders), rendered to
 cards: another temperature, a higher one, a risk factor or an order never lowers the most urgent card (a reading
 < 38.0 C may end a sustained run, brief §0); a current ANC bounds it; Bundles, zones, statuses, older versions and
-irrelevant resources change nothing; every card agrees with its findings (design.md §3 card kinds)."""
+irrelevant resources change nothing; every card agrees with its findings (design.md §3 card kinds). An order or a
+condition the rules use with a member of the wrong JSON type is never dropped without a data issue."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from service.assessment import DEFAULT_POLICY, Assessment, Finding, assess, assessment_extension, rfc3339
 from service.cards import render
 from service.fever import SUSTAINED
+from service.records import condition_fact, medication_facts
 from service.rules import INDICATOR, URGENCY
 from tests.service.factories import (
     ATC,
@@ -661,3 +663,42 @@ def test_an_older_version_of_a_resource_never_changes_findings(resources: list[d
     assert after.findings == before.findings
     assert (after.anc, after.fever, after.anc_trend) == (before.anc, before.fever, before.anc_trend)
     assert indicators(after) == indicators(before)
+
+
+#: A JSON value of another type than the member holds, by the member's type.
+WRONG_TYPE = {"string": st.sampled_from([0, -1, 1.5, True, [], ["x"], {}, {"a": 1}]),
+              "object": st.sampled_from(["x", "", 0, 1.5, True, [], [{}], ["x"]]),
+              "list": st.sampled_from(["x", 0, True, {}, {"a": 1}, [None], [1], ["x"]])}
+ORDER_MEMBERS = {"status": "string", "authoredOn": "string", "medicationCodeableConcept": "object",
+                 "dispenseRequest": "object", "dosageInstruction": "list", "subject": "object", "intent": "string",
+                 "id": "string"}
+#: Not ``code``: a Condition whose code cannot be read is not known to be one the rules read (like an Observation).
+CONDITION_MEMBERS = {"clinicalStatus": "object", "verificationStatus": "object", "subject": "object", "id": "string",
+                     "abatementDateTime": "string", "onsetDateTime": "string", "category": "list"}
+
+
+@QUICK
+@given(st.sampled_from(["active", "completed"]), st.sampled_from(sorted(ORDER_MEMBERS)), st.data())
+def test_an_order_the_rules_use_is_never_dropped_silently(status: str, member: str, data: st.DataObject) -> None:
+    """A G-CSF order with one member of the wrong JSON type gives the same facts, or a data issue says why not.
+
+    A status, a date or a medicine of the wrong type dropped the order without a word, and with it the R2 context.
+    """
+    order = medication_request("338036", status=status, id="m", authored=ago(days=3),
+                               dispenseRequest={"validityPeriod": {"end": ago(days=2)}},
+                               dosageInstruction=[{"timing": {"event": [ago(days=3)]}}])
+    before, _ = medication_facts(order, {})
+    assert before
+    after, issue = medication_facts({**order, member: data.draw(WRONG_TYPE[ORDER_MEMBERS[member]])}, {})
+    assert after == before or issue is not None
+
+
+@QUICK
+@given(st.sampled_from(sorted(CONDITION_MEMBERS)), st.data())
+def test_a_condition_the_rules_use_is_never_dropped_silently(member: str, data: st.DataObject) -> None:
+    """A leukaemia with one member of the wrong JSON type gives the same fact, or a data issue says why not."""
+    leukaemia = condition("91861009", id="n")
+    before, _ = condition_fact(leukaemia)
+    assert before is not None
+    after, issue = condition_fact({**leukaemia, member: data.draw(WRONG_TYPE[CONDITION_MEMBERS[member]])})
+    assert after == before or issue is not None
