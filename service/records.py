@@ -208,6 +208,10 @@ def _unreadable_medication(r: Mapping[str, Any]) -> str | None:
         target = r["medicationReference"]
         if not isinstance(target, Mapping) or not isinstance(target.get("reference", ""), str):
             return "medicationReference: not a Reference"
+        named = target.get("reference")
+        if named is not None and not named.startswith("#") and not (reference(named) or "").startswith("Medication/"):
+            # "x", "", a Substance: the Medication index and the reference following read "Medication/<id>" only.
+            return "medicationReference: names no Medication ('Medication/<id>' or '#<id>')"
         return None
     return "medication[x]: missing"
 

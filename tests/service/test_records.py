@@ -195,6 +195,11 @@ def test_an_order_whose_contained_medicine_is_missing_says_so(contained: list[di
     ("medication", "issue"),
     [({"medicationReference": "Medication/gcsf"}, "medicationReference: not a Reference"),
      ({"medicationReference": {"reference": 5}}, "medicationReference: not a Reference"),
+     ({"medicationReference": {"reference": "x"}}, "medicationReference: names no Medication ('Medication/<id>' or "
+                                                   "'#<id>')"),
+     ({"medicationReference": {"reference": "Substance/s"}}, "medicationReference: names no Medication "
+                                                             "('Medication/<id>' or '#<id>')"),
+     ({"medicationReference": {"reference": "https://ehr/fhir/Medication/x"}}, None),
      ({"medicationCodeableConcept": "pegfilgrastim"}, "medicationCodeableConcept: not a CodeableConcept"),
      ({"medicationCodeableConcept": {"coding": {"code": "338036"}}}, "medicationCodeableConcept: not a CodeableConcept"),
      ({"medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": 338036}]}},
@@ -202,7 +207,8 @@ def test_an_order_whose_contained_medicine_is_missing_says_so(contained: list[di
      ({}, "medication[x]: missing"),
      ({"medicationCodeableConcept": {"text": "paracetamol"}}, None),
      ({"medicationReference": {"display": "paracetamol"}}, None)],
-    ids=["reference-a-string", "reference-a-number", "concept-a-string", "coding-not-a-list", "code-a-number",
+    ids=["reference-a-string", "reference-a-number", "reference-no-type", "reference-to-a-substance",
+         "absolute-reference", "concept-a-string", "coding-not-a-list", "code-a-number",
          "missing", "text-only", "display-only"],
 )
 def test_an_order_whose_medicine_is_unreadable_says_so(medication: dict[str, Any], issue: str | None) -> None:
