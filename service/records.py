@@ -228,43 +228,40 @@ def _unquoted_date(r: Mapping[str, Any]) -> str | None:
     fhir.resources' lax validation takes a number for a dateTime (seconds since 1970: ``"authoredOn": 0`` passes),
     but only strings are dates here: a completed G-CSF order so dated was dropped as one without any date, unseen.
     """
-    found: list[tuple[str, object]] = [("authoredOn", r.get("authoredOn"))]
+    for path, value, is_period in _order_times(r):
+        ends = [(f"{path}.{end}", value.get(end)) for end in ("start", "end")] if is_period else [(path, value)]
+        for where, item in ends:
+            if item is not None and not isinstance(item, str):
+                return where
+    return None
+
+
+def _order_times(r: Mapping[str, Any]) -> list[tuple[str, Any, bool]]:
+    """Every time an order mentions, as (path, raw value, whether it is a Period): authoredOn, the validity period,
+    dosage events and bounds. Periods are given only when they are objects."""
+    found: list[tuple[str, Any, bool]] = [("authoredOn", r.get("authoredOn"), False)]
     dispense = r.get("dispenseRequest")
     validity = dispense.get("validityPeriod") if isinstance(dispense, Mapping) else None
     if isinstance(validity, Mapping):
-        found += [(f"dispenseRequest.validityPeriod.{end}", validity.get(end)) for end in ("start", "end")]
+        found.append(("dispenseRequest.validityPeriod", validity, True))
     dosages = r.get("dosageInstruction")
     for n, dosage in enumerate(dosages if isinstance(dosages, list) else ()):
         when = dosage.get("timing") if isinstance(dosage, Mapping) else None
         if not isinstance(when, Mapping):
             continue
         events = when.get("event")
-        found += [(f"dosageInstruction[{n}].timing.event[{i}]", e)
+        found += [(f"dosageInstruction[{n}].timing.event[{i}]", e, False)
                   for i, e in enumerate(events if isinstance(events, list) else ())]
         repeat = when.get("repeat")
         bounds = repeat.get("boundsPeriod") if isinstance(repeat, Mapping) else None
         if isinstance(bounds, Mapping):
-            found += [(f"dosageInstruction[{n}].timing.repeat.boundsPeriod.{end}", bounds.get(end))
-                      for end in ("start", "end")]
-    return next((where for where, value in found if value is not None and not isinstance(value, str)), None)
+            found.append((f"dosageInstruction[{n}].timing.repeat.boundsPeriod", bounds, True))
+    return found
 
 
 def latest_order_date(r: Mapping[str, Any]) -> datetime | None:
     """The latest date an order mentions: authoredOn, validity period end, dosage bounds or events."""
-    candidates = [timing.parse(r.get("authoredOn"))]
-    dispense = r.get("dispenseRequest")
-    if isinstance(dispense, Mapping):
-        candidates.append(timing.period(dispense.get("validityPeriod")))
-    dosages = r.get("dosageInstruction")
-    for dosage in dosages if isinstance(dosages, list) else ():
-        when = dosage.get("timing") if isinstance(dosage, Mapping) else None
-        if not isinstance(when, Mapping):
-            continue
-        events = when.get("event")
-        candidates += [timing.parse(e) for e in events] if isinstance(events, list) else []
-        repeat = when.get("repeat")
-        if isinstance(repeat, Mapping):
-            candidates.append(timing.period(repeat.get("boundsPeriod")))
+    candidates = [timing.period(value) if is_period else timing.parse(value) for _, value, is_period in _order_times(r)]
     found = [c.latest for c in candidates if c is not None]
     return max(found) if found else None
 
