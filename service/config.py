@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cds_hooks.auth import AuthPolicy, load_trusted_issuers
 from cds_hooks.fhir_client import DEFAULT_PORTS, origin
+from cds_hooks.store import normalise_url
 from service.cards import CardSettings
 from service.thresholds import ClinicalPolicy
 
@@ -283,6 +285,19 @@ def _check_consistency(settings: Settings) -> None:
             raise ConfigError("CDS_TRUSTED_ISSUERS_FILE is required when CDS_AUTH=required")
         if not Path(settings.trusted_issuers_file).is_file():
             raise ConfigError(f"CDS_TRUSTED_ISSUERS_FILE={settings.trusted_issuers_file!r} is not a readable file")
+        try:
+            load_trusted_issuers(settings.trusted_issuers_file)
+        except ValueError as error:
+            raise ConfigError(f"CDS_TRUSTED_ISSUERS_FILE is invalid: {error}") from None
+    # Checked here, not first when a worker builds the app: there a bad value was a traceback per worker.
+    try:
+        normalise_url(settings.database_url)
+    except ValueError as error:  # the URL itself is not repeated: it may hold a password
+        raise ConfigError(f"CDS_DATABASE_URL is invalid: {error}") from None
+    try:
+        AuthPolicy(issuers={}, algorithms=settings.jwt_algorithms)
+    except ValueError as error:
+        raise ConfigError(f"CDS_JWT_ALGORITHMS={','.join(settings.jwt_algorithms)!r} is invalid: {error}") from None
     try:
         settings.clinical_policy()
     except ValueError as error:

@@ -115,3 +115,38 @@ def test_gunicorn_config_exits_non_zero_with_a_clear_message() -> None:
     assert result.returncode == 2
     assert "configuration error: CDS_WORKERS='many' is invalid" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, value", [
+    ("CDS_DATABASE_URL", "mysql://cds@db/cds"),
+    ("CDS_DATABASE_URL", "not a url://"),
+    ("CDS_JWT_ALGORITHMS", "HS256"),
+    ("CDS_JWT_ALGORITHMS", "none"),
+    ("CDS_JWT_ALGORITHMS", ","),
+], ids=["database-backend", "database-garbage", "jwt-hmac", "jwt-none", "jwt-empty"])
+def test_values_the_app_would_refuse_stop_the_start_naming_the_variable(name: str, value: str) -> None:
+    # They were checked first when a worker built the app: each worker logged a traceback, and the message
+    # (e.g. "algorithms: 'HS256' not allowed") did not name the variable.
+    with pytest.raises(ConfigError, match=name):
+        load_settings({**LOCAL, name: value})
+
+
+def test_an_invalid_trusted_issuers_file_stops_the_start(tmp_path: Path) -> None:
+    issuers = tmp_path / "issuers.json"
+    issuers.write_text('{"issuers": [}', encoding="utf-8")
+    env = {"CDS_PUBLIC_BASE_URL": "https://cds.example.org", "CDS_TRUSTED_ISSUERS_FILE": str(issuers)}
+    with pytest.raises(ConfigError, match="CDS_TRUSTED_ISSUERS_FILE is invalid: .*not valid JSON"):
+        load_settings(env)
+    issuers.write_text('{"issuers": []}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="CDS_TRUSTED_ISSUERS_FILE is invalid: .*no client could authenticate"):
+        load_settings(env)
+
+
+def test_gunicorn_config_refuses_a_bad_database_url_without_a_traceback() -> None:
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('gunicorn.conf.py')"],
+                            cwd=root, env={"CDS_AUTH": "disabled", "CDS_DATABASE_URL": "foo://x", "PATH": ""},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "configuration error: CDS_DATABASE_URL is invalid: unsupported feedback store backend 'foo'" in result.stderr
+    assert "Traceback" not in result.stderr
