@@ -285,9 +285,13 @@ def _reference_ids(value: str) -> set[str]:
 
 
 def parse_faults(data: Any) -> list[Fault]:
-    """Faults from JSON: a list of fault objects, ``{"faults": [...]}``, or ``{match: {options}}``."""
+    """Faults from JSON: a list of fault objects, ``{"faults": [...]}``, one fault, or ``{match: {options}}``."""
     if isinstance(data, Mapping) and set(data) == {"faults"}:
         data = data["faults"]
+    if isinstance(data, Mapping) and isinstance(data.get("match"), str):
+        # One fault object, as GET /_faults lists them; read as {match: options} it was refused with
+        # "a fault must be a JSON object, not 'Observation'".
+        data = [data]
     if isinstance(data, list):
         return [Fault.from_json(item) for item in data]
     if isinstance(data, Mapping):

@@ -562,7 +562,8 @@ def test_faults_are_what_the_service_fetcher_detects(live: FixtureServer, live_f
      [Fault("Condition", malformed=True), Fault("*", oversize=10)]),
     ([{"match": "Observation", "foreign_next": True, "params": {"patient": "p1"}}],
      [Fault("Observation", params={"patient": "p1"}, foreign_next=DEFAULT_FOREIGN_BASE)]),
-], ids=["list", "faults-key", "mapping", "foreign-next-true"])
+    ({"match": "Observation", "status": 503}, [Fault("Observation", status=503)]),
+], ids=["list", "faults-key", "mapping", "foreign-next-true", "one-fault-object"])
 def test_parse_faults(data: Any, expected: list[Fault]) -> None:
     assert parse_faults(data) == expected
     assert parse_faults([fault.to_json() for fault in expected]) == expected
