@@ -110,6 +110,18 @@ def _origin(value: str) -> str:
     return f"{scheme}://{host}" + ("" if port == DEFAULT_PORTS[scheme] else f":{port}")
 
 
+def _bind(value: str) -> str:
+    """A gunicorn bind address with its port: gunicorn read "nonsense" as host "nonsense", port 8000, retried
+    five times and failed with "Can't connect to ('nonsense', 8000)", naming neither the variable nor the value."""
+    bind = value.strip()
+    if bind.startswith(("unix:", "fd://")):
+        return bind
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080), unix:PATH or fd://FD")
+    return bind
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -187,7 +199,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("CARD_INFECTION_PREVENTION_URL", _optional_url, "",
            "Link on the infection-prevention card (default: CDC patient page)."),
     Option("LOG_LEVEL", _log_level, "INFO", "Log level; no level logs tokens or patient data."),
-    Option("BIND", _text, "127.0.0.1:8080", "gunicorn bind address (the Docker image binds 0.0.0.0:8080)."),
+    Option("BIND", _bind, "127.0.0.1:8080", "gunicorn bind address (the Docker image binds 0.0.0.0:8080)."),
     Option("WORKERS", _positive_int, "2", "gunicorn worker processes."),
 )
 

@@ -57,9 +57,12 @@ def test_environment_then_overrides() -> None:
     ("CDS_LOG_LEVEL", "LOUD"),
     ("CDS_DATABASE_URL", "feedback.db"),
     ("CDS_JWT_CLOCK_SKEW_SECONDS", "-5"),
+    ("CDS_BIND", "nonsense"),
+    ("CDS_BIND", "127.0.0.1:http"),
+    ("CDS_BIND", ":8080"),
 ], ids=["auth-off", "body-not-number", "body-zero", "deadline-negative", "deadline-nan", "anonymous-maybe",
         "cors-star-mixed", "cors-no-scheme", "fhir-base-no-scheme", "public-url-with-query", "log-level",
-        "database-not-url", "skew-negative"])
+        "database-not-url", "skew-negative", "bind-no-port", "bind-port-not-number", "bind-no-host"])
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings({**LOCAL, name: value})
@@ -150,3 +153,8 @@ def test_gunicorn_config_refuses_a_bad_database_url_without_a_traceback() -> Non
     assert result.returncode == 2
     assert "configuration error: CDS_DATABASE_URL is invalid: unsupported feedback store backend 'foo'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:8080", "0.0.0.0:0", "[::1]:9000", "localhost:80", "unix:/run/cds.sock"])
+def test_bind_addresses_gunicorn_takes(value: str) -> None:
+    assert load_settings({**LOCAL, "CDS_BIND": value}).bind == value
