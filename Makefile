@@ -25,7 +25,7 @@ run: $(STAMP)
 	CDS_CORS_ORIGINS=$${CDS_CORS_ORIGINS-*} \
 	CDS_FHIR_ALLOWED_BASES=$${CDS_FHIR_ALLOWED_BASES-http://127.0.0.1:*,http://localhost:*} \
 	CDS_FHIR_ALLOW_ANONYMOUS=$${CDS_FHIR_ALLOW_ANONYMOUS-true} \
-	CDS_BIND=127.0.0.1:$(PORT) \
+	CDS_BIND=$${CDS_BIND-127.0.0.1:$(PORT)} \
 	$(BIN)/gunicorn -c gunicorn.conf.py 'service.app:create_app()'
 
 ## Run the whole suite (starts its own PostgreSQL and gunicorn on loopback).
