@@ -24,6 +24,7 @@ the key usable but incomplete, with a reason that counts them; a missing target 
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -521,7 +522,9 @@ def _run(jobs: Mapping[str, tuple[Callable[[], KeyResult], KeyResult]], deadline
     executor = ThreadPoolExecutor(max_workers=min(len(jobs), MAX_PARALLEL_FETCHES),
                                   thread_name_prefix="cds-prefetch")
     try:
-        futures: dict[Future[KeyResult], str] = {executor.submit(job): key for key, (job, _) in jobs.items()}
+        # Each job runs in a copy of this context, so its log lines carry the request's id (REQUEST_ID).
+        futures: dict[Future[KeyResult], str] = {executor.submit(contextvars.copy_context().run, job): key
+                                                 for key, (job, _) in jobs.items()}
         done, _ = wait(futures, timeout=remaining)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)

@@ -23,6 +23,7 @@ from cds_hooks.fhir_client import FhirFetcher
 from cds_hooks.models import ServiceResponse
 from cds_hooks.prefetch import REFERENCE_CHUNK, FetchPolicy, KeyResult, KeyState, PrefetchResult, resolve_prefetch
 from cds_hooks.registry import HookCall, ServiceDefinition
+from cds_hooks.request_context import REQUEST_ID
 from cds_hooks.schemas import FhirAuthorization, HookRequest
 from tests.support.fhir_stub_server import (  # noqa: F401  (fixtures)
     FhirStub,
@@ -1161,3 +1162,23 @@ def test_follow_unexpected_failure_is_a_reason_not_a_500(fhir_stub: FhirStub) ->
                                   policy=FetchPolicy(allowed_bases=(fhir_stub.url("/fhir"),)),
                                   received_at=time.monotonic(), fetcher=fetcher)
     assert result.incomplete() == {"medications": WHY + "fetch failed unexpectedly"}
+
+
+def test_parallel_fetches_log_with_the_request_id() -> None:
+    # The fetches ran in pool threads without the request's context: their log lines (DEBUG "fhir fetch ...")
+    # carried request_id "-", though the README promises every log line a request id.
+    seen: dict[str, str] = {}
+
+    def job(key: str) -> Callable[[], KeyResult]:
+        def run() -> KeyResult:
+            seen[key] = REQUEST_ID.get()
+            return KeyResult(key, KeyState.EMPTY)
+        return run
+
+    token = REQUEST_ID.set("abc123")
+    try:
+        prefetch_module._run({key: (job(key), KeyResult(key, KeyState.EMPTY)) for key in ("labs", "vitals")},
+                             time.monotonic() + 5)
+    finally:
+        REQUEST_ID.reset(token)
+    assert seen == {"labs": "abc123", "vitals": "abc123"}
