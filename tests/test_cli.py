@@ -88,12 +88,13 @@ URL = "http://127.0.0.1:9"  # the discard port: nothing is ever sent in these ca
         (("feedback", "--service-url", URL, "--card", "c", "--override", "--reason-code", "x"), "go together"),
         (("feedback", "--service-url", URL, "--card", "c", "--accept", "s", "--comment", "x"), "need --override"),
         (("keys", "--alg", "HS256"), "invalid choice: 'HS256'"),
+        (("fhir-server", "fixtures", "--no-shift", "--now", "2025-03-10T12:00:00Z"), "not allowed with"),
     ),
     ids=["no-command", "unknown-command", "invoke-no-url", "invoke-bad-url", "invoke-no-target",
          "invoke-two-targets", "patient-without-fhir", "no-prefetch-without-fhir", "token-without-fhir",
          "iss-without-key",
          "bad-timeout", "zero-timeout", "negative-timeout", "nan-timeout", "infinite-timeout", "bad-color", "feedback-no-outcome", "feedback-no-card", "feedback-two-outcomes",
-         "reason-code-alone", "comment-with-accept", "keys-bad-alg"],
+         "reason-code-alone", "comment-with-accept", "keys-bad-alg", "fhir-server-now-and-no-shift"],
 )
 def test_argument_errors_print_usage_and_exit_2(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...],
                                                 message: str) -> None:

@@ -858,9 +858,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=_port, default=8081, help="port to listen on (default: %(default)s)")
     parser.add_argument("--base-path", default="", help="path of the FHIR base on the server, e.g. /fhir")
-    parser.add_argument("--no-shift", action="store_true",
-                        help="serve fixture times as written instead of moving them to now")
-    parser.add_argument("--now", type=_instant, help="shift fixture times to this RFC 3339 time instead of now")
+    # Exclusive: with both, --now was silently ignored and the times served as written.
+    shift = parser.add_mutually_exclusive_group()
+    shift.add_argument("--no-shift", action="store_true",
+                       help="serve fixture times as written instead of moving them to now")
+    shift.add_argument("--now", type=_instant, help="shift fixture times to this RFC 3339 time instead of now")
     parser.add_argument("--faults", type=Path, metavar="FILE", help="JSON file of faults to inject")
     parser.add_argument("--fault", type=_fault_option, action="append", default=[], metavar="SPEC",
                         help="a fault to inject: MATCH[?param=value]:option[=value],... "
