@@ -158,3 +158,13 @@ def test_gunicorn_config_refuses_a_bad_database_url_without_a_traceback() -> Non
 @pytest.mark.parametrize("value", ["127.0.0.1:8080", "0.0.0.0:0", "[::1]:9000", "localhost:80", "unix:/run/cds.sock"])
 def test_bind_addresses_gunicorn_takes(value: str) -> None:
     assert load_settings({**LOCAL, "CDS_BIND": value}).bind == value
+
+
+def test_gunicorn_logs_at_cds_log_level() -> None:
+    # gunicorn's own level was fixed at info: with CDS_LOG_LEVEL=ERROR its INFO lines were still written.
+    root = Path(__file__).resolve().parents[2]
+    script = "import runpy; print(runpy.run_path('gunicorn.conf.py')['loglevel'])"
+    result = subprocess.run([sys.executable, "-c", script],
+                            cwd=root, env={"CDS_AUTH": "disabled", "CDS_LOG_LEVEL": "ERROR", "PATH": ""},
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "error", result.stderr
