@@ -30,7 +30,8 @@ ENV CDS_AUTH=required \
 
 EXPOSE 8080
 
+# On the port CDS_BIND names: with a hard-coded 8080, a container given another CDS_BIND was never healthy.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
+    CMD python -c "import os,sys,urllib.request; port = os.environ.get('CDS_BIND', '').rpartition(':')[2] or '8080'; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"
 
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "service.app:create_app()"]
