@@ -214,6 +214,9 @@ class FeedbackStore:
         self._runner: concurrent.futures.ThreadPoolExecutor | None = None
         self._runner_pid = 0
         self._runner_lock = threading.Lock()
+        #: SQLite: this process's threads take turns at the database here (see _bounded), waiting at most this long.
+        self._sqlite_turn = threading.RLock() if self._dialect == "sqlite" else None
+        self._busy_timeout = busy_timeout
         connect_args: dict[str, Any]
         if self._dialect == "sqlite":
             _make_parent_directory(self._url)
@@ -384,7 +387,8 @@ class FeedbackStore:
             runner.shutdown(wait=False, cancel_futures=True)
 
     def _bounded(self, action: str, operation: Callable[[], _T]) -> _T:
-        """Run one database operation, waiting for it at most the operation timeout (PostgreSQL only).
+        """Run one database operation, waiting for it at most the operation timeout (PostgreSQL), or for its turn
+        among this process's threads at most the busy timeout (SQLite).
 
         psycopg has no client-side query timeout: a server that hangs rather than refuses (frozen, a lock never
         released, a network path that drops packets) held the request for ever, and every invoke writes the
@@ -393,6 +397,20 @@ class FeedbackStore:
         while the operation finishes or fails on its own. A late commit is harmless: reports are idempotent,
         cards and token ids insert-if-absent. An operation still waiting for a thread is dropped.
         """
+        if self._sqlite_turn is not None:
+            # One writer at a time per SQLite file: a thread that finds the file locked by another thread of this
+            # process polls under SQLite's busy handler, whose sleeps grow to 100 ms, so a gthread worker's
+            # concurrent invokes waited hundreds of milliseconds to record their cards (p99 about 500 ms against a
+            # 20 ms median). A lock of this process wakes the next thread as soon as the turn is free; the busy
+            # timeout still bounds waits for other processes (gunicorn's other workers).
+            if not self._sqlite_turn.acquire(timeout=self._busy_timeout):
+                reason = f"{action} failed: no turn at the database within {self._busy_timeout:g} s"
+                logger.warning("feedback store %s unavailable: %s", self.redacted_url, reason)
+                raise StoreUnavailable(reason)
+            try:
+                return operation()
+            finally:
+                self._sqlite_turn.release()
         if self._operation_timeout is None:
             return operation()
         future = self._runner_here().submit(contextvars.copy_context().run, operation)
