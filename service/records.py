@@ -198,15 +198,16 @@ def _unreadable_medication(r: Mapping[str, Any]) -> str | None:
     """
     if r.get("medicationCodeableConcept") is not None:
         concept = r["medicationCodeableConcept"]
-        codings = concept.get("coding", []) if isinstance(concept, Mapping) else None
-        if not isinstance(codings, list) or not all(
-                isinstance(c, Mapping) and all(isinstance(c.get(k, ""), str) for k in ("system", "code"))
-                for c in codings):
+        # A member sent as null is absent, as everywhere ("coding": null beside a text, "system": null).
+        codings = concept.get("coding") if isinstance(concept, Mapping) else ""
+        if not isinstance(codings, (list, type(None))) or not all(
+                isinstance(c, Mapping) and all(isinstance(c.get(k), (str, type(None))) for k in ("system", "code"))
+                for c in codings or ()):
             return "medicationCodeableConcept: not a CodeableConcept"
         return None
     if r.get("medicationReference") is not None:
         target = r["medicationReference"]
-        if not isinstance(target, Mapping) or not isinstance(target.get("reference", ""), str):
+        if not isinstance(target, Mapping) or not isinstance(target.get("reference"), (str, type(None))):
             return "medicationReference: not a Reference"
         named = target.get("reference")
         if named is not None and not named.startswith("#") and not (reference(named) or "").startswith("Medication/"):

@@ -206,10 +206,15 @@ def test_an_order_whose_contained_medicine_is_missing_says_so(contained: list[di
       "medicationCodeableConcept: not a CodeableConcept"),
      ({}, "medication[x]: missing"),
      ({"medicationCodeableConcept": {"text": "paracetamol"}}, None),
-     ({"medicationReference": {"display": "paracetamol"}}, None)],
+     ({"medicationReference": {"display": "paracetamol"}}, None),
+     # Null members are absent (serialisers that write every member): valid orders naming no known medicine.
+     ({"medicationCodeableConcept": {"coding": None, "text": "paracetamol"}}, None),
+     ({"medicationCodeableConcept": {"coding": [{"system": None, "code": "p1", "display": "paracetamol"}]}}, None),
+     ({"medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": None, "display": "paracetamol"}]}}, None),
+     ({"medicationReference": {"reference": None, "display": "paracetamol"}}, None)],
     ids=["reference-a-string", "reference-a-number", "reference-no-type", "reference-to-a-substance",
          "absolute-reference", "concept-a-string", "coding-not-a-list", "code-a-number",
-         "missing", "text-only", "display-only"],
+         "missing", "text-only", "display-only", "null-coding", "null-system", "null-code", "null-reference"],
 )
 def test_an_order_whose_medicine_is_unreadable_says_so(medication: dict[str, Any], issue: str | None) -> None:
     # Broken FHIR where the medicine is named was skipped without a word: it may have been a G-CSF or
