@@ -458,9 +458,11 @@ def _contained_results(
 
 
 def _broken_references(items: object) -> bool:
-    """Whether ``items`` (a raw element that should be a list of References) is present but not one."""
+    """Whether ``items`` (a raw element that should be a list of References) is present but not one.
+
+    A ``reference`` sent as null is absent (a display-only Reference), as every null member is."""
     return items is not None and not (isinstance(items, list) and all(
-        isinstance(item, (dict, Mapping)) and isinstance(item.get("reference", ""), str) for item in items))
+        isinstance(item, (dict, Mapping)) and isinstance(item.get("reference"), (str, type(None))) for item in items))
 
 
 def _carries_observations(report: Mapping[str, Any]) -> bool:

@@ -771,6 +771,15 @@ def test_report_whose_result_is_not_a_list_of_references_is_reported(result: obj
                                       "result: not a list of References; contained results it may name not read"),)
 
 
+def test_report_with_a_null_result_reference_is_read_without_an_issue() -> None:
+    # A display-only Reference written with "reference": null (null members are absent) is valid: no data issue.
+    report = _report(_inner(anc(300, id="r1")))
+    report["result"].append({"reference": None, "display": "comment"})
+    found = facts(report)
+    assert [lab.value for lab in found.labs] == [300]
+    assert not found.issues
+
+
 def test_contained_result_naming_another_subject_is_not_read() -> None:
     # The prefetch drops top-level results about another patient; one hidden in a report must not be graded.
     other = {**anc(2500, id="x1"), "subject": {"reference": "Patient/someone-else"}}
