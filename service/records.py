@@ -129,7 +129,9 @@ def medication_facts(
 ) -> tuple[frozenset[MedicationFact], DataIssue | None]:
     """The facts of a MedicationRequest for a known medicine: one per role (a drug may be a cause and chemo)."""
     status = r.get("status")
-    if isinstance(status, str) and status in IGNORED_MEDICATION:
+    # Surrounding spaces as in one EHR vendor's examples ("entered-in-error "), as for Observation and report
+    # statuses (service.extract): an order that does not count is ignored, not reported.
+    if isinstance(status, str) and status.strip() in IGNORED_MEDICATION:
         return frozenset(), None
     if r.get("doNotPerform") is True:
         return frozenset(), None

@@ -307,6 +307,7 @@ def test_order_for_a_known_medicine_without_a_valid_status_is_reported(status: A
     assert issue is not None and (issue.code, issue.source) == ("malformed-resource", "MedicationRequest/m")
 
 
-@pytest.mark.parametrize("status", ["cancelled", "entered-in-error", "draft", "unknown"])
+@pytest.mark.parametrize("status", ["cancelled", "entered-in-error", "draft", "unknown", "entered-in-error ",
+                                    " cancelled"])
 def test_order_with_a_status_that_does_not_count_is_ignored_without_an_issue(status: str) -> None:
     assert medication_facts(medication_request("338036", status=status, id="m"), {}) == (frozenset(), None)
