@@ -301,15 +301,16 @@ def _check_consistency(settings: Settings) -> None:
             load_trusted_issuers(settings.trusted_issuers_file)
         except ValueError as error:
             raise ConfigError(f"CDS_TRUSTED_ISSUERS_FILE is invalid: {error}") from None
+        # Only with auth on: the app builds no AuthPolicy without it, so the list is unused and may be anything.
+        try:
+            AuthPolicy(issuers={}, algorithms=settings.jwt_algorithms)
+        except ValueError as error:
+            raise ConfigError(f"CDS_JWT_ALGORITHMS={','.join(settings.jwt_algorithms)!r} is invalid: {error}") from None
     # Checked here, not first when a worker builds the app: there a bad value was a traceback per worker.
     try:
         normalise_url(settings.database_url)
     except ValueError as error:  # the URL itself is not repeated: it may hold a password
         raise ConfigError(f"CDS_DATABASE_URL is invalid: {error}") from None
-    try:
-        AuthPolicy(issuers={}, algorithms=settings.jwt_algorithms)
-    except ValueError as error:
-        raise ConfigError(f"CDS_JWT_ALGORITHMS={','.join(settings.jwt_algorithms)!r} is invalid: {error}") from None
     try:
         settings.clinical_policy()
     except ValueError as error:

@@ -127,11 +127,23 @@ def test_gunicorn_config_exits_non_zero_with_a_clear_message() -> None:
     ("CDS_JWT_ALGORITHMS", "none"),
     ("CDS_JWT_ALGORITHMS", ","),
 ], ids=["database-backend", "database-garbage", "jwt-hmac", "jwt-none", "jwt-empty"])
-def test_values_the_app_would_refuse_stop_the_start_naming_the_variable(name: str, value: str) -> None:
+def test_values_the_app_would_refuse_stop_the_start_naming_the_variable(name: str, value: str,
+                                                                       tmp_path: Path) -> None:
     # They were checked first when a worker built the app: each worker logged a traceback, and the message
-    # (e.g. "algorithms: 'HS256' not allowed") did not name the variable.
+    # (e.g. "algorithms: 'HS256' not allowed") did not name the variable. Auth on: only then is the list used.
+    issuers = tmp_path / "issuers.json"
+    issuers.write_text('{"issuers": [{"iss": "https://ehr.example.org", "jku": ["https://ehr.example.org/jwks"]}]}',
+                       encoding="utf-8")
+    env = {"CDS_PUBLIC_BASE_URL": "https://cds.example.org", "CDS_TRUSTED_ISSUERS_FILE": str(issuers)}
     with pytest.raises(ConfigError, match=name):
-        load_settings({**LOCAL, name: value})
+        load_settings({**env, name: value})
+
+
+@pytest.mark.parametrize("value", ["", ",", "HS256"])
+def test_jwt_algorithms_are_not_checked_with_auth_disabled(value: str) -> None:
+    # With CDS_AUTH=disabled the app builds no AuthPolicy and never reads the list: a deployment that left
+    # CDS_JWT_ALGORITHMS empty (an unset compose variable) started before the start-time check, then was refused.
+    assert load_settings({**LOCAL, "CDS_JWT_ALGORITHMS": value}).auth_enabled is False
 
 
 def test_an_invalid_trusted_issuers_file_stops_the_start(tmp_path: Path) -> None:
