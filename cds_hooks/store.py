@@ -353,7 +353,9 @@ class FeedbackStore:
 
         try:
             self._ensure_schema()
-            self._bounded("ping", select_one)
+            # A read: in WAL mode it never waits for a writer, so it takes no turn (readiness would fail while a
+            # large feedback batch of this process is written).
+            self._bounded("ping", select_one, turn=False)
         except StoreUnavailable:
             return False
         return True
@@ -386,7 +388,7 @@ class FeedbackStore:
         if runner is not None and close:
             runner.shutdown(wait=False, cancel_futures=True)
 
-    def _bounded(self, action: str, operation: Callable[[], _T]) -> _T:
+    def _bounded(self, action: str, operation: Callable[[], _T], *, turn: bool = True) -> _T:
         """Run one database operation, waiting for it at most the operation timeout (PostgreSQL), or for its turn
         among this process's threads at most the busy timeout (SQLite).
 
@@ -397,7 +399,7 @@ class FeedbackStore:
         while the operation finishes or fails on its own. A late commit is harmless: reports are idempotent,
         cards and token ids insert-if-absent. An operation still waiting for a thread is dropped.
         """
-        if self._sqlite_turn is not None:
+        if self._sqlite_turn is not None and turn:
             # One writer at a time per SQLite file: a thread that finds the file locked by another thread of this
             # process polls under SQLite's busy handler, whose sleeps grow to 100 ms, so a gthread worker's
             # concurrent invokes waited hundreds of milliseconds to record their cards (p99 about 500 ms against a

@@ -405,6 +405,32 @@ def test_store_sqlite_turn_not_given_within_the_busy_timeout_is_unavailable(tmp_
         store.dispose()
 
 
+def test_store_sqlite_ping_does_not_wait_for_a_writers_turn(tmp_path: Path) -> None:
+    # A WAL read never waits for a writer: /readyz must not report a healthy store unavailable (503) while a
+    # thread of the same worker writes a large feedback batch for longer than the busy timeout.
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.sqlite3'}", busy_timeout=0.2)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(*args: Any) -> None:
+        if args[2].startswith("INSERT") and threading.current_thread().name == "holder":
+            inside.set()
+            release.wait(5)
+
+    try:
+        store.create_schema()
+        event.listen(store.engine, "before_cursor_execute", hold)
+        holder = threading.Thread(name="holder", target=store.save_feedback, args=(SERVICE, [feedback()], NOW))
+        holder.start()
+        assert inside.wait(5)
+        assert store.ping() is True
+        release.set()
+        holder.join()
+        assert store.count_feedback() == 1
+    finally:
+        release.set()
+        store.dispose()
+
+
 def test_store_sqlite_unopenable_is_unavailable(tmp_path: Path) -> None:
     store = FeedbackStore(f"sqlite:///{tmp_path}")  # a directory, not a file
     try:
