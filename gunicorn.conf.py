@@ -140,8 +140,10 @@ graceful_timeout = 10
 accesslog = None
 errorlog = "-"
 logger_class = JsonLogger
-# gunicorn's own lines (start, workers booted and lost) follow CDS_LOG_LEVEL like the app's.
-loglevel = _settings.log_level.lower()
+# gunicorn's own lines (start, workers booted and lost) follow CDS_LOG_LEVEL like the app's, but never below info:
+# gunicorn's DEBUG lines carry request bytes ("Ignored premature client disconnection. No more data after:
+# b'...Authorization: Bearer <jwt>...'"), and no level may log a token.
+loglevel = "info" if _settings.log_level == "DEBUG" else _settings.log_level.lower()
 # Room for a JWT of up to CDS's 16 KiB token limit, so an oversized token is refused by the app with a 401.
 # A header field beyond this is refused by gunicorn before the app sees it: 431, as an OperationOutcome
 # (JsonErrorWorker). A limit must stay: gunicorn buffers every header in memory.
