@@ -74,6 +74,10 @@ _LOOKUP_CHUNK = 1000
 
 _T = TypeVar("_T")
 
+#: SQLite: how long the transaction this thread begins may still wait for the file, once its turn came (_bounded).
+_SQLITE_FILE_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar("cds_store_sqlite_file_wait",
+                                                                                 default=None)
+
 
 class StoreUnavailable(ServiceUnavailable):
     """503: the feedback store cannot be reached. The message is generic; ``reason`` is for the log."""
@@ -235,7 +239,7 @@ class FeedbackStore:
         )
         if self._dialect == "sqlite":
             event.listen(self._engine, "connect", functools.partial(_sqlite_on_connect, busy_timeout=busy_timeout))
-            event.listen(self._engine, "begin", _sqlite_on_begin)
+            event.listen(self._engine, "begin", functools.partial(_sqlite_on_begin, busy_timeout=busy_timeout))
         self._writer = self._engine.execution_options(**{_WRITES: True})
         self._jti_writes = 0
         #: True while a schema creation deferred at start (database down) has not happened yet.
@@ -405,13 +409,18 @@ class FeedbackStore:
             # concurrent invokes waited hundreds of milliseconds to record their cards (p99 about 500 ms against a
             # 20 ms median). A lock of this process wakes the next thread as soon as the turn is free; the busy
             # timeout still bounds waits for other processes (gunicorn's other workers).
+            # The busy timeout bounds the whole wait: the turn, then the file for what is left of it (waiting the
+            # full timeout at each made a write wait up to twice as long when another process held the file).
+            started = time.monotonic()
             if not self._sqlite_turn.acquire(timeout=self._busy_timeout):
                 reason = f"{action} failed: no turn at the database within {self._busy_timeout:g} s"
                 logger.warning("feedback store %s unavailable: %s", self.redacted_url, reason)
                 raise StoreUnavailable(reason)
+            left = _SQLITE_FILE_WAIT.set(max(self._busy_timeout - (time.monotonic() - started), 0.0))
             try:
                 return operation()
             finally:
+                _SQLITE_FILE_WAIT.reset(left)
                 self._sqlite_turn.release()
         if self._operation_timeout is None:
             return operation()
@@ -516,7 +525,10 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any, *, busy_timeout: flo
         pause = min(pause * 2, 0.1)
 
 
-def _sqlite_on_begin(conn: Connection) -> None:
+def _sqlite_on_begin(conn: Connection, *, busy_timeout: float) -> None:
+    # What is left of the busy timeout after the wait for this process's turn (_bounded), else all of it.
+    wait = _SQLITE_FILE_WAIT.get()
+    conn.exec_driver_sql(f"PRAGMA busy_timeout = {int((busy_timeout if wait is None else wait) * 1000)}")
     # A writer takes the write lock at BEGIN: a deferred transaction that reads, then writes, gets SQLITE_BUSY
     # at once when another worker committed in between, and the busy timeout cannot help it.
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITES) else "BEGIN")

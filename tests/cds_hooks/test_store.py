@@ -405,6 +405,35 @@ def test_store_sqlite_turn_not_given_within_the_busy_timeout_is_unavailable(tmp_
         store.dispose()
 
 
+def test_store_sqlite_write_waits_at_most_the_busy_timeout_for_turn_and_file_together(tmp_path: Path) -> None:
+    # Another process holds the file (a backup, an operator's sqlite3 shell). A thread that waited for its turn
+    # behind one waiting at the file then waited the full busy timeout at the file too: twice the bound.
+    path = tmp_path / "f.sqlite3"
+    store = FeedbackStore(f"sqlite:///{path}", busy_timeout=1.0)
+    other = sqlite3.connect(path, isolation_level=None)
+    elapsed: dict[str, float] = {}
+
+    def write(name: str) -> None:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.record_cards(SERVICE, name, [CardRecord(name, "finding", "info")], NOW)
+        elapsed[name] = time.monotonic() - started
+
+    try:
+        store.create_schema()
+        other.execute("BEGIN IMMEDIATE")
+        first = threading.Thread(target=write, args=("first",))
+        first.start()
+        time.sleep(0.5)  # the first holds the turn, waiting at the file
+        write("second")
+        first.join()
+        assert elapsed["first"] < 1.3
+        assert elapsed["second"] < 1.3  # it got its turn after 0.5 s: 0.5 s left for the file, not 1 s more
+    finally:
+        other.close()
+        store.dispose()
+
+
 def test_store_sqlite_ping_does_not_wait_for_a_writers_turn(tmp_path: Path) -> None:
     # A WAL read never waits for a writer: /readyz must not report a healthy store unavailable (503) while a
     # thread of the same worker writes a large feedback batch for longer than the busy timeout.
