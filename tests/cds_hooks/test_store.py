@@ -9,7 +9,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -379,8 +380,9 @@ def test_store_sqlite_threads_of_one_process_take_turns_at_the_database(tmp_path
         store.dispose()
 
 
-def test_store_sqlite_turn_not_given_within_the_busy_timeout_is_unavailable(tmp_path: Path) -> None:
-    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.sqlite3'}", busy_timeout=0.2)
+@contextmanager
+def _write_held(store: FeedbackStore, write: Callable[[], object]) -> Iterator[None]:
+    """A thread running ``write`` on ``store``, held inside its INSERT until the block ends (then joined)."""
     inside, release = threading.Event(), threading.Event()
 
     def hold(*args: Any) -> None:
@@ -388,20 +390,28 @@ def test_store_sqlite_turn_not_given_within_the_busy_timeout_is_unavailable(tmp_
             inside.set()
             release.wait(5)
 
+    event.listen(store.engine, "before_cursor_execute", hold)
+    holder = threading.Thread(name="holder", target=write)
+    holder.start()
     try:
-        store.create_schema()
-        event.listen(store.engine, "before_cursor_execute", hold)
-        holder = threading.Thread(name="holder", target=store.record_cards,
-                                  args=(SERVICE, "hook-1", [CardRecord("u1", "finding", "info")], NOW))
-        holder.start()
         assert inside.wait(5)
-        with pytest.raises(StoreUnavailable):
-            store.save_feedback(SERVICE, [feedback()], NOW)
-        release.set()
-        holder.join()
-        assert store.save_feedback(SERVICE, [feedback()], NOW).stored == 1
+        yield
     finally:
         release.set()
+        holder.join()
+        event.remove(store.engine, "before_cursor_execute", hold)
+
+
+def test_store_sqlite_turn_not_given_within_the_busy_timeout_is_unavailable(tmp_path: Path) -> None:
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.sqlite3'}", busy_timeout=0.2)
+    try:
+        store.create_schema()
+        with _write_held(store, lambda: store.record_cards(SERVICE, "hook-1", [CardRecord("u1", "finding", "info")],
+                                                           NOW)):
+            with pytest.raises(StoreUnavailable):
+                store.save_feedback(SERVICE, [feedback()], NOW)
+        assert store.save_feedback(SERVICE, [feedback()], NOW).stored == 1
+    finally:
         store.dispose()
 
 
@@ -438,25 +448,12 @@ def test_store_sqlite_ping_does_not_wait_for_a_writers_turn(tmp_path: Path) -> N
     # A WAL read never waits for a writer: /readyz must not report a healthy store unavailable (503) while a
     # thread of the same worker writes a large feedback batch for longer than the busy timeout.
     store = FeedbackStore(f"sqlite:///{tmp_path / 'f.sqlite3'}", busy_timeout=0.2)
-    inside, release = threading.Event(), threading.Event()
-
-    def hold(*args: Any) -> None:
-        if args[2].startswith("INSERT") and threading.current_thread().name == "holder":
-            inside.set()
-            release.wait(5)
-
     try:
         store.create_schema()
-        event.listen(store.engine, "before_cursor_execute", hold)
-        holder = threading.Thread(name="holder", target=store.save_feedback, args=(SERVICE, [feedback()], NOW))
-        holder.start()
-        assert inside.wait(5)
-        assert store.ping() is True
-        release.set()
-        holder.join()
+        with _write_held(store, lambda: store.save_feedback(SERVICE, [feedback()], NOW)):
+            assert store.ping() is True
         assert store.count_feedback() == 1
     finally:
-        release.set()
         store.dispose()
 
 
