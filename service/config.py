@@ -323,11 +323,16 @@ def _check_consistency(settings: Settings) -> None:
 
 
 def warn_if_insecure(settings: Settings, logger: logging.Logger) -> None:
-    """Log loudly when a deployment has switched off a protection."""
+    """Log loudly when a deployment has switched off a protection, whatever the log level.
+
+    A warning at WARNING was dropped under ``CDS_LOG_LEVEL=ERROR``, so a deployment running without authentication
+    said so nowhere; design.md has it said on every start. Under a stricter level the warning is written at it.
+    """
+    level = max(logging.WARNING, logger.getEffectiveLevel())
     if not settings.auth_enabled:
-        logger.warning("AUTHENTICATION IS DISABLED (CDS_AUTH=disabled): any caller can invoke this service "
-                       "and send feedback. Use this only on a developer machine.")
+        logger.log(level, "AUTHENTICATION IS DISABLED (CDS_AUTH=disabled): any caller can invoke this service "
+                          "and send feedback. Use this only on a developer machine.")
     if settings.fhir_allow_anonymous:
-        logger.warning("CDS_FHIR_ALLOW_ANONYMOUS=true: the FHIR fallback fetch runs without an access token.")
+        logger.log(level, "CDS_FHIR_ALLOW_ANONYMOUS=true: the FHIR fallback fetch runs without an access token.")
     if settings.cors_origins == ("*",):
-        logger.warning("CDS_CORS_ORIGINS='*': any web origin may call this service.")
+        logger.log(level, "CDS_CORS_ORIGINS='*': any web origin may call this service.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from dataclasses import fields
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import OPTIONS, ConfigError, Settings, load_settings
+from service.config import OPTIONS, ConfigError, Settings, load_settings, warn_if_insecure
 
 LOCAL = {"CDS_AUTH": "disabled"}
 
@@ -180,3 +181,16 @@ def test_gunicorn_logs_at_cds_log_level() -> None:
                             cwd=root, env={"CDS_AUTH": "disabled", "CDS_LOG_LEVEL": "ERROR", "PATH": ""},
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "error", result.stderr
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+def test_switched_off_protections_are_logged_at_every_log_level(level: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Under CDS_LOG_LEVEL=ERROR a WARNING was dropped: a service running without authentication said so nowhere.
+    settings = load_settings({}, {"AUTH": "disabled", "FHIR_ALLOW_ANONYMOUS": "true", "CORS_ORIGINS": "*",
+                                  "LOG_LEVEL": level})
+    logger = logging.getLogger("tests.insecure")
+    logger.setLevel(settings.log_level)
+    with caplog.at_level(settings.log_level, logger="tests.insecure"):
+        warn_if_insecure(settings, logger)
+    assert "AUTHENTICATION IS DISABLED" in caplog.text
+    assert "CDS_FHIR_ALLOW_ANONYMOUS" in caplog.text and "CDS_CORS_ORIGINS" in caplog.text
