@@ -538,12 +538,14 @@ class _Pending:
 
 
 def _value(holder: Mapping[str, Any]) -> tuple[Decimal | None, Mapping[str, Any], str | None]:
-    """The numeric value and its Quantity; a problem when the value is not a Quantity with a number."""
+    """The numeric value and its Quantity; a problem when the value is not a Quantity with a number.
+
+    A member sent as null is absent, as everywhere: ``"valueQuantity": null`` or ``"value": null`` is no value."""
     quantity = holder.get("valueQuantity")
     if isinstance(quantity, (dict, Mapping)):
         value = decimal(quantity.get("value"))
-        return value, quantity, None if value is not None or "value" not in quantity else "value is not a number"
-    if any(isinstance(key, str) and key.startswith("value") for key in holder):
+        return value, quantity, None if value is not None or quantity.get("value") is None else "value is not a number"
+    if any(isinstance(key, str) and key.startswith("value") and value is not None for key, value in holder.items()):
         return None, {}, "value is not a Quantity"
     return None, {}, None
 

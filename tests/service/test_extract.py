@@ -20,10 +20,12 @@ from service.model import DataIssue
 from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
 from tests.service.factories import (
     ICD10CM,
+    LOINC,
     NEUTROPHILS_PCT,
     NOW,
     RXNORM,
     SNOMED,
+    UCUM,
     ago,
     anc,
     bundle,
@@ -232,6 +234,24 @@ def test_value_sent_as_a_json_string_is_malformed_not_graded(resource: dict[str,
 def test_no_value_is_ignored() -> None:
     absent = anc(None, dataAbsentReason={"text": "error"})
     assert facts(absent) == facts()
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        anc(None, id="s", valueQuantity=None),
+        anc(None, id="s", valueQuantity={"value": None, "unit": "/uL", "system": UCUM, "code": "/uL"}),
+        temperature(None, id="s", valueQuantity=None),
+        temperature(None, id="s", valueQuantity={"value": None, "unit": "Cel"}),
+        vital_signs_panel([{"code": {"coding": [{"system": LOINC, "code": "8310-5"}]}, "valueQuantity": None}],
+                          id="s"),
+    ],
+    ids=["anc-quantity", "anc-value", "temperature-quantity", "temperature-value", "panel-component"],
+)
+def test_a_null_value_is_no_value(resource: dict[str, Any]) -> None:
+    # "valueQuantity": null or "value": null (serialisers that write every member) is absent, as null members are
+    # everywhere: not an uninterpretable ANC (a false card) nor an uninterpretable temperature.
+    assert facts(resource) == facts()
 
 
 def test_negative_count_is_uninterpretable() -> None:
