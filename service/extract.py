@@ -450,7 +450,7 @@ def _contained_results(
                 and isinstance(item.get("id"), str) and item["id"] in named):
             continue
         found.add(item["id"])
-        if "subject" in item and _subject(item) != subject:
+        if item.get("subject") is not None and _subject(item) != subject:  # "subject": null is no subject
             foreign += 1
             continue
         results.append({**item, "id": _contained_id(report_id, item["id"])})

@@ -809,6 +809,16 @@ def test_contained_result_naming_another_subject_is_not_read() -> None:
                                       "1 contained result(s) name another subject than the report; not read"),)
 
 
+def test_contained_result_with_a_null_subject_is_read_without_an_issue() -> None:
+    # "subject": null (serialisers that write every member) is no subject, like the contained results that leave it
+    # out: not another patient's result. Reported as such, a contained ANC or fever was dropped with a false issue.
+    found = facts(_report({**_inner(anc(300, id="r1")), "subject": None},
+                          {**_inner(temperature(38.6, id="t1")), "subject": None}))
+    assert [lab.value for lab in found.labs] == [300]
+    assert [reading.celsius for reading in found.temperatures] == [D("38.6")]
+    assert not found.issues
+
+
 def test_contained_results_of_a_report_with_a_long_id_keep_distinct_valid_ids() -> None:
     report = _report(_inner(anc(300, id="first-result")), _inner(anc(900, id="second-result")), id="r" * 60)
     sources = {lab.source for lab in facts(report).labs}
