@@ -411,6 +411,10 @@ class _Collector:
             converted, problem = percent(value, quantity, fraction=role is LabRole.FRACTION)
         specimen = r.get("specimen")
         comparator = quantity.get("comparator")
+        if isinstance(comparator, str) and comparator not in _COMPARATORS:
+            # Not a code the validation checks (its binding is not enforced): read as no comparator, a bound
+            # ("<500") became an exact count and was graded one grade too low. The value is not known.
+            converted, problem = None, f"comparator: unknown value {comparator!r}"
         self.labs.add(
             LabResult(
                 source=source,

@@ -259,6 +259,14 @@ def test_negative_count_is_uninterpretable() -> None:
     assert lab.value is None and lab.problem == "negative value"
 
 
+@pytest.mark.parametrize("comparator", ["x", "less than", "ad"])  # "ad": R5 only
+def test_unknown_comparator_makes_the_value_uninterpretable(comparator: str) -> None:
+    # R4 Quantity.comparator is < | <= | >= | > (a required binding the models do not check): "<500" read without
+    # its comparator was graded as exactly 500 (moderate, not severe). An unknown one leaves the value unknown.
+    (lab,) = facts(anc(500, "/uL", comparator=comparator)).labs
+    assert lab.value is None and lab.problem == f"comparator: unknown value {comparator!r}"
+
+
 def test_comparator_is_kept() -> None:
     (lab,) = facts(anc("0.1", "10*9/L", comparator="<")).labs
     assert (lab.value, lab.comparator) == (D("100.0"), "<")
