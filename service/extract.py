@@ -330,6 +330,11 @@ class _Collector:
             return
         parts = _parts(r)
         if not parts or status in IGNORED_STATUSES:
+            if not parts and status not in IGNORED_STATUSES and _broken_components(r.get("component")):
+                # A vital-signs panel whose component is an object or a string: the temperature it carries
+                # cannot be seen, so nothing tells this is not an observation the rules read.
+                self._issue("malformed-resource", source_of(r),
+                            "component: not a list of components; a temperature or count it may hold not read")
             return  # not an observation the rules read, or one that does not count
         if status is None or status not in USED_STATUSES:
             problem = "status: missing" if raw_status is None else f"status: unknown value {raw_status!r}"
@@ -467,6 +472,12 @@ def _broken_references(items: object) -> bool:
     A ``reference`` sent as null is absent (a display-only Reference), as every null member is."""
     return items is not None and not (isinstance(items, list) and all(
         isinstance(item, (dict, Mapping)) and isinstance(item.get("reference"), (str, type(None))) for item in items))
+
+
+def _broken_components(items: object) -> bool:
+    """Whether ``items`` (a raw Observation.component) is present but not a list of objects (null is absent)."""
+    return items is not None and not (isinstance(items, list) and all(isinstance(item, (dict, Mapping))
+                                                                       for item in items))
 
 
 def _carries_observations(report: Mapping[str, Any]) -> bool:

@@ -236,6 +236,22 @@ def test_no_value_is_ignored() -> None:
     assert facts(absent) == facts()
 
 
+@pytest.mark.parametrize("components", [component("8310-5", 38.6, "Cel"), "38.6", [None], [["x"]]],
+                         ids=["object", "string", "null-item", "list-item"])
+def test_panel_whose_components_cannot_be_read_is_a_data_issue(components: Any) -> None:
+    # A vital-signs panel whose component is not a list of objects (one component written as an object) hid its
+    # 38.6 C temperature without a word: febrile neutropenia missed.
+    found = facts(vital_signs_panel([], id="v", component=components))
+    assert not found.temperatures
+    (issue,) = found.issues
+    assert (issue.code, issue.source) == ("malformed-resource", "Observation/v")
+
+
+@pytest.mark.parametrize("components", [None, []], ids=["null", "empty"])
+def test_panel_without_components_is_no_issue(components: Any) -> None:
+    assert facts(vital_signs_panel([], id="v", component=components)) == facts()
+
+
 @pytest.mark.parametrize(
     "resource",
     [
