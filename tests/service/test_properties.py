@@ -5,7 +5,9 @@ Over richer charts (ages, count units, CBCs in DiagnosticReports, Cel/[degF], ri
 cards: another temperature, a higher one, a risk factor or an order never lowers the most urgent card (a reading
 < 38.0 C may end a sustained run, brief §0); a current ANC bounds it; Bundles, zones, statuses, older versions and
 irrelevant resources change nothing; every card agrees with its findings (design.md §3 card kinds). An order or a
-condition the rules use with a member of the wrong JSON type is never dropped without a data issue."""
+condition the rules use with a member of the wrong JSON type is never dropped without a data issue; nor is a
+temperature (single, in a vital-signs panel, contained in a report), an ANC, a computed count or a birth date, and a
+null member of those reads as the member left out."""
 
 from __future__ import annotations
 
@@ -20,17 +22,23 @@ from hypothesis import strategies as st
 from service.assessment import DEFAULT_POLICY, Assessment, Finding, assess, assessment_extension, rfc3339
 from service.cards import render
 from service.fever import SUSTAINED
+from service.fhir import source_of
 from service.records import condition_fact, medication_facts
 from service.rules import INDICATOR, URGENCY
 from tests.service.factories import (
     ATC,
+    BANDS_PCT,
+    BODY_TEMPERATURE,
     ICD10CM,
+    NEUTROPHILS_PCT,
     NOW,
     RXNORM,
+    SEGS_PCT,
     SNOMED,
     ago,
     anc,
     bundle,
+    component,
     condition,
     diagnostic_report,
     medication_request,
@@ -38,6 +46,7 @@ from tests.service.factories import (
     patient,
     percent,
     temperature,
+    vital_signs_panel,
     wbc,
 )
 
@@ -702,3 +711,89 @@ def test_a_condition_the_rules_use_is_never_dropped_silently(member: str, data: 
     assert before is not None
     after, issue = condition_fact({**leukaemia, member: data.draw(WRONG_TYPE[CONDITION_MEMBERS[member]])})
     assert after == before or issue is not None
+
+
+def _charts() -> dict[str, tuple[list[dict[str, Any]], int, tuple[Any, ...]]]:
+    """Charts whose findings an Observation or the Patient decides: (resources, the one mutated, path to it)."""
+    at = ago(hours=1)
+    contained = {k: v for k, v in temperature(38.6, effective=at, id="c").items() if k != "subject"}
+    report = {"resourceType": "DiagnosticReport", "id": "r", "status": "final", "code": {"text": "vitals"},
+              "subject": {"reference": "Patient/p1"}, "contained": [contained], "result": [{"reference": "#c"}]}
+    count: dict[str, Any] = {"specimen": "Specimen/s", "hasMember": [{"reference": "Observation/z"}]}
+    return {
+        "temperature": ([patient(), temperature(38.6, effective=at, id="t", **count)], 1, ()),
+        "panel": ([patient(), vital_signs_panel([component(BODY_TEMPERATURE, 38.6, "Cel"),
+                                                 component("8867-4", 80, "/min")], effective=at, id="v")], 1,
+                  ("component", 0)),
+        "report": ([patient(), report], 1, ("contained", 0)),
+        "anc": ([patient(), anc(400, effective=at, id="a", reference_low=1500, comparator="<", **count)], 1, ()),
+        "wbc": ([patient(), wbc(1.0, effective=at, id="w", **count), percent(NEUTROPHILS_PCT, 40, at, id="n")], 1,
+                ()),
+        "bands": ([patient(), wbc(1.0, effective=at, id="w"), percent(SEGS_PCT, 30, at, id="s"),
+                   percent(BANDS_PCT, 10, at, id="b")], 3, ()),
+        "infant": ([patient(ago(days=20)[:10]), anc(1200, effective=at, id="a")], 0, ()),
+    }
+
+
+CHARTS = _charts()
+WRONG_TYPE["number"] = st.sampled_from(["x", "400", True, [], [1], {}, {"a": 1}])
+#: Not ``code``: an Observation whose code cannot be read is not known to be one the rules read.
+OBSERVATION_MEMBERS: dict[tuple[str, ...], str] = {
+    ("status",): "string", ("effectiveDateTime",): "string", ("issued",): "string", ("id",): "string",
+    ("subject",): "object", ("specimen",): "object", ("hasMember",): "list", ("referenceRange",): "list",
+    ("component",): "list", ("valueQuantity",): "object", ("valueQuantity", "value"): "number",
+    ("valueQuantity", "unit"): "string", ("valueQuantity", "system"): "string", ("valueQuantity", "code"): "string",
+    ("valueQuantity", "comparator"): "string"}
+PATIENT_MEMBERS: dict[tuple[str, ...], str] = {("birthDate",): "string", ("id",): "string"}
+
+
+def _mutated(resources: list[dict[str, Any]], index: int, path: tuple[Any, ...], value: Any,
+             ) -> list[dict[str, Any]]:
+    """A deep copy of ``resources`` with the member at ``path`` of resource ``index`` set to ``value`` (..., deleted
+    when ``value`` is ``...``)."""
+    copied = copy.deepcopy(resources)
+    *parents, last = path
+    holder: Any = copied[index]
+    for step in parents:
+        holder = holder[step]
+    if value is ...:
+        holder.pop(last, None)
+    else:
+        holder[last] = value
+    return copied
+
+
+def _member(chart: str, data: st.DataObject) -> tuple[list[dict[str, Any]], int, tuple[Any, ...], str]:
+    resources, index, prefix = CHARTS[chart]
+    members = PATIENT_MEMBERS if resources[index]["resourceType"] == "Patient" else OBSERVATION_MEMBERS
+    member = data.draw(st.sampled_from(sorted(members)))
+    if chart != "panel" or member[0] in ("valueQuantity", "code"):  # a panel's own members are its members
+        return resources, index, prefix + member, members[member]
+    return resources, index, member, members[member]
+
+
+@QUICK
+@given(st.sampled_from(sorted(CHARTS)), st.data())
+def test_an_observation_or_patient_the_rules_use_is_never_dropped_silently(chart: str, data: st.DataObject) -> None:
+    """A temperature, an ANC, a count or a birth date with one member of the wrong JSON type gives the same
+    findings, or a data issue names the resource (or the report that carries it)."""
+    resources, index, path, kind = _member(chart, data)
+    before = assess(resources, now=NOW)
+    assert not before.data_issues
+    mutated = _mutated(resources, index, path, data.draw(WRONG_TYPE[kind]))
+    after = assess(mutated, now=NOW)
+    sources = {source_of(resources[index]), source_of(mutated[index]), "Observation/r.c"}  # r.c: the contained one
+    named = {issue.source for issue in after.data_issues if issue.code != "invalid-unread-elements"}
+    assert after.findings == before.findings or named & sources
+
+
+@QUICK
+@given(st.sampled_from(sorted(CHARTS)), st.data())
+def test_a_null_member_of_an_observation_or_patient_is_absent(chart: str, data: st.DataObject) -> None:
+    """A member sent as null reads as the member left out (serialisers that write every member)."""
+    resources, index, path, _ = _member(chart, data)
+    if isinstance(path[-1], int):
+        return  # an item of a list, not a member
+    null, absent = assess(_mutated(resources, index, path, None), now=NOW), assess(
+        _mutated(resources, index, path, ...), now=NOW)
+    assert (null.findings, null.data_issues) == (absent.findings, absent.data_issues)
