@@ -111,13 +111,22 @@ def test_auth_on_needs_an_issuer_file_that_exists(tmp_path: Path) -> None:
         load_settings({**env, "CDS_TRUSTED_ISSUERS_FILE": str(tmp_path / "missing.json")})
 
 
-def test_gunicorn_config_exits_non_zero_with_a_clear_message() -> None:
+def _gunicorn_config(env: dict[str, str], script: str = "runpy.run_path('gunicorn.conf.py')",
+                     ) -> subprocess.CompletedProcess[str]:
+    """Read gunicorn.conf.py as gunicorn does, in a fresh interpreter with only ``env`` (and auth off)."""
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('gunicorn.conf.py')"],
-                            cwd=root, env={"CDS_AUTH": "disabled", "CDS_WORKERS": "many", "PATH": ""},
-                            capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", f"import runpy; {script}"], cwd=root,
+                          env={"CDS_AUTH": "disabled", "PATH": "", **env}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CDS_WORKERS": "many"}, "CDS_WORKERS='many' is invalid"),
+    ({"CDS_DATABASE_URL": "foo://x"}, "CDS_DATABASE_URL is invalid: unsupported feedback store backend 'foo'"),
+], ids=["bad-workers", "bad-database-url"])
+def test_gunicorn_config_exits_non_zero_with_a_clear_message(env: dict[str, str], message: str) -> None:
+    result = _gunicorn_config(env)
     assert result.returncode == 2
-    assert "configuration error: CDS_WORKERS='many' is invalid" in result.stderr
+    assert f"configuration error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -158,16 +167,6 @@ def test_an_invalid_trusted_issuers_file_stops_the_start(tmp_path: Path) -> None
         load_settings(env)
 
 
-def test_gunicorn_config_refuses_a_bad_database_url_without_a_traceback() -> None:
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('gunicorn.conf.py')"],
-                            cwd=root, env={"CDS_AUTH": "disabled", "CDS_DATABASE_URL": "foo://x", "PATH": ""},
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "configuration error: CDS_DATABASE_URL is invalid: unsupported feedback store backend 'foo'" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 @pytest.mark.parametrize("value", ["127.0.0.1:8080", "0.0.0.0:0", "[::1]:9000", "localhost:80", "unix:/run/cds.sock"])
 def test_bind_addresses_gunicorn_takes(value: str) -> None:
     assert load_settings({**LOCAL, "CDS_BIND": value}).bind == value
@@ -175,11 +174,7 @@ def test_bind_addresses_gunicorn_takes(value: str) -> None:
 
 def test_gunicorn_logs_at_cds_log_level() -> None:
     # gunicorn's own level was fixed at info: with CDS_LOG_LEVEL=ERROR its INFO lines were still written.
-    root = Path(__file__).resolve().parents[2]
-    script = "import runpy; print(runpy.run_path('gunicorn.conf.py')['loglevel'])"
-    result = subprocess.run([sys.executable, "-c", script],
-                            cwd=root, env={"CDS_AUTH": "disabled", "CDS_LOG_LEVEL": "ERROR", "PATH": ""},
-                            capture_output=True, text=True, timeout=60)
+    result = _gunicorn_config({"CDS_LOG_LEVEL": "ERROR"}, "print(runpy.run_path('gunicorn.conf.py')['loglevel'])")
     assert result.stdout.strip() == "error", result.stderr
 
 
