@@ -17,7 +17,7 @@ Results a DiagnosticReport carries in ``contained`` are read like any other. Not
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -470,14 +470,18 @@ def _broken_references(items: object) -> bool:
     """Whether ``items`` (a raw element that should be a list of References) is present but not one.
 
     A ``reference`` sent as null is absent (a display-only Reference), as every null member is."""
-    return items is not None and not (isinstance(items, list) and all(
-        isinstance(item, (dict, Mapping)) and isinstance(item.get("reference"), (str, type(None))) for item in items))
+    return _not_a_list_of(items, lambda item: isinstance(item, (dict, Mapping))
+                          and isinstance(item.get("reference"), (str, type(None))))
 
 
 def _broken_components(items: object) -> bool:
     """Whether ``items`` (a raw Observation.component) is present but not a list of objects (null is absent)."""
-    return items is not None and not (isinstance(items, list) and all(isinstance(item, (dict, Mapping))
-                                                                       for item in items))
+    return _not_a_list_of(items, lambda item: isinstance(item, (dict, Mapping)))
+
+
+def _not_a_list_of(items: object, valid: Callable[[Any], bool]) -> bool:
+    """Whether ``items`` is present (not None) but not a list whose every item is ``valid``."""
+    return items is not None and not (isinstance(items, list) and all(valid(item) for item in items))
 
 
 def _carries_observations(report: Mapping[str, Any]) -> bool:
