@@ -91,6 +91,9 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
     usable, issue = screen(Condition, r, CONDITION_READS)
     if not usable:
         return None, issue
+    unquoted = _unquoted_abatement(r)
+    if unquoted is not None:
+        return None, _malformed(r, f"{unquoted}: a JSON number or boolean, not a dateTime string")
     # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).
     # An abatement sent as null is absent, as every null member is (it dropped the condition unseen).
     if not clinical and any(isinstance(key, str) and key.startswith("abatement") and value is not None
@@ -223,6 +226,21 @@ def _unresolved_contained(r: Mapping[str, Any]) -> bool:
     """Whether ``r`` names its medicine by a contained '#id' that none of its contained resources has."""
     target = None if r.get("medicationCodeableConcept") is not None else _medication_target(r)
     return target is not None and target.startswith("#") and _contained(r, target[1:]) is None
+
+
+def _unquoted_abatement(r: Mapping[str, Any]) -> str | None:
+    """Where a Condition's abatement date is not a JSON string, or None.
+
+    fhir.resources' lax validation takes a number for a dateTime (seconds since 1970), so ``"abatementDateTime": 0``
+    passed and a leukaemia without clinicalStatus was read as abated: the chemotherapy context dropped unseen.
+    """
+    period = r.get("abatementPeriod")
+    ends = [(f"abatementPeriod.{end}", period.get(end)) for end in ("start", "end")] if isinstance(
+        period, Mapping) else []
+    for where, item in [("abatementDateTime", r.get("abatementDateTime")), *ends]:
+        if item is not None and not isinstance(item, str):
+            return where
+    return None
 
 
 def _unquoted_date(r: Mapping[str, Any]) -> str | None:

@@ -46,8 +46,13 @@ def test_condition_whose_clinical_status_is_no_known_code_is_an_issue(clinical: 
 @pytest.mark.parametrize(
     ("abatement", "counts", "issue_code"),
     [({"abatementDateTime": "2024-05-01"}, False, None), ({"abatementString": "in remission"}, False, None),
-     ({"abatementDateTime": None}, True, None), ({"abatementDateTime": "unknown"}, False, "malformed-resource")],
-    ids=["abated", "abated-as-text", "abatement-null", "abatement-not-a-date"],
+     ({"abatementDateTime": None}, True, None), ({"abatementDateTime": "unknown"}, False, "malformed-resource"),
+     ({"abatementDateTime": 0}, False, "malformed-resource"),
+     ({"abatementDateTime": 1732838400.5}, False, "malformed-resource"),
+     ({"abatementPeriod": {"start": 1732838400}}, False, "malformed-resource"),
+     ({"abatementPeriod": {"start": "2024-05-01"}}, False, None)],
+    ids=["abated", "abated-as-text", "abatement-null", "abatement-not-a-date", "abatement-a-number",
+         "abatement-a-fraction", "abatement-period-start-a-number", "abated-in-a-period"],
 )
 def test_condition_without_clinical_status_and_its_abatement(abatement: dict[str, Any], counts: bool,
                                                              issue_code: str | None) -> None:
