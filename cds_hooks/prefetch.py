@@ -39,7 +39,6 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 
 from cds_hooks.errors import PreconditionFailed
 from cds_hooks.fhir_client import (
@@ -157,11 +156,14 @@ class PrefetchResult:
 
 
 def _digest(resource: Mapping[str, Any]) -> bytes:
-    """A digest of the resource's JSON with sorted keys: equal for copies equal in every field."""
-    try:
-        canonical = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # an integer beyond 64 bits, read by the standard library
-        canonical = json.dumps(resource, sort_keys=True, default=str).encode("utf-8")
+    """A digest of the resource's JSON with sorted keys: equal for copies equal in every field.
+
+    Written by the standard library, not orjson: orjson writes NaN and the infinities as ``null``, so a copy whose
+    value overflowed to infinity (``1e999``, read by the standard library's fallback parser) and one whose value is
+    null were merged as identical, and one of the two versions was dropped. Only copies of a repeated id are
+    digested, so the slower writer costs nothing in the common case.
+    """
+    canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"), default=repr).encode("utf-8")
     return hashlib.blake2b(canonical, digest_size=16).digest()
 
 

@@ -691,6 +691,21 @@ def test_prefetch_merges_identical_copies_whatever_their_key_order(resolve: Call
     assert [r for r in result.resources() if r["id"] == "anc1"] == [ANC]
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(None, float("inf")), (None, float("-inf")), (None, float("nan")), (float("inf"), float("-inf")), (1, 1.0),
+     (1, True), (0, False), ("1", 1)],
+    ids=["null-infinity", "null-minus-infinity", "null-nan", "infinity-minus-infinity", "integer-decimal",
+         "one-true", "zero-false", "string-number"],
+)
+def test_prefetch_keeps_copies_that_differ_only_in_how_a_value_is_written(first: object, second: object) -> None:
+    # orjson writes NaN and the infinities as null: a copy whose value overflowed ("1e999", read by the standard
+    # library's fallback parser) was merged with one whose value is null, and one version was dropped unseen.
+    copies = tuple({**ANC, "valueQuantity": {"value": value}} for value in (first, second))
+    result = PrefetchResult(MappingProxyType({"labs": KeyResult("labs", KeyState.DATA, copies)}))
+    assert len(list(result.resources())) == 2
+
+
 def test_prefetch_keeps_thousands_of_versions_of_one_id_in_linear_time() -> None:
     # Regression: each copy was compared with every earlier copy of its id; 8,000 versions of one Observation
     # (a hostile or broken client, well under the body limit) took 3.5 s before any rule ran, 25,000 half a
