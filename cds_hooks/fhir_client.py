@@ -165,9 +165,20 @@ def clean_text(text: str, limit: int = REASON_TEXT_LIMIT) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+#: A secret shorter than this is likely to occur in a text by chance: the text is withheld instead of redacted.
+_SHORTEST_REDACTABLE = 8
+WITHHELD = "[text withheld: it contains the access token]"
+
+
 def redact(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` replaced, so a token can never leak through a reason."""
+    """``text`` with every occurrence of ``secret`` replaced, so a token can never leak through a reason.
+
+    A short secret (a one-letter test token) would be cut out of ordinary words ("[redacted]rror"), leaving a
+    garbled reason that still hints at the token: such a text is withheld whole.
+    """
     if secret and secret in text:
+        if len(secret) < _SHORTEST_REDACTABLE:
+            return WITHHELD
         return text.replace(secret, "[redacted]")
     return text
 

@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from cds_hooks.fhir_client import (
+    WITHHELD,
     FhirFetcher,
     clean_text,
     expected_resource_type,
     outcome_diagnostics,
+    redact,
     same_origin,
 )
 from tests.support.fhir_stub_server import (  # noqa: F401  (fixtures)
@@ -286,6 +288,21 @@ def test_fetch_past_the_deadline_makes_no_request(fhir_stub: FhirStub, fetcher: 
     fhir_stub.add("/fhir/Patient/123", PATIENT)
     outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=time.monotonic() - 1)
     assert outcome.reason == "timed out" and fhir_stub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("text", "secret", "expected"),
+    [("token abcdefgh-1234 is not valid", "abcdefgh-1234", "token [redacted] is not valid"),
+     ("server error: token e not valid", "e", WITHHELD),
+     ("no token here", "abcdefgh-1234", "no token here"),
+     ("anonymous error", None, "anonymous error"),
+     ("short token absent", "zq", "short token absent")],
+    ids=["long-token-cut-out", "short-token-withholds-the-text", "token-absent", "anonymous", "short-token-absent"],
+)
+def test_redact(text: str, secret: str | None, expected: str) -> None:
+    # A one-letter token was cut out of every word ("s[redacted]rv[redacted]r [redacted]rror"): garbled, and what
+    # was left still hinted at the token. A short token now withholds the text whole.
+    assert redact(text, secret) == expected
 
 
 def test_fetch_never_logs_or_reports_the_token(fhir_stub: FhirStub, fetcher: FhirFetcher,
