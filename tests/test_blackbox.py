@@ -26,6 +26,7 @@ from cds_hooks.testing.client import SANDBOX_ORIGIN, SandboxClient
 from cds_hooks.testing.tokens import SANDBOX_JKU, ClientKey, TokenSigner, tamper_payload, write_issuer_config
 from tests.support.fhir_stub_server import FhirStub, operation_outcome, searchset
 from tests.support.gunicorn import GunicornServer
+from tests.test_openapi import assert_valid, documented_json_schema
 
 pytestmark = pytest.mark.gunicorn
 
@@ -377,13 +378,19 @@ def _raw_http(base_url: str, request: bytes) -> bytes:
     return answer
 
 
-@pytest.mark.parametrize("request_bytes, status", [
-    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"A" * 40 * 1024 + b"\r\n\r\n", 431),
-    (b"GET /cds-services/" + b"x" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\nBearer {token}\r\n\r\n", 400),
-], ids=["header-over-limit", "request-line-over-limit", "header-line-without-colon"])
+@pytest.mark.parametrize("request_bytes, status, operation", [
+    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"A" * 40 * 1024 + b"\r\n\r\n", 431,
+     ("/cds-services", "get")),
+    (b"POST /cds-services/" + b"x" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, ("/cds-services/{id}", "post")),
+    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\nBearer {token}\r\n\r\n", 400, ("/cds-services", "get")),
+    (b"POST /cds-services/x HTTP/1.1\r\nHost: x\r\nExpect: 200-ok {token}\r\nContent-Length: 2\r\n\r\n{}", 417,
+     ("/cds-services/{id}", "post")),
+    (b"POST /cds-services/x/feedback HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br {token}\r\n\r\n", 501,
+     ("/cds-services/{id}/feedback", "post")),
+], ids=["header-over-limit", "request-line-over-limit", "header-line-without-colon", "unknown-expectation",
+        "unknown-transfer-coding"])
 def test_requests_gunicorn_cannot_parse_get_an_operation_outcome_and_leave_no_trace_in_the_log(
-        deployment: Deployment, request_bytes: bytes, status: int) -> None:
+        deployment: Deployment, request_bytes: bytes, status: int, operation: tuple[str, str]) -> None:
     # Regression: gunicorn answered these with an HTML page, and logged the offending line verbatim, so a header
     # line "Bearer <jwt>" (no colon) put the client's JWT in the log. gunicorn.conf.py's JsonErrorWorker fixes both.
     signer = deployment.sandbox.signer
@@ -395,6 +402,7 @@ def test_requests_gunicorn_cannot_parse_get_an_operation_outcome_and_leave_no_tr
     assert b"Content-Type: application/json" in head
     outcome = json.loads(body)
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "error"
+    assert_valid(outcome, documented_json_schema(*operation, status))  # openapi.yaml lists the answer
     request_id = re.search(rb"\r\nX-Request-ID: ([0-9a-f]{32})\r\n", head)
     assert request_id is not None and b"Cache-Control: no-store" in head  # like every answer (openapi.yaml)
     log = deployment.server.log()

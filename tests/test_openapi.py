@@ -98,6 +98,13 @@ def _document_response(path: str, method: str, status: int) -> tuple[str, Mappin
                          f"(documented: {', '.join(responses)})")
 
 
+def documented_json_schema(path: str, method: str, status: int) -> str:
+    """The JSON pointer to the schema of the JSON body documented for ``status`` of an operation."""
+    pointer, response_object = _document_response(path, method, status)
+    assert "application/json" in response_object.get("content", {}), (path, method, status)
+    return f"{pointer}/content/application~1json/schema"
+
+
 def _check_against(pointer: str, response_object: Mapping[str, Any], response: TestResponse) -> Any:
     """Check the content type, body and required headers of ``response`` against a Response Object."""
     # info.description: every response carries these.
