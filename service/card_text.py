@@ -169,7 +169,8 @@ FEBRILE_NEUTROPENIA = CardTemplate(
         "- Take blood cultures (at least two sets); do not let this delay antibiotics.\n"
         "- Give the first dose of empirical broad-spectrum antibiotics within 1 hour of triage.\n"
         "- Look for a source of infection; avoid rectal thermometers and examinations.\n"
-        "- Assess the risk of complications (e.g. MASCC score) before any outpatient plan."
+        "- Assess the risk of complications (MASCC score; CISNE for a clinically stable patient with a solid "
+        "tumour) before any outpatient plan."
     ),
     suggested=Suggested(orders=(BLOOD_CULTURES, CBC_WITH_DIFFERENTIAL), priority="stat",
                         reason="Febrile neutropenia (suspected or confirmed)", recommended=True),

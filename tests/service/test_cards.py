@@ -379,6 +379,19 @@ def test_febrile_neutropenia_detail_lists_results_and_what_to_do() -> None:
         assert must in detail
 
 
+@pytest.mark.parametrize(
+    ("finding", "must"),
+    [("febrile-neutropenia", "MASCC"), ("febrile-neutropenia", "CISNE"),
+     ("presumed-febrile-neutropenia", "MASCC"), ("presumed-febrile-neutropenia", "CISNE")],
+    ids=["fn-mascc", "fn-cisne", "presumed-fn-mascc", "presumed-fn-cisne"],
+)
+def test_febrile_neutropenia_names_both_risk_scores(finding: str, must: str) -> None:
+    # Brief §4 R1: "assess MASCC/CISNE" (§1.3). The card named only MASCC; CISNE is the score for the clinically
+    # stable solid-tumour patient, the one an outpatient plan is most often weighed for.
+    (a,) = [a for n, a, _ in SCENARIOS if n == finding]
+    assert must in (card_of("febrile-neutropenia", a).detail or "")
+
+
 def test_presumed_febrile_neutropenia_says_not_to_wait_for_counts() -> None:
     a = assessment(F.PRESUMED_FEBRILE_NEUTROPENIA, anc=STALE, fever=fever(), context=(LEUKAEMIA,))
     card = card_of("febrile-neutropenia", a)
