@@ -264,7 +264,7 @@ INFECTION_PREVENTION = CardTemplate(
     common=(
         "For the clinician to pass on. General education, not individual medical advice; the patient takes "
         "part in decisions about their care.\n\n"
-        "**Call the emergency number** for a temperature of 38.0 °C (100.4 °F) or more lasting over an hour, "
+        "**Call the emergency number** for a temperature of 38.0 °C (100.4 °F) or more that lasts an hour or longer, "
         "or 38.3 °C (101 °F) or more even once.\n\n"
         "**Call the care team** for chills or fever, a new cough, a sore throat or new mouth sore, redness or "
         "swelling anywhere, pain in the belly or back passage, burning when passing urine, diarrhoea, or "

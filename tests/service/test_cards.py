@@ -483,10 +483,25 @@ def test_neutropenia_card_shows_method_trend_and_date() -> None:
 def test_infection_prevention_is_education_with_when_to_call() -> None:
     detail = card_of("infection-prevention", SCENARIOS[6][1]).detail or ""
     assert "not individual medical advice" in detail
-    assert "38.0 °C (100.4 °F) or more lasting over an hour" in detail and "38.3 °C (101 °F) or more even once" in detail
+    assert "38.0 °C (100.4 °F) or more that lasts an hour or longer" in detail
+    assert "38.3 °C (101 °F) or more even once" in detail
     for must in ("new cough", "mouth sore", "redness or swelling", "belly", "urine", "diarrhoea", "forgetful",
                  "electric razor", "soft brush", "crowds", "stool softener", "suppositories", "vaccine"):
         assert must in detail
+
+
+@pytest.mark.parametrize(
+    ("phrase", "present"),
+    [("lasts an hour or longer", True), ("over an hour", False), ("more than an hour", False)],
+    ids=["an-hour-or-longer", "not-over-an-hour", "not-more-than-an-hour"],
+)
+def test_patient_emergency_rule_is_the_engines_sustained_fever_rule(phrase: str, present: bool) -> None:
+    # The engine calls a fever sustained when readings of 38.0 °C or more span at least 60 minutes (brief §0), and
+    # the clinician's cards say "for 60 minutes"; the advice for the patient said "lasting over an hour", so at
+    # exactly one hour the clinician saw an emergency while the patient was told to wait.
+    assert thresholds.FEVER_SUSTAINED_DURATION == timedelta(minutes=60)
+    detail = card_of("infection-prevention", SCENARIOS[6][1]).detail or ""
+    assert (phrase in detail) is present
 
 
 def test_medication_review_lists_medicines() -> None:
