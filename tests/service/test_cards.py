@@ -491,6 +491,17 @@ def test_infection_prevention_is_education_with_when_to_call() -> None:
 
 
 @pytest.mark.parametrize(
+    "fact",
+    ["saliva", "urine and droppings", "litter boxes and fish tanks", "burning or pain when passing urine"],
+    ids=["animal-saliva", "animal-urine-faeces", "someone-else-cleans", "pain-passing-urine"],
+)
+def test_infection_prevention_gives_every_source_fact(fact: str) -> None:
+    # Brief §0 (the source document's facts, R14): avoid animal saliva, urine and faeces; call for burning or pain
+    # when passing urine. The card said only "pet waste" (no saliva: being licked) and only "burning".
+    assert fact in (card_of("infection-prevention", SCENARIOS[6][1]).detail or "")
+
+
+@pytest.mark.parametrize(
     ("phrase", "present"),
     [("lasts an hour or longer", True), ("over an hour", False), ("more than an hour", False)],
     ids=["an-hour-or-longer", "not-over-an-hour", "not-more-than-an-hour"],
