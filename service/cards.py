@@ -186,9 +186,7 @@ class _View:
         # R14 is "ANC <1000 (any)" (brief §4) whatever the febrile-neutropenia cut-off: with a lower one (500/uL),
         # a fever with ANC 800 is R4, which drops the moderate grade, and the advice was missing.
         below = max(self.settings.febrile_neutropenia_anc_below, ANC_MODERATE_BELOW)
-        # An upper bound ("<1000") is below the cut-off it equals, as the rules grade it (AncValue.below).
-        if anc is not None and not anc.stale and (
-                anc.cells_per_ul < below or (anc.comparator == "<" and anc.cells_per_ul <= below)):
+        if anc is not None and not anc.stale and _below(anc, below):
             indicators.append(Indicator.WARNING)
         return indicators
 
@@ -226,7 +224,8 @@ class _View:
             notes = [card_text.PRELIMINARY if anc.preliminary else _md(anc.status)]
             if anc.stale:
                 notes.append(card_text.ANC_STALE)
-            rows.append((method, _anc_text(anc), _time(anc.effective), ", ".join(notes)))
+            rows.append((method, _anc_text(anc, self.assessment.neutropenia_below), _time(anc.effective),
+                         ", ".join(notes)))
         if fever is not None:
             value = f"{_celsius(fever.max_celsius)} ({_fahrenheit(fever.max_celsius)})"
             notes = [card_text.FEVER_CRITERIA.get(fever.criterion, _md(fever.criterion))]
@@ -323,7 +322,7 @@ class _View:
         medicines = len(a.medications)
         missing = card_text.NOT_AVAILABLE
         return {
-            "anc": _anc_text(anc) if anc is not None else missing["anc"],
+            "anc": _anc_text(anc, a.neutropenia_below) if anc is not None else missing["anc"],
             "temp": _celsius(fever.max_celsius) if fever is not None else missing["temp"],
             "date": anc.effective.strftime("%Y-%m-%d") if anc is not None else missing["date"],
             "days": str(max((a.evaluated_at - anc.effective).days, 0)) if anc is not None else missing["days"],
@@ -340,15 +339,27 @@ def _code(finding: Any) -> str:
     return str(getattr(finding, "value", finding))
 
 
-def _anc_text(anc: Anc) -> str:
-    """"400/uL (grade 4, preliminary)"; a stale count is not graded (brief §4 R11)."""
+def _anc_text(anc: Anc, neutropenia_below: Decimal) -> str:
+    """"400/uL (grade 4, preliminary)"; a stale count is not graded (brief §4 R11).
+
+    CTCAE grades 2-4 are the adult bands (below 1500/uL): a count normal for the patient's age (an infant's 1200,
+    brief §1.5) shows no grade, or the card would call it neutropenic beside its own "not neutropenic". Grade 1
+    (below the lab's own lower limit) is shown as it is.
+    """
     notes = []
-    if anc.ctcae_grade and not anc.stale:
+    adult_band_only = anc.ctcae_grade >= 2 and not _below(anc, neutropenia_below)
+    if anc.ctcae_grade and not anc.stale and not adult_band_only:
         notes.append(f"grade {anc.ctcae_grade}")
     if anc.preliminary:
         notes.append("preliminary")
     bound = card_text.ANC_COMPARATORS.get(anc.comparator or "", "")
     return f"{bound}{_count(anc.cells_per_ul)}/uL" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _below(anc: Anc, limit: Decimal) -> bool:
+    """Whether ``anc`` is below ``limit``; an upper bound ("<1000") is below the limit it equals, as the rules grade
+    it (AncValue.below)."""
+    return anc.cells_per_ul < limit or (anc.comparator == "<" and anc.cells_per_ul <= limit)
 
 
 def _count(value: Decimal) -> str:

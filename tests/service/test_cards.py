@@ -694,6 +694,35 @@ def test_settings_are_frozen() -> None:
 
 
 @pytest.mark.parametrize(
+    ("born", "value", "reference_low", "temp", "kind", "grade"),
+    [
+        ("2024-09-10", 1200, None, "38.6", "fever-escalation", None),  # 6 months old: not neutropenic
+        ("2024-09-10", 1000, None, "38.6", "fever-escalation", None),
+        ("2024-09-10", 900, None, None, "neutropenia", "grade 3"),  # neutropenic for the age: graded
+        ("1970-01-01", 1200, None, "38.6", "fever-escalation", "grade 2"),  # adult R4
+        ("1970-01-01", 1600, 1800, "38.6", "fever-escalation", "grade 1"),  # adult below the lab's LLN (R10)
+        ("2025-03-05", 1200, None, None, "neutropenia", "grade 2"),  # 5 days old: neutropenic below 5000
+    ],
+    ids=["infant-1200-fever", "infant-1000-fever", "infant-900", "adult-1200-fever", "adult-below-lln-fever",
+         "neonate-1200"],
+)
+def test_ctcae_grade_is_not_shown_beside_a_count_normal_for_the_age(
+    born: str, value: int, reference_low: int | None, temp: str | None, kind: str, grade: str | None
+) -> None:
+    # CTCAE grade 2 is "<1500 - 1000/mm3", the adult cut-off. For an infant (2 weeks to 1 year, neutropenic only
+    # below 1000/uL, brief §1.5) an ANC of 1200 is normal (R6), yet the card read "ANC 1200/uL (grade 2): not
+    # neutropenic": an adult threshold stated on an infant's chart, contradicting the card's own finding.
+    resources = [patient(born), anc_result(value, "/uL", ago(hours=2), reference_low=reference_low)]
+    resources += [temperature(temp, "Cel", ago(hours=1))] if temp else []
+    card = card_of(kind, assess(resources, now=NOW))
+    text = card.summary + (card.detail or "")
+    if grade is None:
+        assert "grade" not in text, text
+    else:
+        assert f"({grade})" in card.summary and f"({grade})" in (card.detail or "")
+
+
+@pytest.mark.parametrize(
     ("born", "anc", "finding", "limit"),
     [
         ("1970-01-01", 1200, "fever-mild-neutropenia", "1500/uL"),
