@@ -64,6 +64,10 @@ FEVER_CRITERIA: Mapping[str, str] = {
 }
 TREND = "Recent ANCs, oldest first: {points}/uL."
 PROFOUND_NOTE = "ANC below 100/uL: profound neutropenia, the highest risk."
+#: After the mild-neutropenia advice, only where the adult cut-off applies (brief §1.5: DANC reference intervals
+#: are adults'; a neonate's "mild" band runs up to 5000/uL).
+DUFFY_NULL_NOTE = ("A count in this range can be usual in Duffy-null associated neutrophil count (formerly benign "
+                   "ethnic neutropenia).")
 MEDICINES_HEADING = "Active medicines that can cause neutropenia:"
 NO_MEDICINES = "No active medicine on our list was found; review the medicine list by hand."
 RISK_FACTORS_HEADING = "Risk factors on record:"
@@ -238,9 +242,8 @@ NEUTROPENIA = CardTemplate(
                               "make sure the patient knows the fever rule.",
         "neutropenia-moderate": "Moderate neutropenia: give the infection-prevention advice, have the temperature "
                                 "checked twice a day and look for the cause.",
-        "neutropenia-mild": "Mild neutropenia: repeat the CBC with differential and review medicines. A count in "
-                            "this range can be usual in Duffy-null associated neutrophil count (formerly benign "
-                            "ethnic neutropenia).",
+        # The Duffy-null note (DUFFY_NULL_NOTE) follows where the adult mild band (1000-1499/uL) applies.
+        "neutropenia-mild": "Mild neutropenia: repeat the CBC with differential and review medicines.",
         "anc-falling": "Each recent ANC was lower than the one before. Expect the lowest count about 7 to 14 "
                        "days after chemotherapy; recheck in 24 to 48 hours.",
     },

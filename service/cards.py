@@ -58,7 +58,7 @@ from cds_hooks.models import (
 from service import card_text
 from service.assessment import DEFAULT_POLICY, Anc, Assessment, CodedRef
 from service.card_text import CARD_TEMPLATES, CardTemplate, Order
-from service.thresholds import ANC_MODERATE_BELOW
+from service.thresholds import ANC_MODERATE_BELOW, ANC_NORMAL_LOWER
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: Markdown characters escaped in values that come from patient data (displays, sources, details).
@@ -211,9 +211,16 @@ class _View:
             "data-quality": self._issues,
         }.get(template.kind)
         sections = [facts()] if facts else []  # patient data, already escaped: not a format string
-        sections += [template.advice[code].format(**self.fields) for code in template.advice if code in shown]
+        sections += [template.advice[code].format(**self.fields) + self._advice_note(code)
+                     for code in template.advice if code in shown]
         sections.append(template.common.format(**self.fields))
         return "\n\n".join(s for s in sections if s)
+
+    def _advice_note(self, code: str) -> str:
+        """The Duffy-null note after the mild advice, only on the adult cut-off (brief §1.5)."""
+        if code == "neutropenia-mild" and self.assessment.neutropenia_below == ANC_NORMAL_LOWER:
+            return " " + card_text.DUFFY_NULL_NOTE
+        return ""
 
     def _results_table(self) -> str:
         rows = []

@@ -723,6 +723,21 @@ def test_ctcae_grade_is_not_shown_beside_a_count_normal_for_the_age(
 
 
 @pytest.mark.parametrize(
+    ("born", "value", "noted"),
+    [("1970-01-01", 1200, True), ("2020-01-01", 1200, True), ("2025-03-05", 1200, False),
+     ("2025-03-05", 3000, False)],
+    ids=["adult", "child-over-one", "neonate-1200", "neonate-3000"],
+)
+def test_duffy_null_note_only_where_the_adult_mild_band_applies(born: str, value: int, noted: bool) -> None:
+    # Brief §1.5: in DANC an ANC of 1000-1499 is not escalated (adult Duffy-null reference intervals). A neonate is
+    # neutropenic below 5000/uL, so its "mild" band runs 1000-4999: the note told the clinician a neonate's 3000
+    # "can be usual" in Duffy-null, a reading of the adult range onto a newborn.
+    result = assess([patient(born), anc_result(value, "/uL", ago(hours=2))], now=NOW)
+    assert F.NEUTROPENIA_MILD in result.findings
+    assert ("Duffy-null" in (card_of("neutropenia", result).detail or "")) is noted
+
+
+@pytest.mark.parametrize(
     ("born", "anc", "finding", "limit"),
     [
         ("1970-01-01", 1200, "fever-mild-neutropenia", "1500/uL"),
