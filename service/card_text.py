@@ -315,12 +315,12 @@ LAB_FOLLOW_UP = CardTemplate(
     indicators={"anc-stale": _INFO, "risk-factor-no-anc": _INFO},
     summaries={
         "anc-stale": "Last ANC {anc} is {days} days old ({date}): repeat the CBC with differential",
-        "risk-factor-no-anc": "Risk factors for neutropenia and no ANC on record: consider a CBC with differential",
+        "risk-factor-no-anc": "Risk factors for neutropenia and no usable ANC: consider a CBC with differential",
     },
     advice={
         "anc-stale": "The newest ANC is too old to grade. Repeat the CBC with differential.",
-        "risk-factor-no-anc": "No ANC on record, but the patient has risk factors for neutropenia. Consider a "
-                              "CBC with differential.",
+        "risk-factor-no-anc": "No usable ANC on record, but the patient has risk factors for neutropenia. "
+                              "Consider a CBC with differential.",
     },
     suggested=Suggested(orders=(CBC_WITH_DIFFERENTIAL,), priority="routine", reason="ANC missing or out of date"),
     override_reasons=(

@@ -20,7 +20,7 @@ from service import card_text, thresholds
 from service.assessment import DEFAULT_POLICY, Anc, AncPoint, Assessment, CodedRef, DataIssue, Fever, Finding, assess
 from service.card_text import CARD_TEMPLATES, FINDING_KINDS
 from service.cards import DEFAULT_CARD_SETTINGS, CardSettings, render
-from tests.service.factories import ago, medication_request, patient, temperature
+from tests.service.factories import ago, condition, medication_request, patient, temperature
 from tests.service.factories import anc as anc_result
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
@@ -535,6 +535,22 @@ def test_medication_review_on_a_recorded_drug_induced_neutropenia_with_a_normal_
 def test_lab_follow_up_for_stale_anc_is_not_graded() -> None:
     card = card_of("lab-follow-up", SCENARIOS[12][1])
     assert card.summary == "Last ANC 1200/uL is 12 days old (2025-02-26): repeat the CBC with differential"
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [[], [anc_result(0.9, None, ago(hours=2))], [anc_result(None, None, ago(hours=2))]],
+    ids=["no-anc", "anc-without-unit", "anc-without-value"],
+)
+def test_risk_factor_card_does_not_deny_an_anc_the_data_quality_card_shows(resources: list[dict[str, Any]]) -> None:
+    # R12 fires when there is no usable ANC, which includes an uninterpretable one (R16): the lab-follow-up card
+    # said "no ANC on record" beside the data-quality card's "ANC result not usable (Observation/...)".
+    result = assess([*resources, condition("55464009")], now=NOW)
+    assert F.RISK_FACTOR_NO_ANC in result.findings
+    card = card_of("lab-follow-up", result)
+    text = card.summary + " " + (card.detail or "")
+    assert "no ANC on record" not in text.replace("No ANC", "no ANC")
+    assert "no usable ANC" in card.summary
 
 
 def test_lab_follow_up_lists_risk_factors() -> None:
