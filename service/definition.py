@@ -54,6 +54,10 @@ DESCRIPTION = (
 
 def make_handler(policy: ClinicalPolicy, card_settings: CardSettings) -> Handler:
     """The hook handler: assess the patient's resources and render the cards (pure apart from ``call``)."""
+    if card_settings.febrile_neutropenia_anc_below != policy.fn_anc_cutoff:
+        # The cards quote the cut-off the rules apply (brief §1.2; a deployment may set it): never another number.
+        raise ValueError(f"the cards' febrile-neutropenia cut-off ({card_settings.febrile_neutropenia_anc_below}/uL) "
+                         f"differs from the rules' ({policy.fn_anc_cutoff}/uL)")
 
     def handle(call: HookCall) -> ServiceResponse:
         # Keys that yielded only part of their data (Bundle entries that were not resources, a `next` link not

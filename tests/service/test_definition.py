@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -18,7 +19,9 @@ from cds_hooks.registry import HookCall
 from cds_hooks.schemas import HookRequest
 from cds_hooks.testing.fixtures import FIXTURE_BASE
 from service.app import create_app
+from service.cards import CardSettings
 from service.definition import EXTENSION_KEY, neutropenia_service
+from service.thresholds import ClinicalPolicy
 from tests.support.fhir_stub_server import FhirStub, operation_outcome, searchset
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
@@ -53,6 +56,25 @@ def test_incomplete_prefetch_keys_become_data_issues(reason: str) -> None:
 
 def test_complete_prefetch_keys_add_no_issue() -> None:
     assert _issues(_call(KeyResult("labs", KeyState.DATA, (ANC,), origin="prefetch"))) == []
+
+
+@pytest.mark.parametrize(
+    ("policy_cut_off", "card_cut_off", "accepted"),
+    [(1000, 1000, True), (500, 500, True), (500, 1000, False), (1000, 1500, False)],
+    ids=["defaults", "both-500", "rules-500-cards-1000", "rules-1000-cards-1500"],
+)
+def test_service_refuses_cards_quoting_another_febrile_neutropenia_cut_off(policy_cut_off: int, card_cut_off: int,
+                                                                           accepted: bool) -> None:
+    # The cards quote the febrile-neutropenia cut-off ("an ANC below 1000/uL makes this febrile neutropenia") from
+    # CardSettings, the rules apply ClinicalPolicy's: a policy of 500 with the default settings told the clinician
+    # 1000 while the rules called a fever with ANC 800 not febrile neutropenia. Fail when the service is built.
+    policy = ClinicalPolicy(fn_anc_cutoff=Decimal(policy_cut_off))
+    settings = CardSettings(febrile_neutropenia_anc_below=Decimal(card_cut_off))
+    if accepted:
+        assert neutropenia_service(policy, settings).id == "neutropenia-patient-view"
+    else:
+        with pytest.raises(ValueError, match="cut-off"):
+            neutropenia_service(policy, settings)
 
 
 # --- an order that names its medicine by medicationReference, end to end --------------------------------------
