@@ -399,8 +399,12 @@ class _Collector:
         value, quantity, problem = _value(holder)
         if value is None and problem is None:
             return  # no value (e.g. dataAbsentReason): nothing to read
+        comparator = quantity.get("comparator")
         if not roles:
             degrees, problem = (None, problem) if value is None else celsius(value, quantity)
+            if degrees is not None and isinstance(comparator, str) and comparator not in _COMPARATORS:
+                # As for a count: read as no comparator, "<38.6" in an unknown spelling became a 38.6 C fever.
+                degrees, problem = None, f"comparator: unknown value {comparator!r}"
             if degrees is None:
                 return self._issue("temperature-uninterpretable", source, problem)
             self.temperatures.add(Temperature(source, degrees, when.effective, when.latest, status,
@@ -415,7 +419,6 @@ class _Collector:
         elif value is not None:
             converted, problem = percent(value, quantity, fraction=role is LabRole.FRACTION)
         specimen = r.get("specimen")
-        comparator = quantity.get("comparator")
         if isinstance(comparator, str) and comparator not in _COMPARATORS:
             # Not a code the validation checks (its binding is not enforced): read as no comparator, a bound
             # ("<500") became an exact count and was graded one grade too low. The value is not known.

@@ -129,9 +129,11 @@ def observation(
     return resource
 
 
-def component(code: str, value: Number, unit: str, *, system: str = LOINC) -> dict[str, Any]:
+def component(
+    code: str, value: Number, unit: str, *, system: str = LOINC, comparator: str | None = None
+) -> dict[str, Any]:
     """An Observation.component with a valueQuantity."""
-    return {"code": concept(code, system), "valueQuantity": quantity(value, unit)}
+    return {"code": concept(code, system), "valueQuantity": quantity(value, unit, comparator=comparator)}
 
 
 def anc(value: Number | None, unit: str | None = "/uL", effective: str | None = None, **kw: Any) -> dict[str, Any]:

@@ -352,6 +352,24 @@ def test_temperature_without_unit_is_a_data_issue() -> None:
     assert found.issues == (DataIssue("temperature-uninterpretable", "Observation/t", "no unit"),)
 
 
+def _temperature_in(where: str, value: str, unit: str, comparator: str) -> dict[str, Any]:
+    """A temperature sent with ``comparator``, on its own or as a vital-signs panel's component (id "t")."""
+    if where == "panel":
+        return vital_signs_panel([component("8310-5", value, unit, comparator=comparator)], ago(minutes=5), id="t")
+    return temperature(value, unit, ago(minutes=5), id="t", comparator=comparator)
+
+
+@pytest.mark.parametrize("where", ["single", "panel"])
+@pytest.mark.parametrize("comparator", ["x", "less than", "ad"])  # "ad": R5 only
+def test_temperature_with_an_unknown_comparator_is_not_used(where: str, comparator: str) -> None:
+    # R4 Quantity.comparator is < | <= | >= | > (a required binding the models do not check): read without it,
+    # an upper bound such as "<38.6" became a 38.6 °C fever. As for a count, the value is not known.
+    found = facts(_temperature_in(where, "38.6", "Cel", comparator))
+    assert found.temperatures == ()
+    assert found.issues == (
+        DataIssue("temperature-uninterpretable", "Observation/t", f"comparator: unknown value {comparator!r}"),)
+
+
 def test_old_temperatures_are_not_even_validated() -> None:
     old_and_broken = temperature(39, effective=ago(hours=25), implicitRules=123)
     assert facts(old_and_broken) == facts()
