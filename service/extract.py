@@ -41,7 +41,7 @@ from service.fhir import (
 )
 from service.model import DataIssue
 from service.records import ConditionFact, MedicationFact
-from service.thresholds import DEFAULT_POLICY, ClinicalPolicy
+from service.thresholds import DEFAULT_POLICY, FEVER_SUSTAINED, ClinicalPolicy
 from service.units import celsius, count_per_ul, percent
 from service.validation import KnownElements, screen
 
@@ -52,6 +52,8 @@ IGNORED_STATUSES = frozenset({"registered", "cancelled", "entered-in-error", "un
 RETRACTED_REPORT_STATUSES = frozenset({"entered-in-error", "cancelled"})
 COUNT_ROLES = frozenset({LabRole.ANC, LabRole.SEGS_ABS, LabRole.BANDS_ABS, LabRole.WBC})
 _COMPARATORS = {"<": "<", "<=": "<", ">": ">", ">=": ">"}  # "<": the value is an upper bound
+#: The R4 Quantity.comparator codes that make a value an upper bound (the true value is below / at most it).
+UPPER_BOUNDS = frozenset({"<", "<="})
 
 #: The Observation elements the rules read (``service.validation.screen``): an invalid one makes the result
 #: unusable; invalid elements elsewhere (display texts, narrative, extensions) do not. ``issued`` is read only
@@ -110,11 +112,35 @@ class Temperature:
     status: str
     #: A maximum over a period (1 to 24 h, ``codes.TEMPERATURE_MAXIMUM``): a single reading only, never in a run.
     maximum: bool = False
+    #: The R4 Quantity.comparator as sent ("<", "<=", ">=", ">"), or None: ``celsius`` is then only a bound.
+    comparator: str | None = None
 
     @property
     def preliminary(self) -> bool:
         """Whether the reading is preliminary."""
         return USED_STATUSES.get(self.status, False)
+
+    @property
+    def upper_bound(self) -> bool:
+        """Whether ``celsius`` is an upper bound ("<38.6"): the true temperature is below it (or at most it)."""
+        return self.comparator in UPPER_BOUNDS
+
+    @property
+    def undecided(self) -> bool:
+        """Whether the reading is an upper bound that leaves open if it was 38.0 C or more ("<38.6", "<=38.0").
+
+        Brief §0 cuts at 38.0 C and 38.3 C: such a reading may or may not be a fever, so it can neither make nor
+        break a run, nor be a single-reading fever. An upper bound certainly below 38.0 C ("<38.0", "<=37.9")
+        decides: it is a reading below 38.0 C. A lower bound (">38.5") is read at its bound, which can only
+        understate the fever.
+        """
+        if self.comparator == "<":
+            return self.celsius > FEVER_SUSTAINED
+        return self.comparator == "<=" and self.celsius >= FEVER_SUSTAINED
+
+    def at_least(self, cut: Decimal) -> bool:
+        """Whether the reading is known to be ``cut`` or more: an upper bound never is ("<38.0" is below 38.0)."""
+        return not self.upper_bound and self.celsius >= cut
 
     @property
     def precise(self) -> bool:
@@ -123,7 +149,8 @@ class Temperature:
 
     def order(self) -> tuple[Any, ...]:
         """Sort key of a total order on readings that does not depend on the order they arrived in."""
-        return self.source, self.effective, self.latest, self.celsius, self.status, self.maximum
+        return (self.source, self.effective, self.latest, self.celsius, self.status, self.maximum,
+                _optional(self.comparator))
 
 
 def _optional(value: Any) -> tuple[bool, Any]:
@@ -407,8 +434,16 @@ class _Collector:
                 degrees, problem = None, f"comparator: unknown value {comparator!r}"
             if degrees is None:
                 return self._issue("temperature-uninterpretable", source, problem)
-            self.temperatures.add(Temperature(source, degrees, when.effective, when.latest, status,
-                                              maximum=bool(codes & TEMPERATURE_MAXIMUM)))
+            reading = Temperature(source, degrees, when.effective, when.latest, status,
+                                  maximum=bool(codes & TEMPERATURE_MAXIMUM),
+                                  comparator=comparator if isinstance(comparator, str) else None)
+            if reading.undecided:
+                # Read as its bound it was a febrile-neutropenia emergency the data do not show; read as anything
+                # lower it could hide one. Not used for the fever rule, and the clinician is told.
+                return self._issue("temperature-uninterpretable", source,
+                                   f"comparator: {comparator!r} {degrees} °C, an upper bound that does not rule out "
+                                   f"{FEVER_SUSTAINED} °C or more; not used for the fever rule")
+            self.temperatures.add(reading)
             return
         role = roles.pop()
         converted = None

@@ -6,6 +6,11 @@ rounded to 2 decimals (``service.units``). Readings at the same instant count as
 (conservative); only readings timed to an instant can form a sustained run (a date-only reading has no place in a
 sequence, nor has a maximum over 1-24 h: brief §3.1 counts it as a single reading), but any reading counts as a
 single reading.
+
+A value sent with a comparator is a bound (R4 Quantity.comparator): a lower bound (">38.5") is read at its bound,
+which can only understate the fever; an upper bound certainly below 38.0 C ("<38.0", "<=37.9") is a reading below
+38.0 C, even at an instant where its bound is the highest value; an upper bound that leaves it open ("<38.6",
+:attr:`Temperature.undecided`) is not read at all (``service.extract`` reports it as a data issue).
 """
 
 from __future__ import annotations
@@ -43,18 +48,22 @@ def in_window(
 def assess_fever(
     temperatures: Iterable[Temperature], *, now: datetime, policy: ClinicalPolicy = DEFAULT_POLICY
 ) -> Fever | None:
-    """The fever finding for the window ending at ``now``; None when there is no temperature in the window."""
-    readings = in_window(temperatures, now=now, policy=policy)
+    """The fever finding for the window ending at ``now``; None when no usable temperature is in the window."""
+    readings = [t for t in in_window(temperatures, now=now, policy=policy) if not t.undecided]
     if not readings:
         return None
     maximum = max(t.celsius for t in readings)
-    hottest = _at_latest_time([t for t in readings if t.celsius == maximum])
-    if maximum >= FEVER_SINGLE_READING:
-        return _fever(maximum, SINGLE_READING, hottest, None)
+    highest = [t for t in readings if t.celsius == maximum]
+    # A reading of the maximum outranks an upper bound equal to it: the maximum is then a value, not a bound.
+    known = [t for t in highest if not t.upper_bound]
+    hottest = _at_latest_time(known or highest)
+    bound = None if known else ("<" if all(t.comparator == "<" for t in highest) else "<=")
+    if bound is None and maximum >= FEVER_SINGLE_READING:
+        return _fever(maximum, SINGLE_READING, hottest, None, bound)
     run = _latest_sustained_run([t for t in readings if t.precise and not t.maximum])
     if run is not None:
-        return _fever(maximum, SUSTAINED, run, run[0].effective)
-    return _fever(maximum, NONE, hottest, None)
+        return _fever(maximum, SUSTAINED, run, run[0].effective, bound)
+    return _fever(maximum, NONE, hottest, None, bound)
 
 
 def _at_latest_time(readings: list[Temperature]) -> list[Temperature]:
@@ -72,7 +81,8 @@ def _latest_sustained_run(readings: list[Temperature]) -> list[Temperature] | No
     found: tuple[list[datetime], int] | None = None
     run: list[datetime] = []
     for moment in sorted(by_time):
-        if max(t.celsius for t in by_time[moment]) >= FEVER_SUSTAINED:
+        # The instant's highest reading: an upper bound ("<38.0") is below 38.0 C whatever its bound.
+        if any(t.at_least(FEVER_SUSTAINED) for t in by_time[moment]):
             run.append(moment)
             if run[-1] - run[0] >= FEVER_SUSTAINED_DURATION:
                 found = (run, len(run))
@@ -81,10 +91,11 @@ def _latest_sustained_run(readings: list[Temperature]) -> list[Temperature] | No
     if found is None:
         return None
     moments, length = found
-    return [t for m in moments[:length] for t in by_time[m] if t.celsius >= FEVER_SUSTAINED]
+    return [t for m in moments[:length] for t in by_time[m] if t.at_least(FEVER_SUSTAINED)]
 
 
-def _fever(maximum: Decimal, criterion: str, used: list[Temperature], since: datetime | None) -> Fever:
+def _fever(maximum: Decimal, criterion: str, used: list[Temperature], since: datetime | None,
+           comparator: str | None) -> Fever:
     return Fever(
         max_celsius=maximum,
         criterion=criterion,
@@ -92,4 +103,5 @@ def _fever(maximum: Decimal, criterion: str, used: list[Temperature], since: dat
         sources=tuple(sorted({t.source for t in used})),
         since=since,
         preliminary=any(t.preliminary for t in used),
+        comparator=comparator,
     )

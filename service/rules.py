@@ -116,7 +116,9 @@ def temperature_state(fever: Fever | None) -> TemperatureState:
         return TemperatureState.AFEBRILE
     if fever.criterion != "none":
         return TemperatureState.FEVER
-    return TemperatureState.ELEVATED if fever.max_celsius >= FEVER_SUSTAINED else TemperatureState.AFEBRILE
+    # An upper bound ("<38.0": every reading was below it) is below the cut it equals.
+    elevated = fever.max_celsius >= FEVER_SUSTAINED and fever.comparator is None
+    return TemperatureState.ELEVATED if elevated else TemperatureState.AFEBRILE
 
 
 def anc_band(anc: AncValue | None, cutoff: Decimal, policy: ClinicalPolicy) -> AncBand:

@@ -42,12 +42,14 @@ from tests.service.factories import (
     SNOMED,
     ago,
     anc,
+    component,
     condition,
     diagnostic_report,
     medication_request,
     observation,
     patient,
     temperature,
+    vital_signs_panel,
     wbc,
 )
 from tests.service.factories import percent as observation_percent
@@ -443,6 +445,40 @@ def test_fever_reading_invalid_where_the_rules_read_is_not_used(invalid: dict[st
     assert Finding.FEBRILE_NEUTROPENIA not in result.findings
     assert ("malformed-resource", "Observation/t") in [(i.code, i.source) for i in result.data_issues]
     assert "data-quality" in {card.kind for card in render(result)}
+
+
+_UNDECIDED = {"code": "temperature-uninterpretable", "source": "Observation/t",
+              "detail": "comparator: '<' 38.60 °C, an upper bound that does not rule out 38.0 °C or more; "
+                        "not used for the fever rule"}
+
+
+@pytest.mark.parametrize("where", ["single", "panel"])
+@pytest.mark.parametrize(
+    ("comparator", "value", "findings", "fever", "issues"),
+    [
+        ("<", "38.6", ["neutropenia-severe", "medication-review"], None, [_UNDECIDED]),
+        (">", "38.5", ["febrile-neutropenia", "neutropenia-severe", "medication-review"],
+         {"maxCelsius": 38.5, "criterion": "single-reading"}, None),
+        # Below 38.0 °C: not even a raised temperature (R3), though the extension can only give the bound.
+        ("<", "38.0", ["neutropenia-severe", "medication-review"], {"maxCelsius": 38.0, "criterion": "none"}, None),
+    ],
+    ids=["below-38.6", "above-38.5", "below-38.0"],
+)
+def test_temperature_bound_with_severe_neutropenia(where: str, comparator: str, value: str, findings: list[str],
+                                                   fever: dict[str, Any] | None,
+                                                   issues: list[dict[str, str]] | None) -> None:
+    # "<38.6" was graded as 38.6 °C: a febrile-neutropenia emergency (critical card, antibiotics within the hour)
+    # that the data do not show. It is now not used, and the data-quality card says why; ">38.5" is a fever.
+    held = component("8310-5", value, "Cel", comparator=comparator)
+    reading = (vital_signs_panel([held], ago(minutes=20), id="t") if where == "panel"
+               else temperature(value, "Cel", ago(minutes=20), id="t", comparator=comparator))
+    result = assess([anc(400, "/uL", ago(hours=2), id="a"), reading], now=NOW)
+    ext = assessment_extension(result)
+    assert ext["findings"] == findings
+    assert ext.get("fever") == (None if fever is None else {
+        **fever, "effective": "2025-03-10T11:40:00Z", "sources": ["Observation/t"]})
+    assert ext.get("dataIssues") == issues
+    assert ("data-quality" in {card.kind for card in render(result)}) is (issues is not None)
 
 
 @pytest.mark.parametrize(

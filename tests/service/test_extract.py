@@ -370,6 +370,41 @@ def test_temperature_with_an_unknown_comparator_is_not_used(where: str, comparat
         DataIssue("temperature-uninterpretable", "Observation/t", f"comparator: unknown value {comparator!r}"),)
 
 
+#: (comparator, value, unit) -> the reading kept, as (celsius, comparator), or None when it is not used. An upper
+#: bound is kept only when it is certainly below 38.0 °C (after conversion and rounding to 2 decimals); a lower
+#: bound is kept at its bound.
+@pytest.mark.parametrize(
+    ("comparator", "value", "unit", "kept"),
+    [
+        ("<", "37.99", "Cel", ("37.99", "<")),
+        ("<", "38.0", "Cel", ("38.00", "<")),
+        ("<", "38.01", "Cel", None),
+        ("<", "38.6", "Cel", None),
+        ("<", "100.4", "[degF]", ("38.00", "<")),
+        ("<", "100.41", "[degF]", None),  # 38.0056 rounds to 38.01
+        ("<=", "37.99", "Cel", ("37.99", "<=")),
+        ("<=", "38.0", "Cel", None),
+        ("<=", "100.39", "[degF]", ("37.99", "<=")),
+        ("<=", "100.4", "[degF]", None),
+        (">", "38.5", "Cel", ("38.50", ">")),
+        (">=", "37.99", "Cel", ("37.99", ">=")),
+        (">", "101.0", "[degF]", ("38.33", ">")),
+    ],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("where", ["single", "panel"])
+def test_temperature_comparator_is_kept_or_the_bound_reported(
+    where: str, comparator: str, value: str, unit: str, kept: tuple[str, str] | None
+) -> None:
+    found = facts(_temperature_in(where, value, unit, comparator))
+    assert [(t.source, t.celsius, t.comparator) for t in found.temperatures] == (
+        [] if kept is None else [("Observation/t", D(kept[0]), kept[1])])
+    assert [(i.code, i.source) for i in found.issues] == (
+        [] if kept is not None else [("temperature-uninterpretable", "Observation/t")])
+    if kept is None:
+        assert found.issues[0].detail is not None and "not used for the fever rule" in found.issues[0].detail
+
+
 def test_old_temperatures_are_not_even_validated() -> None:
     old_and_broken = temperature(39, effective=ago(hours=25), implicitRules=123)
     assert facts(old_and_broken) == facts()
@@ -737,7 +772,7 @@ def _one_field_changed(base: Any, changes: dict[str, Any]) -> list[Any]:
         }),
         _one_field_changed(_BASE_TEMPERATURE, {
             "source": "Observation/u", "celsius": Decimal("37.00"), "effective": NOW - timedelta(hours=1),
-            "latest": NOW + timedelta(hours=1), "status": "amended", "maximum": True,
+            "latest": NOW + timedelta(hours=1), "status": "amended", "maximum": True, "comparator": "<",
         }),
     ],
     ids=["lab-results", "temperatures"],

@@ -14,6 +14,7 @@ from service import timing
 from service.extract import Temperature, extract
 from service.fever import assess_fever, in_window
 from service.model import Fever
+from service.rules import TemperatureState, temperature_state
 from service.thresholds import DEFAULT_POLICY
 from tests.service.factories import NOW, ago, temperature, vital_signs_panel, component
 
@@ -80,6 +81,135 @@ def test_sustained_run(readings: list[tuple[str, int]], expected: str) -> None:
 def test_sustained_in_fahrenheit(first: str, last: str, expected: str) -> None:
     readings = [temperature(first, "[degF]", ago(minutes=70)), temperature(last, "[degF]", ago(minutes=5))]
     assert criterion(*readings) == expected
+
+
+AFEBRILE, ELEVATED, FEVER = TemperatureState.AFEBRILE, TemperatureState.ELEVATED, TemperatureState.FEVER
+
+
+@pytest.mark.parametrize(
+    ("comparator", "value", "expected", "state"),
+    [
+        # An upper bound certainly below 38.0 °C is a reading below 38.0 °C, "<38.0" included.
+        ("<", "37.99", "none", AFEBRILE),
+        ("<", "38.0", "none", AFEBRILE),
+        # One that leaves it open is not used: no fever made, none ruled out (a data issue says so).
+        ("<", "38.01", None, AFEBRILE),
+        ("<", "38.29", None, AFEBRILE),
+        ("<", "38.3", None, AFEBRILE),
+        ("<", "38.31", None, AFEBRILE),
+        ("<=", "37.99", "none", AFEBRILE),
+        ("<=", "38.0", None, AFEBRILE),
+        ("<=", "38.01", None, AFEBRILE),
+        ("<=", "38.29", None, AFEBRILE),
+        ("<=", "38.3", None, AFEBRILE),
+        ("<=", "38.31", None, AFEBRILE),
+        # A lower bound is read at its bound: it can only understate.
+        (">", "37.99", "none", AFEBRILE),
+        (">", "38.0", "none", ELEVATED),
+        (">", "38.01", "none", ELEVATED),
+        (">", "38.29", "none", ELEVATED),
+        (">", "38.3", "single-reading", FEVER),
+        (">", "38.31", "single-reading", FEVER),
+        (">=", "37.99", "none", AFEBRILE),
+        (">=", "38.0", "none", ELEVATED),
+        (">=", "38.01", "none", ELEVATED),
+        (">=", "38.29", "none", ELEVATED),
+        (">=", "38.3", "single-reading", FEVER),
+        (">=", "38.31", "single-reading", FEVER),
+    ],
+    ids=lambda v: str(v),
+)
+def test_single_reading_with_a_comparator(comparator: str, value: str, expected: str | None,
+                                          state: TemperatureState) -> None:
+    # "<38.6" was read as 38.6 °C: a single-reading fever, with ANC below 1000 a febrile-neutropenia emergency the
+    # data do not show; "<38.0" was read as 38.0 °C, a raised temperature (R3) that was certainly below 38.0 °C.
+    found = fever_of(temperature(value, "Cel", ago(minutes=10), comparator=comparator))
+    assert (None if found is None else found.criterion, temperature_state(found)) == (expected, state)
+
+
+@pytest.mark.parametrize(
+    ("comparator", "value", "expected"),
+    [("<", "100.4", "none"), ("<", "100.41", None), ("<=", "100.39", "none"), ("<=", "100.4", None),
+     (">", "100.93", "none"), (">", "100.94", "single-reading")],
+    ids=["<100.4F=38.00", "<100.41F=38.01", "<=100.39F=37.99", "<=100.4F=38.00", ">100.93F=38.29", ">100.94F=38.30"],
+)
+def test_comparator_bound_is_compared_after_conversion_and_rounding(comparator: str, value: str,
+                                                                    expected: str | None) -> None:
+    assert criterion(temperature(value, "[degF]", ago(minutes=10), comparator=comparator)) == expected
+
+
+#: A reading: (value in Cel, comparator or None, minutes ago).
+Reading = tuple[str, str | None, int]
+
+
+@pytest.mark.parametrize(
+    ("readings", "expected"),
+    [
+        ([("38.1", None, 60), ("38.0", "<", 30), ("38.1", None, 0)], "none"),
+        ([("38.1", None, 60), ("37.99", "<=", 30), ("38.1", None, 0)], "none"),
+        ([("38.1", None, 60), ("38.6", "<", 30), ("38.1", None, 0)], "sustained"),
+        ([("38.1", None, 60), ("38.0", "<=", 30), ("38.1", None, 0)], "sustained"),
+        ([("38.1", None, 60), ("38.6", "<", 0)], "none"),
+        ([("38.0", "<=", 60), ("38.1", None, 0)], "none"),
+        ([("38.0", "<", 60), ("38.0", "<", 0)], "none"),
+        ([("38.0", ">", 60), ("38.0", None, 0)], "sustained"),
+        ([("38.0", ">=", 60), ("37.99", ">", 30), ("38.0", None, 0)], "none"),
+    ],
+    ids=["below-38.0-breaks", "at-most-37.99-breaks", "undecided-neither-breaks", "undecided-at-most-38.0",
+         "undecided-cannot-end", "undecided-cannot-start", "two-below-38.0", "lower-bound-starts",
+         "lower-bound-below-38.0-breaks"],
+)
+def test_sustained_run_with_bounds(readings: list[Reading], expected: str) -> None:
+    resources = [temperature(v, "Cel", ago(minutes=m), comparator=c) for v, c, m in readings]
+    assert criterion(*resources) == expected
+
+
+@pytest.mark.parametrize(
+    ("instant", "expected"),
+    [
+        ([("38.0", "<"), ("37.9", None)], "none"),  # the bound is the highest value, yet below 38.0 °C
+        ([("38.6", "<"), ("37.9", None)], "none"),  # the undecided bound is not read: 37.9 breaks the run
+        ([("37.5", "<"), ("38.1", None)], "sustained"),  # the highest reading counts
+        ([("38.0", "<"), ("38.0", None)], "sustained"),  # 38.0 measured, beside a bound of the same value
+        ([("38.0", "<"), ("38.3", ">")], "single-reading"),
+    ],
+    ids=["bound-38.0-with-37.9", "undecided-with-37.9", "bound-37.5-with-38.1", "bound-38.0-with-38.0",
+         "bound-with-lower-bound"],
+)
+def test_same_instant_with_an_upper_bound(instant: list[tuple[str, str | None]], expected: str) -> None:
+    # Readings at one instant count as one, the highest; an upper bound is below its bound, so "<38.0" beside
+    # 37.9 °C is an instant below 38.0 °C that breaks the run, not a 38.0 °C one that carries it.
+    around = [temperature("38.1", "Cel", ago(minutes=m)) for m in (60, 0)]
+    at_30 = [temperature(v, "Cel", ago(minutes=30), comparator=c) for v, c in instant]
+    assert criterion(*around, *at_30) == expected
+
+
+@pytest.mark.parametrize(
+    ("readings", "expected"),
+    [
+        ([("u", "37.5", "<", 10)], (D("37.50"), "<", ("Observation/u",))),
+        ([("u", "38.0", "<", 10), ("x", "37.2", None, 20)], (D("38.00"), "<", ("Observation/u",))),
+        ([("u", "37.5", "<", 10), ("x", "37.5", None, 20)], (D("37.50"), None, ("Observation/x",))),
+        ([("u", "37.5", "<", 10), ("v", "37.5", "<=", 10)], (D("37.50"), "<=", ("Observation/u", "Observation/v"))),
+        ([("u", "38.6", "<", 10), ("x", "37.2", None, 20)], (D("37.20"), None, ("Observation/x",))),
+        ([("l", "37.5", ">", 10), ("x", "37.2", None, 20)], (D("37.50"), None, ("Observation/l",))),
+    ],
+    ids=["upper-bound-only", "upper-bound-highest", "value-equal-to-bound", "below-and-at-most",
+         "undecided-not-read", "lower-bound"],
+)
+def test_highest_temperature_is_never_above_an_upper_bound(readings: list[tuple[str, str, str | None, int]],
+                                                           expected: tuple[Decimal, str | None,
+                                                                           tuple[str, ...]]) -> None:
+    # maxCelsius is at most an upper bound; Fever.comparator says when it is only that bound (every reading was
+    # below it), so the rules do not read "<38.0" as a raised 38.0 °C.
+    found = fever_of(*(temperature(v, "Cel", ago(minutes=m), id=i, comparator=c) for i, v, c, m in readings))
+    assert found is not None and found.criterion == "none"
+    assert (found.max_celsius, found.comparator, found.sources) == expected
+
+
+def test_only_undecided_upper_bounds_give_no_fever_result() -> None:
+    assert fever_of(temperature("38.6", "Cel", ago(minutes=10), comparator="<"),
+                    temperature("38.0", "Cel", ago(minutes=70), comparator="<=")) is None
 
 
 def test_mixed_units_form_one_run() -> None:
