@@ -52,8 +52,8 @@ ANC_FORMULAS: Mapping[str, str] = {
     "wbc*total%": "ANC, computed: WBC x total neutrophil %",
     "wbc*(segs%+bands%)": "ANC, computed: WBC x (segs % + bands %)",
 }
-#: `Anc.comparator` -> words before the number ("<" must not reach a detail: no raw HTML, brief).
-ANC_COMPARATORS: Mapping[str, str] = {"<": "below ", ">": "above ", "<=": "at most ", ">=": "at least "}
+#: `Anc.comparator`, `Fever.comparator` -> words before the number ("<" must not reach a detail: no raw HTML).
+COMPARATORS: Mapping[str, str] = {"<": "below ", ">": "above ", "<=": "at most ", ">=": "at least "}
 PRELIMINARY = "**preliminary**, confirm"
 ANC_STALE = "too old to grade"
 TEMPERATURE_ROW = "Temperature, highest"

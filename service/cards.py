@@ -56,7 +56,7 @@ from cds_hooks.models import (
     Suggestion,
 )
 from service import card_text
-from service.assessment import DEFAULT_POLICY, Anc, Assessment, CodedRef
+from service.assessment import DEFAULT_POLICY, Anc, Assessment, CodedRef, Fever
 from service.card_text import CARD_TEMPLATES, CardTemplate, Order
 from service.thresholds import ANC_MODERATE_BELOW, ANC_NORMAL_LOWER
 
@@ -234,7 +234,7 @@ class _View:
             rows.append((method, _anc_text(anc, self.assessment.neutropenia_below), _time(anc.effective),
                          ", ".join(notes)))
         if fever is not None:
-            value = f"{_celsius(fever.max_celsius)} ({_fahrenheit(fever.max_celsius)})"
+            value = f"{_temperature_text(fever)} ({_fahrenheit(fever.max_celsius)})"
             notes = [card_text.FEVER_CRITERIA.get(fever.criterion, _md(fever.criterion))]
             if fever.preliminary:
                 notes.append(card_text.PRELIMINARY)
@@ -330,7 +330,7 @@ class _View:
         missing = card_text.NOT_AVAILABLE
         return {
             "anc": _anc_text(anc, a.neutropenia_below) if anc is not None else missing["anc"],
-            "temp": _celsius(fever.max_celsius) if fever is not None else missing["temp"],
+            "temp": _temperature_text(fever) if fever is not None else missing["temp"],
             "date": anc.effective.strftime("%Y-%m-%d") if anc is not None else missing["date"],
             "days": str(max((a.evaluated_at - anc.effective).days, 0)) if anc is not None else missing["days"],
             "falling": ", falling" if "anc-falling" in self.present else "",
@@ -359,7 +359,7 @@ def _anc_text(anc: Anc, neutropenia_below: Decimal) -> str:
         notes.append(f"grade {anc.ctcae_grade}")
     if anc.preliminary:
         notes.append("preliminary")
-    bound = card_text.ANC_COMPARATORS.get(anc.comparator or "", "")
+    bound = card_text.COMPARATORS.get(anc.comparator or "", "")
     return f"{bound}{_count(anc.cells_per_ul)}/uL" + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -372,6 +372,11 @@ def _below(anc: Anc, limit: Decimal) -> bool:
 def _count(value: Decimal) -> str:
     """Whole cells/uL, rounded down so the shown number is in the same band as the value (99.9 -> 99)."""
     return str(int(Decimal(value).to_integral_value(rounding=ROUND_FLOOR)))
+
+
+def _temperature_text(fever: Fever) -> str:
+    """"38.4 °C"; "below 38.0 °C" when the highest value is only an upper bound."""
+    return card_text.COMPARATORS.get(fever.comparator or "", "") + _celsius(fever.max_celsius)
 
 
 def _celsius(value: Decimal) -> str:

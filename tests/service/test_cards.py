@@ -358,6 +358,17 @@ def test_temperature_is_shown_to_two_decimals_at_most(celsius: str, shown: str) 
     assert f"with {shown} —" in card.summary
 
 
+@pytest.mark.parametrize(("comparator", "shown"), [("<", "below 38.0 °C"), ("<=", "at most 37.9 °C"),
+                                                    (None, "37.9 °C")], ids=["below", "at-most", "value"])
+def test_highest_temperature_that_is_only_an_upper_bound_says_so(comparator: str | None, shown: str) -> None:
+    # Fever.comparator "<": every reading was below this bound ("<38.0"); shown as the value, 38.0 °C looked like a
+    # raised temperature that the data rule out.
+    celsius = "38.00" if comparator == "<" else "37.90"
+    card = card_of("neutropenia", assessment(F.NEUTROPENIA_SEVERE, anc=anc(),
+                                             fever=fever(celsius, "none", comparator=comparator)))
+    assert f"| {shown} (" in (card.detail or "")
+
+
 # -- card content -------------------------------------------------------------------------------------------------------
 
 def card_of(kind: str, a: Assessment, **kwargs: Any) -> Card:
