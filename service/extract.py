@@ -127,16 +127,19 @@ class Temperature:
 
     @property
     def undecided(self) -> bool:
-        """Whether the reading is an upper bound that leaves open if it was 38.0 C or more ("<38.6", "<=38.0").
+        """Whether the reading is a bound that leaves open if it was 38.0 C or more ("<38.6", "<=38.0", ">37.5").
 
         Brief §0 cuts at 38.0 C and 38.3 C: such a reading may or may not be a fever, so it can neither make nor
         break a run, nor be a single-reading fever. An upper bound certainly below 38.0 C ("<38.0", "<=37.9")
-        decides: it is a reading below 38.0 C. A lower bound (">38.5") is read at its bound, which can only
-        understate the fever.
+        decides: it is a reading below 38.0 C. A lower bound of 38.0 C or more (">38.5") decides too: read at its
+        bound, it can only understate the fever. A lower bound below 38.0 C (">=37.9") read at its bound broke a
+        sustained run that the true value may have continued: a missed emergency.
         """
         if self.comparator == "<":
             return self.celsius > FEVER_SUSTAINED
-        return self.comparator == "<=" and self.celsius >= FEVER_SUSTAINED
+        if self.comparator == "<=":
+            return self.celsius >= FEVER_SUSTAINED
+        return self.comparator in (">", ">=") and self.celsius < FEVER_SUSTAINED
 
     def at_least(self, cut: Decimal) -> bool:
         """Whether the reading is known to be ``cut`` or more: an upper bound never is ("<38.0" is below 38.0)."""
@@ -438,10 +441,10 @@ class _Collector:
                                   maximum=bool(codes & TEMPERATURE_MAXIMUM),
                                   comparator=comparator if isinstance(comparator, str) else None)
             if reading.undecided:
-                # Read as its bound it was a febrile-neutropenia emergency the data do not show; read as anything
-                # lower it could hide one. Not used for the fever rule, and the clinician is told.
+                # Read at its bound, "<38.6" was a febrile-neutropenia emergency the data do not show and ">=37.9"
+                # broke a run the true value may have continued. Not used for the fever rule; the clinician is told.
                 return self._issue("temperature-uninterpretable", source,
-                                   f"comparator: {comparator!r} {degrees} °C, an upper bound that does not rule out "
+                                   f"comparator: {comparator!r} {degrees} °C, a bound that leaves open whether it was "
                                    f"{FEVER_SUSTAINED} °C or more; not used for the fever rule")
             self.temperatures.add(reading)
             return

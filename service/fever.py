@@ -7,10 +7,11 @@ rounded to 2 decimals (``service.units``). Readings at the same instant count as
 sequence, nor has a maximum over 1-24 h: brief §3.1 counts it as a single reading), but any reading counts as a
 single reading.
 
-A value sent with a comparator is a bound (R4 Quantity.comparator): a lower bound (">38.5") is read at its bound,
-which can only understate the fever; an upper bound certainly below 38.0 C ("<38.0", "<=37.9") is a reading below
-38.0 C, even at an instant where its bound is the highest value; an upper bound that leaves it open ("<38.6",
-:attr:`Temperature.undecided`) is not read at all (``service.extract`` reports it as a data issue).
+A value sent with a comparator is a bound (R4 Quantity.comparator): a lower bound of 38.0 C or more (">38.5") is
+read at its bound, which can only understate the fever; an upper bound certainly below 38.0 C ("<38.0", "<=37.9")
+is a reading below 38.0 C, even at an instant where its bound is the highest value; a bound that leaves it open
+("<38.6", ">=37.9", :attr:`Temperature.undecided`) is not read at all (``service.extract`` reports it as a data
+issue).
 """
 
 from __future__ import annotations

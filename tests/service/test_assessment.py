@@ -448,7 +448,7 @@ def test_fever_reading_invalid_where_the_rules_read_is_not_used(invalid: dict[st
 
 
 _UNDECIDED = {"code": "temperature-uninterpretable", "source": "Observation/t",
-              "detail": "comparator: '<' 38.60 °C, an upper bound that does not rule out 38.0 °C or more; "
+              "detail": "comparator: '<' 38.60 °C, a bound that leaves open whether it was 38.0 °C or more; "
                         "not used for the fever rule"}
 
 

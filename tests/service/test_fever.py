@@ -103,14 +103,15 @@ AFEBRILE, ELEVATED, FEVER = TemperatureState.AFEBRILE, TemperatureState.ELEVATED
         ("<=", "38.29", None, AFEBRILE),
         ("<=", "38.3", None, AFEBRILE),
         ("<=", "38.31", None, AFEBRILE),
-        # A lower bound is read at its bound: it can only understate.
-        (">", "37.99", "none", AFEBRILE),
+        # A lower bound of 38.0 °C or more is read at its bound: it can only understate. One below 38.0 °C leaves
+        # it open, as an upper bound above it does.
+        (">", "37.99", None, AFEBRILE),
         (">", "38.0", "none", ELEVATED),
         (">", "38.01", "none", ELEVATED),
         (">", "38.29", "none", ELEVATED),
         (">", "38.3", "single-reading", FEVER),
         (">", "38.31", "single-reading", FEVER),
-        (">=", "37.99", "none", AFEBRILE),
+        (">=", "37.99", None, AFEBRILE),
         (">=", "38.0", "none", ELEVATED),
         (">=", "38.01", "none", ELEVATED),
         (">=", "38.29", "none", ELEVATED),
@@ -153,11 +154,12 @@ Reading = tuple[str, str | None, int]
         ([("38.0", "<=", 60), ("38.1", None, 0)], "none"),
         ([("38.0", "<", 60), ("38.0", "<", 0)], "none"),
         ([("38.0", ">", 60), ("38.0", None, 0)], "sustained"),
-        ([("38.0", ">=", 60), ("37.99", ">", 30), ("38.0", None, 0)], "none"),
+        ([("38.0", ">=", 60), ("37.99", ">", 30), ("38.0", None, 0)], "sustained"),
+        ([("38.0", ">=", 60), ("37.99", "<=", 30), ("38.0", None, 0)], "none"),
     ],
     ids=["below-38.0-breaks", "at-most-37.99-breaks", "undecided-neither-breaks", "undecided-at-most-38.0",
          "undecided-cannot-end", "undecided-cannot-start", "two-below-38.0", "lower-bound-starts",
-         "lower-bound-below-38.0-breaks"],
+         "lower-bound-below-38.0-neither-breaks", "upper-bound-below-38.0-breaks"],
 )
 def test_sustained_run_with_bounds(readings: list[Reading], expected: str) -> None:
     resources = [temperature(v, "Cel", ago(minutes=m), comparator=c) for v, c, m in readings]
@@ -192,10 +194,11 @@ def test_same_instant_with_an_upper_bound(instant: list[tuple[str, str | None]],
         ([("u", "37.5", "<", 10), ("x", "37.5", None, 20)], (D("37.50"), None, ("Observation/x",))),
         ([("u", "37.5", "<", 10), ("v", "37.5", "<=", 10)], (D("37.50"), "<=", ("Observation/u", "Observation/v"))),
         ([("u", "38.6", "<", 10), ("x", "37.2", None, 20)], (D("37.20"), None, ("Observation/x",))),
-        ([("l", "37.5", ">", 10), ("x", "37.2", None, 20)], (D("37.50"), None, ("Observation/l",))),
+        ([("l", "38.1", ">", 10), ("x", "37.2", None, 20)], (D("38.10"), None, ("Observation/l",))),
+        ([("l", "37.5", ">", 10), ("x", "37.2", None, 20)], (D("37.20"), None, ("Observation/x",))),
     ],
     ids=["upper-bound-only", "upper-bound-highest", "value-equal-to-bound", "below-and-at-most",
-         "undecided-not-read", "lower-bound"],
+         "undecided-not-read", "lower-bound", "lower-bound-below-38.0-not-read"],
 )
 def test_highest_temperature_is_never_above_an_upper_bound(readings: list[tuple[str, str, str | None, int]],
                                                            expected: tuple[Decimal, str | None,
