@@ -14,10 +14,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Flask, Response, g, request
+from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 
 from cds_hooks.auth import TokenVerifier
@@ -46,6 +47,9 @@ _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _USER_ID = re.compile(r"(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}")
 _JSON_TYPES = ("application/json", "application/fhir+json")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9\-_.]{1,64}")
+_REPEATED_SLASHES = re.compile(r"/{2,}")
+#: WSGI environ key: the path as the client sent it, when repeated slashes were merged for routing.
+CALLED_PATH = "cds_hooks.called_path"
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ def create_blueprint(
 ) -> Blueprint:
     """Build the CDS Hooks blueprint. ``verifier=None`` means authentication is disabled."""
     bp = Blueprint("cds_hooks", __name__)
+    bp.record_once(_merge_slashes_before_routing)
 
     @bp.before_app_request
     def _start() -> None:
@@ -128,7 +133,7 @@ def create_blueprint(
     def _authenticate() -> None:
         if verifier is None:
             return
-        audience = options.public_base_url + request.path
+        audience = options.public_base_url + _called_path()
         g.claims = verifier.verify(request.headers.get("Authorization"), audience)
 
     @bp.get("/cds-services")
@@ -197,6 +202,35 @@ def create_blueprint(
                                  {"Retry-After": "5"})
 
     return bp
+
+
+def _merge_slashes_before_routing(state: BlueprintSetupState) -> None:
+    """Route a path with repeated slashes as the same path with single ones, and answer it there.
+
+    The Sandbox builds a service URL as ``${discoveryURL}/${service.id}`` (and feedback as ``.../feedback``), so
+    a discovery URL typed with a trailing slash gives ``/cds-services//{id}``. werkzeug answered that with a 308
+    redirect: an HTML page, never followed for a CORS preflight, so the browser reported a CORS failure. The
+    path as called is kept for the JWT audience, which the client sets to the exact URL it called.
+    """
+    app = cast(Flask, state.app)
+    inner = app.wsgi_app
+
+    def merged(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if "//" in path:
+            environ[CALLED_PATH] = path
+            environ["PATH_INFO"] = _REPEATED_SLASHES.sub("/", path)
+        return inner(environ, start_response)
+
+    app.wsgi_app = merged  # type: ignore[method-assign]
+
+
+def _called_path() -> str:
+    """The request path as the client sent it (repeated slashes included), decoded as werkzeug decodes it."""
+    called: str | None = request.environ.get(CALLED_PATH)
+    if called is None:
+        return request.path
+    return "/" + called.encode("latin-1").decode("utf-8", "replace").lstrip("/")
 
 
 def _check_context(definition: ServiceDefinition, hook_request: HookRequest) -> None:

@@ -484,3 +484,35 @@ def test_c50_patient_view_context(call: Caller, context: dict[str, Any], status:
 def test_discovery_matches_the_registered_definition(call: Caller) -> None:
     assert call("GET", "/cds-services").json == ServiceRegistry([neutropenia_service()]).discovery()
     assert json.dumps(call("GET", "/cds-services").json)
+
+
+# --- what real clients send (cds-clients.md) ----------------------------------------------------------------
+
+def _feedback_body(call: Caller) -> dict[str, Any]:
+    card = next(c for c in _febrile_cards(call) if c.get("overrideReasons"))
+    reason = card["overrideReasons"][0]
+    return {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2025-03-10T12:00:00.123Z",
+                          "overrideReason": {"reason": {"code": reason["code"], "system": reason["system"]}}}]}
+
+
+@pytest.mark.parametrize("discovery", ["/cds-services", "/cds-services/"], ids=["typed-as-is", "typed-with-slash"])
+@pytest.mark.parametrize("endpoint", ["discovery", "invoke", "feedback"])
+def test_sandbox_urls_built_from_the_discovery_url_as_typed(call: Caller, discovery: str, endpoint: str) -> None:
+    # The Sandbox calls the discovery URL as typed into "Add CDS Service", then `${discoveryURL}/${service.id}`
+    # and `${serviceURL}/feedback` (cds-services-reducers.js), each with a token whose aud is that exact URL and
+    # after a preflight without one. Typed with a trailing slash, the service URL holds '//': werkzeug answered it
+    # with a 308 redirect (an HTML page; on the preflight, which browsers never follow, a CORS failure).
+    service = f"{discovery}/{SERVICE_ID}"
+    path, method, body = {"discovery": (discovery, "GET", None),
+                          "invoke": (service, "POST", request_body()),
+                          "feedback": (f"{service}/feedback", "POST", _feedback_body(call))}[endpoint]
+    preflight = call("OPTIONS", path, token=None, headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 204, preflight.headers
+    assert preflight.headers["Access-Control-Allow-Origin"] == ORIGIN
+    response = call(method, path, body, headers={"Origin": ORIGIN, "Accept": "application/json"})
+    assert response.status_code == 200 and response.mimetype == "application/json", response.get_data()
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    other = call(method, path, body, token=call.signer.sign(BASE + path.replace("//", "/")))
+    assert other.status_code == 401 if "//" in path else other.status_code == 200  # aud is the URL called
