@@ -516,3 +516,21 @@ def test_sandbox_urls_built_from_the_discovery_url_as_typed(call: Caller, discov
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     other = call(method, path, body, token=call.signer.sign(BASE + path.replace("//", "/")))
     assert other.status_code == 401 if "//" in path else other.status_code == 200  # aud is the URL called
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "application/json;charset=utf-8", "application/json; charset=UTF-8", "Application/JSON",
+    "application/fhir+json",
+], ids=["plain", "axios-0.x-browser", "java-and-dotnet", "upper-case", "fhir-json"])
+@pytest.mark.parametrize("path", [SERVICE_URL, FEEDBACK_URL], ids=["invoke", "feedback"])
+def test_json_content_types_clients_send_are_accepted(call: Caller, path: str, content_type: str) -> None:
+    body = request_body() if path == SERVICE_URL else _feedback_body(call)
+    response = call("POST", path, data=json.dumps(body), headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.json
+
+
+@pytest.mark.parametrize("path", [f"{SERVICE_URL}/", f"{FEEDBACK_URL}/"], ids=["invoke", "feedback"])
+def test_a_trailing_slash_is_the_same_endpoint_and_part_of_the_audience(call: Caller, path: str) -> None:
+    body = request_body() if path.rstrip("/") == SERVICE_URL else _feedback_body(call)
+    assert call("POST", path, body).status_code == 200
+    assert call("POST", path, body, token=call.signer.sign(BASE + path.rstrip("/"))).status_code == 401
