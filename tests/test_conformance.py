@@ -534,3 +534,19 @@ def test_a_trailing_slash_is_the_same_endpoint_and_part_of_the_audience(call: Ca
     body = request_body() if path.rstrip("/") == SERVICE_URL else _feedback_body(call)
     assert call("POST", path, body).status_code == 200
     assert call("POST", path, body, token=call.signer.sign(BASE + path.rstrip("/"))).status_code == 401
+
+
+def test_a_repeated_hook_instance_is_a_new_call_with_its_own_cards(call: Caller, app: Flask) -> None:
+    # hookInstance is per user action or per request, the spec leaves it open (cds-hooks/docs#499): a client that
+    # sends one twice (a retry, a re-render) gets cards both times, and feedback on either call's cards is known.
+    store = app.extensions["neutropenia_cds"]["store"]
+    body = request_body()
+    first, again = call("POST", SERVICE_URL, body), call("POST", SERVICE_URL, body)
+    assert first.status_code == again.status_code == 200
+    uuids = [{card["uuid"] for card in response.json["cards"]} for response in (first, again)]
+    assert uuids[0] and uuids[1] and uuids[0].isdisjoint(uuids[1])
+    for card_uuid in (min(uuids[0]), min(uuids[1])):
+        item = {"card": card_uuid, "outcome": "overridden", "outcomeTimestamp": "2025-03-10T12:00:00Z"}
+        assert call("POST", FEEDBACK_URL, {"feedback": [item]}).status_code == 200
+        assert [row["unknown_card"] for row in store.feedback_for_card(card_uuid)] == [False]
+        assert store.card(card_uuid)["hook_instance"] == body["hookInstance"]

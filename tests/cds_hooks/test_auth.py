@@ -120,6 +120,25 @@ def test_verify_accepts_epic_rs384_with_nbf_and_sub(kit: Kit, verifier: TokenVer
     assert (claims.iss, claims.sub, claims.raw["nbf"]) == (EPIC_ISS, "epic-client-id", NOW - 300)
 
 
+#: Epic publishes its keys at a jku like this, and names them by a base64 kid that can hold '+', '/' and '='.
+EPIC_JKU = "https://ehr.example.org/interconnect/api/epic/2019/Security/Open/PublicKeys/530013/530013"
+
+
+@pytest.mark.parametrize("kid", ["Xk2+q/9aZ0bCdEf1Q==", "/Ab+c=", "530013"], ids=["base64", "slash-first", "digits"])
+def test_verify_accepts_epic_kid_from_its_jku(rs_key: ClientKey, clock: Clock, kid: str) -> None:
+    # The kid is a dictionary key here, never part of a path or a regex: base64's '+', '/' and '=' are just text.
+    signer = TokenSigner(ClientKey(rs_key.private_key, "RS384", kid), iss=EPIC_ISS, jku=EPIC_JKU, clock=clock)
+    jwks = signer.jwks()
+    jwks["keys"][0].update({"use": "sig", "alg": "RS384"})
+    fetched: list[str] = []
+    fetcher = JwksFetcher(fetch=lambda url: fetched.append(url) or jwks, clock=clock)
+    issuers = parse_trusted_issuers({"issuers": [signer.issuer_entry(pinned=False, audiences=[EPIC_AUD])]}, Path("."))
+    verifier = TokenVerifier(AuthPolicy(issuers), jwks_fetcher=fetcher, clock=clock)
+    token = signer.sign(EPIC_AUD, extra_claims={"nbf": NOW - 300, "sub": "epic-client-id"})
+    assert verifier.verify(bearer(token), ENDPOINT).kid == kid
+    assert fetched == [EPIC_JKU]
+
+
 @pytest.mark.parametrize(
     ("signer", "aud", "header"),
     (("sandbox", [ENDPOINT, "https://other.example"], "Bearer {}"),
