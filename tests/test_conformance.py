@@ -550,3 +550,38 @@ def test_a_repeated_hook_instance_is_a_new_call_with_its_own_cards(call: Caller,
         assert call("POST", FEEDBACK_URL, {"feedback": [item]}).status_code == 200
         assert [row["unknown_card"] for row in store.feedback_for_card(card_uuid)] == [False]
         assert store.card(card_uuid)["hook_instance"] == body["hookInstance"]
+
+
+_FULL_AUTHORIZATION = {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300,
+                       "scope": "user/Observation.read", "subject": "cds"}
+
+
+def _authorization_without(*names: str, **changes: Any) -> dict[str, Any]:
+    return {**{k: v for k, v in _FULL_AUTHORIZATION.items() if k not in names}, **changes}
+
+
+@pytest.mark.parametrize("authorization, fetched", [
+    (_FULL_AUTHORIZATION, True),
+    (_authorization_without("expires_in"), True),
+    (_authorization_without("scope", "subject"), True),
+    (_authorization_without("token_type"), True),
+    (_authorization_without(token_type="bearer"), True),
+    (_authorization_without(patient=PATIENT, scope="patient/Observation.read patient/Patient.read"), True),
+    (_authorization_without("access_token"), False),
+    (_authorization_without(expires_in=0), False),
+], ids=["all-members", "no-expires_in-hspc-sandbox-65", "no-scope-no-subject", "no-token_type", "token_type-lowercase",
+        "patient-scopes-with-patient", "no-access_token", "expired"])
+def test_fhir_authorization_as_clients_send_it(call: Caller, fhir_stub: FhirStub, authorization: dict[str, Any],
+                                               fetched: bool) -> None:
+    # Each member a real client may leave out or write differently: with the token, the absent keys are fetched
+    # with it (and only with it); without a usable token nothing is fetched and the required keys are a 412.
+    _serve_patient(fhir_stub)
+    response = _invoke(call, prefetch=_DROP, fhirServer=fhir_stub.url("/fhir"), fhirAuthorization=authorization)
+    if fetched:
+        assert response.status_code == 200, response.json
+        assert response.json["extension"][EXTENSION_KEY]["findings"][0] == "febrile-neutropenia"
+        assert fhir_stub.requests and all(r.authorization == f"Bearer {TOKEN}" for r in fhir_stub.requests)
+    else:
+        assert response.status_code == 412 and fhir_stub.requests == []
+        assert {tuple(issue["expression"]) for issue in response.json["issue"]} == {("prefetch.labs",),
+                                                                                    ("prefetch.vitals",)}
