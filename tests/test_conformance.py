@@ -585,3 +585,31 @@ def test_fhir_authorization_as_clients_send_it(call: Caller, fhir_stub: FhirStub
         assert response.status_code == 412 and fhir_stub.requests == []
         assert {tuple(issue["expression"]) for issue in response.json["issue"]} == {("prefetch.labs",),
                                                                                     ("prefetch.vitals",)}
+
+
+def _with_outcome_entry(bundle: dict[str, Any], severity: str, code: str) -> dict[str, Any]:
+    """``bundle`` with a search-outcome entry, as FHIR servers add warnings (R4 example bundle-search-warning)."""
+    entry = {"fullUrl": "urn:uuid:2866af9c-137d-4458-a8a9-eeeec0ce5583", "search": {"mode": "outcome"},
+             "resource": operation_outcome("no matching results", code=code, severity=severity)}
+    return {**bundle, "total": len(bundle.get("entry", [])), "entry": [*bundle.get("entry", []), entry]}
+
+
+@pytest.mark.parametrize("labs, first_finding", [
+    (_with_outcome_entry(searchset([]), "warning", "not-found"), "fever-no-anc"),
+    (_with_outcome_entry(searchset([]), "information", "informational"), "fever-no-anc"),
+    (_with_outcome_entry(febrile_prefetch()["labs"], "warning", "informational"), "febrile-neutropenia"),
+    ({"resourceType": "Bundle", "type": "searchset", "total": 0}, "fever-no-anc"),
+    ({"resourceType": "Bundle", "type": "searchset", "entry": []}, "fever-no-anc"),
+    ({**febrile_prefetch()["labs"], "type": "collection"}, "febrile-neutropenia"),
+    (febrile_prefetch()["labs"]["entry"][0]["resource"], "febrile-neutropenia"),
+], ids=["empty-search-with-warning-entry", "empty-search-with-information-entry", "results-with-warning-entry",
+        "total-0-no-entry", "entry-empty-array", "collection-bundle", "bare-resource"])
+def test_prefetch_shapes_ehrs_send(call: Caller, fhir_stub: FhirStub, labs: dict[str, Any], first_finding: str) -> None:
+    # A search-outcome entry is the server's note about the search, not a result and not a failure: an empty
+    # search that carries one is "no data" (not a 412), and the results beside one are used. Nothing is refetched.
+    response = _invoke(call, prefetch={**febrile_prefetch(), "labs": labs}, fhirServer=fhir_stub.url("/fhir"),
+                       fhirAuthorization=_authorization())
+    assert response.status_code == 200, response.json
+    assessment = response.json["extension"][EXTENSION_KEY]
+    assert assessment["findings"][0] == first_finding
+    assert "dataIssues" not in assessment and fhir_stub.requests == []
