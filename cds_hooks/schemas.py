@@ -233,9 +233,30 @@ class _CodingSchema(_Body):
     display = _StrictString()
 
 
+#: The members of a Coding, as the Sandbox once sent them flat in `overrideReason` (see _OverrideReasonSchema).
+_CODING_MEMBERS = ("system", "code", "display")
+
+
 class _OverrideReasonSchema(_Body):
+    """`overrideReason`: a Coding under `reason` and/or a `userComment`.
+
+    The Sandbox sent the Coding flat in `overrideReason` (``{"code": ..., "system": ...}``, cds-hooks/sandbox#135)
+    until #139 nested it under `reason`, as the spec did after cds-hooks/docs#531; clients built then may still.
+    When `reason` is absent, such a flat Coding is read as the reason (and checked like one), not dropped.
+    """
+
     reason = fields.Nested(_CodingSchema)
     userComment = _StrictString(data_key="userComment", attribute="user_comment")
+
+    @pre_load
+    def _flat_coding_is_the_reason(self, data: Any, **_: Any) -> Any:
+        if not isinstance(data, Mapping) or data.get("reason") is not None:
+            return data
+        flat = {key: data[key] for key in _CODING_MEMBERS if data.get(key) is not None}
+        if "system" not in flat and "code" not in flat:
+            return data
+        rest = {key: value for key, value in data.items() if key not in _CODING_MEMBERS}
+        return {**rest, "reason": flat}
 
     @post_load
     def _make(self, data: dict[str, Any], **_: Any) -> OverrideReason:

@@ -613,3 +613,27 @@ def test_prefetch_shapes_ehrs_send(call: Caller, fhir_stub: FhirStub, labs: dict
     assessment = response.json["extension"][EXTENSION_KEY]
     assert assessment["findings"][0] == first_finding
     assert "dataIssues" not in assessment and fhir_stub.requests == []
+
+
+@pytest.mark.parametrize("shape, stored_code", [
+    ("accept", None), ("dismiss-nested-pr-139", "reason"), ("dismiss-flat-pr-135", "reason"), ("dismiss-bare", None),
+], ids=["accept", "dismiss-nested-pr-139", "dismiss-flat-pr-135", "dismiss-bare"])
+def test_sandbox_feedback_shapes_are_stored_with_their_reason(call: Caller, app: Flask, shape: str,
+                                                              stored_code: str | None) -> None:
+    # What the Sandbox POSTs on a suggestion click and on dismiss, over its versions (cds-hooks/sandbox#135, #139).
+    cards = _febrile_cards(call)
+    card = next(c for c in cards if c.get("suggestions") and c.get("overrideReasons"))
+    reason = card["overrideReasons"][0]
+    coding = {"code": reason["code"], "system": reason["system"]}
+    item: dict[str, Any] = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2020-08-25T21:18:16.375Z"}
+    if shape == "accept":
+        item = {**item, "outcome": "accepted", "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}
+    elif shape == "dismiss-nested-pr-139":
+        item["overrideReason"] = {"reason": coding}
+    elif shape == "dismiss-flat-pr-135":
+        item["overrideReason"] = coding
+    assert call("POST", FEEDBACK_URL, {"feedback": [item]}).status_code == 200
+    (row,) = app.extensions["neutropenia_cds"]["store"].feedback_for_card(card["uuid"])
+    assert (row["override_system"], row["override_code"]) == ((reason["system"], reason["code"]) if stored_code
+                                                              else (None, None))
+    assert row["unknown_card"] is False

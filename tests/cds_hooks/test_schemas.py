@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cds_hooks.errors import InvalidRequest
-from cds_hooks.schemas import load_feedback, load_hook_request
+from cds_hooks.schemas import OverrideReason, load_feedback, load_hook_request
 
 VALID: dict[str, Any] = {
     "hook": "patient-view",
@@ -60,6 +60,35 @@ def test_minimal_request_without_optional_fields() -> None:
 
 MINIMAL: dict[str, Any] = {"hook": "patient-view", "hookInstance": "x", "context": {}}
 AUTHORIZATION: dict[str, Any] = VALID["fhirAuthorization"]
+
+
+_SANDBOX_REASON = {"system": "http://terminology.cds-hooks.org/CodeSystem/OverrideReasons",
+                   "code": "patient-requested-brand"}
+
+
+@pytest.mark.parametrize("override_reason, expected", [
+    ({"reason": _SANDBOX_REASON}, OverrideReason(system=_SANDBOX_REASON["system"], code=_SANDBOX_REASON["code"])),
+    (_SANDBOX_REASON, OverrideReason(system=_SANDBOX_REASON["system"], code=_SANDBOX_REASON["code"])),
+    ({**_SANDBOX_REASON, "display": "Patient asked", "userComment": "x"},
+     OverrideReason(system=_SANDBOX_REASON["system"], code=_SANDBOX_REASON["code"], display="Patient asked",
+                    user_comment="x")),
+    ({"userComment": "seen by the oncologist"}, OverrideReason(user_comment="seen by the oncologist")),
+    ({}, OverrideReason()),
+], ids=["nested-sandbox-since-pr-139", "flat-sandbox-pr-135", "flat-with-display-and-comment", "comment-only",
+        "empty"])
+def test_override_reason_shapes_clients_send(override_reason: dict[str, Any], expected: OverrideReason) -> None:
+    # The Sandbox sent the reason's Coding flat in overrideReason from cds-hooks/sandbox#135 (May 2020) until #139
+    # nested it under `reason` (Aug 2020, spec PR cds-hooks/docs#531). Read flat, the reason was dropped without a
+    # word: an overridden card stored as overridden for no reason, though the client sent one.
+    (item,) = load_feedback({"feedback": [{**OVERRIDDEN, "overrideReason": override_reason}]})
+    assert item.override_reason == expected
+
+
+def test_a_flat_override_reason_beside_a_nested_one_is_ignored() -> None:
+    # Only when `reason` is absent is a flat Coding read: the spec's shape wins.
+    sent = {"reason": {"system": "s", "code": "nested"}, "system": "s", "code": "flat"}
+    (item,) = load_feedback({"feedback": [{**OVERRIDDEN, "overrideReason": sent}]})
+    assert item.override_reason is not None and item.override_reason.code == "nested"
 
 
 @pytest.mark.parametrize("sent, same_as", [
