@@ -446,3 +446,26 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(deployment: Dep
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert json.loads(payload)["cards"][0]["indicator"] == "critical"
+
+
+class _SlashTypedSandbox(SandboxClient):
+    """The Sandbox with its discovery URL typed with a trailing slash: it calls ``.../cds-services//{id}``."""
+
+    @property
+    def discovery_url(self) -> str:
+        return self.base_url.rstrip("/") + "/cds-services/"
+
+
+def test_sandbox_with_a_discovery_url_typed_with_a_trailing_slash(deployment: Deployment) -> None:
+    # Regression: '//' in the service and feedback URLs got a 308 redirect (HTML; on the preflight a CORS failure).
+    client = _SlashTypedSandbox(deployment.server.base_url, deployment.sandbox.signer)
+    assert client.discover().status_code == 200
+    response = client.invoke(SERVICE, CONTEXT, prefetch=febrile_prefetch())
+    assert response.status_code == 200, response.text
+    assert response.headers["Access-Control-Allow-Origin"] == SANDBOX_ORIGIN
+    critical = response.json()["cards"][0]
+    assert client.dismiss(SERVICE, critical, reason=critical["overrideReasons"][0]).status_code == 200
+    assert [(method, url.removeprefix(deployment.server.base_url), status) for method, url, status in client.sent] == [
+        ("OPTIONS", "/cds-services/", 204), ("GET", "/cds-services/", 200),
+        ("OPTIONS", f"/cds-services//{SERVICE}", 204), ("POST", f"/cds-services//{SERVICE}", 200),
+        ("OPTIONS", f"/cds-services//{SERVICE}/feedback", 204), ("POST", f"/cds-services//{SERVICE}/feedback", 200)]
