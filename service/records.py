@@ -91,7 +91,8 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
     usable, issue = screen(Condition, r, CONDITION_READS)
     if not usable:
         return None, issue
-    unquoted = _unquoted_abatement(r)
+    # Only without a clinicalStatus is the abatement read: an active one decides, whatever the abatement holds.
+    unquoted = None if clinical else _unquoted_abatement(r)
     if unquoted is not None:
         return None, _malformed(r, f"{unquoted}: a JSON number or boolean, not a dateTime string")
     # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).

@@ -63,6 +63,22 @@ def test_condition_without_clinical_status_and_its_abatement(abatement: dict[str
     assert (issue.code if issue else None) == issue_code
 
 
+@pytest.mark.parametrize(
+    ("clinical", "abatement"),
+    [("active", {"abatementDateTime": 0}), ("relapse", {"abatementDateTime": 1732838400.5}),
+     ("recurrence", {"abatementPeriod": {"start": 1732838400}}), ("active", {"abatementPeriod": {"end": 1732838400}})],
+    ids=["active-abatement-a-number", "relapse-abatement-a-fraction", "recurrence-period-start-a-number",
+         "active-period-end-a-number"],
+)
+def test_condition_with_an_active_clinical_status_counts_whatever_its_abatement_holds(
+        clinical: str, abatement: dict[str, Any]) -> None:
+    # The clinical status decides; the abatement is read only without one. A leukaemia marked active whose
+    # abatement was a number was dropped as malformed: the chemotherapy context (R2) vanished.
+    fact, issue = condition_fact({**condition("91861009", clinical=clinical, id="n"), **abatement})
+    assert fact is not None and ConditionRole.CHEMOTHERAPY_CONTEXT in fact.roles
+    assert issue is None
+
+
 @pytest.mark.parametrize("clinical", ["inactive", "remission", "resolved"])
 def test_condition_that_is_over_is_ignored_without_an_issue(clinical: str) -> None:
     assert condition_fact(condition("165517008", clinical=clinical, id="n")) == (None, None)
