@@ -431,7 +431,8 @@ class _Collector:
             return  # no value (e.g. dataAbsentReason): nothing to read
         comparator = quantity.get("comparator")
         if not roles:
-            degrees, problem = (None, problem) if value is None else celsius(value, quantity)
+            degrees, problem = (None, problem) if value is None else celsius(value, quantity,
+                                                                             below=comparator == "<")
             if degrees is not None and isinstance(comparator, str) and comparator not in _COMPARATORS:
                 # As for a count: read as no comparator, "<38.6" in an unknown spelling became a 38.6 C fever.
                 degrees, problem = None, f"comparator: unknown value {comparator!r}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Generic, TypeVar
 
 from service.thresholds import (
@@ -165,15 +165,22 @@ def percent(value: Decimal, quantity: Mapping[str, object], *, fraction: bool) -
     return value, None
 
 
-def celsius(value: Decimal, quantity: Mapping[str, object]) -> tuple[Decimal | None, str | None]:
+def celsius(value: Decimal, quantity: Mapping[str, object], *,
+            below: bool = False) -> tuple[Decimal | None, str | None]:
     """A body temperature in degrees Celsius rounded to 2 decimals (brief §2), or (None, why) for a missing,
-    unknown or conflicting unit or a temperature outside the plausible range (checked after conversion)."""
+    unknown or conflicting unit or a temperature outside the plausible range (checked after conversion).
+
+    ``below``: the value is a strict upper bound ("<"), rounded up. Rounded half-up, "<38.004" (or "<100.404 °F",
+    38.0022) became "<38.00", certainly below 38.0 °C, though the true value may be 38.00-38.003: a bound must
+    never come out lower than the one sent. (For "<=" half-up is enough: a bound of 38.0 or more stays 38.00 or
+    more, and "<=100.39 °F" stays 37.99.)
+    """
     unit, problem = _TEMPERATURES.lookup(quantity)
     if unit is None:
         return None, problem
     result = value if unit == CELSIUS else (value - 32) * 5 / 9
     try:
-        degrees = round_celsius(result)
+        degrees = result.quantize(_TWO_PLACES, rounding=ROUND_CEILING) if below else round_celsius(result)
     except InvalidOperation:  # too many digits to round: not a body temperature
         return None, f"value {value} is out of range"
     if not TEMPERATURE_PLAUSIBLE_MIN <= degrees <= TEMPERATURE_PLAUSIBLE_MAX:

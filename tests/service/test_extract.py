@@ -382,6 +382,11 @@ def test_temperature_with_an_unknown_comparator_is_not_used(where: str, comparat
         ("<", "38.6", "Cel", None),
         ("<", "100.4", "[degF]", ("38.00", "<")),
         ("<", "100.41", "[degF]", None),  # 38.0056 rounds to 38.01
+        # A strict upper bound just above 38.0 °C leaves it open: rounded half-up it became "<38.00", a reading
+        # certainly below 38.0 °C that broke a sustained run the true value (38.00-38.003) may have continued.
+        ("<", "38.004", "Cel", None),
+        ("<", "100.404", "[degF]", None),  # 38.0022
+        ("<", "100.399", "[degF]", ("38.00", "<")),  # 37.9994: the bound is rounded up, never below what was sent
         ("<=", "37.99", "Cel", ("37.99", "<=")),
         ("<=", "38.0", "Cel", None),
         ("<=", "100.39", "[degF]", ("37.99", "<=")),

@@ -130,9 +130,10 @@ def test_single_reading_with_a_comparator(comparator: str, value: str, expected:
 
 @pytest.mark.parametrize(
     ("comparator", "value", "expected"),
-    [("<", "100.4", "none"), ("<", "100.41", None), ("<=", "100.39", "none"), ("<=", "100.4", None),
-     (">", "100.93", "none"), (">", "100.94", "single-reading")],
-    ids=["<100.4F=38.00", "<100.41F=38.01", "<=100.39F=37.99", "<=100.4F=38.00", ">100.93F=38.29", ">100.94F=38.30"],
+    [("<", "100.4", "none"), ("<", "100.41", None), ("<", "100.404", None), ("<=", "100.39", "none"),
+     ("<=", "100.4", None), (">", "100.93", "none"), (">", "100.94", "single-reading")],
+    ids=["<100.4F=38.00", "<100.41F=38.01", "<100.404F=38.0022", "<=100.39F=37.99", "<=100.4F=38.00",
+         ">100.93F=38.29", ">100.94F=38.30"],
 )
 def test_comparator_bound_is_compared_after_conversion_and_rounding(comparator: str, value: str,
                                                                     expected: str | None) -> None:
@@ -156,10 +157,12 @@ Reading = tuple[str, str | None, int]
         ([("38.0", ">", 60), ("38.0", None, 0)], "sustained"),
         ([("38.0", ">=", 60), ("37.99", ">", 30), ("38.0", None, 0)], "sustained"),
         ([("38.0", ">=", 60), ("37.99", "<=", 30), ("38.0", None, 0)], "none"),
+        # "<38.004" may be 38.00-38.003: rounded half-up to "<38.00" it broke the run, a missed emergency.
+        ([("38.1", None, 60), ("38.004", "<", 30), ("38.1", None, 0)], "sustained"),
     ],
     ids=["below-38.0-breaks", "at-most-37.99-breaks", "undecided-neither-breaks", "undecided-at-most-38.0",
          "undecided-cannot-end", "undecided-cannot-start", "two-below-38.0", "lower-bound-starts",
-         "lower-bound-below-38.0-neither-breaks", "upper-bound-below-38.0-breaks"],
+         "lower-bound-below-38.0-neither-breaks", "upper-bound-below-38.0-breaks", "below-38.004-neither-breaks"],
 )
 def test_sustained_run_with_bounds(readings: list[Reading], expected: str) -> None:
     resources = [temperature(v, "Cel", ago(minutes=m), comparator=c) for v, c, m in readings]
