@@ -40,10 +40,12 @@ IGNORED_MEDICATION = frozenset({"cancelled", "entered-in-error", "draft", "unkno
 #: reads only valid values, ``service.fhir.deduplicated``) do not.
 _IDENTITY = frozenset({"resourceType", "id", "implicitRules", "modifierExtension"})
 _ALWAYS_READ = _IDENTITY | {"subject.reference"}
-CONDITION_READS = _ALWAYS_READ | {
+#: A Condition's abatement, read only when it has no clinicalStatus (the status decides otherwise).
+CONDITION_ABATEMENT = frozenset({"abatementDateTime", "abatementAge", "abatementPeriod", "abatementRange",
+                                 "abatementString"})
+CONDITION_READS = _ALWAYS_READ | CONDITION_ABATEMENT | {
     "code.coding.system", "code.coding.code", "clinicalStatus.coding.system", "clinicalStatus.coding.code",
-    "verificationStatus.coding.system", "verificationStatus.coding.code", "abatementDateTime", "abatementAge",
-    "abatementPeriod", "abatementRange", "abatementString",
+    "verificationStatus.coding.system", "verificationStatus.coding.code",
 }
 MEDICATION_REQUEST_READS = _ALWAYS_READ | {
     "status", "doNotPerform", "medicationCodeableConcept.coding.system", "medicationCodeableConcept.coding.code",
@@ -87,8 +89,9 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
         return None, _malformed(r, "clinicalStatus: not a condition-clinical code")
     if clinical and not clinical & ACTIVE_CONDITION:
         return None, None
-    # Validated before abatement is judged: "abatementDateTime": "unknown" dropped a leukaemia without a word.
-    usable, issue = screen(Condition, r, CONDITION_READS)
+    # Validated before abatement is judged: "abatementDateTime": "unknown" dropped a leukaemia without a word. With
+    # a clinicalStatus the abatement is not read, so an invalid one is reported but does not drop the condition.
+    usable, issue = screen(Condition, r, CONDITION_READS - CONDITION_ABATEMENT if clinical else CONDITION_READS)
     if not usable:
         return None, issue
     # Only without a clinicalStatus is the abatement read: an active one decides, whatever the abatement holds.

@@ -79,6 +79,21 @@ def test_condition_with_an_active_clinical_status_counts_whatever_its_abatement_
     assert issue is None
 
 
+@pytest.mark.parametrize(
+    "abatement",
+    [{"abatementDateTime": "unknown"}, {"abatementPeriod": {"start": "last spring"}}, {"abatementAge": "x"}],
+    ids=["abatement-not-a-date", "abatement-period-not-a-date", "abatement-age-not-an-age"],
+)
+def test_condition_with_an_active_clinical_status_and_an_invalid_abatement_counts_with_the_issue(
+        abatement: dict[str, Any]) -> None:
+    # Validated as an element the rules read, an invalid abatement dropped a leukaemia marked active, whose status
+    # decides: the chemotherapy context (R2) vanished. It is an invalid element the rules do not read here.
+    fact, issue = condition_fact({**condition("91861009", clinical="active", id="n"), **abatement})
+    assert fact is not None and ConditionRole.CHEMOTHERAPY_CONTEXT in fact.roles
+    assert issue is not None and (issue.code, issue.source) == ("invalid-unread-elements", "Condition/n")
+    assert issue.detail is not None and issue.detail.startswith("abatement")
+
+
 @pytest.mark.parametrize("clinical", ["inactive", "remission", "resolved"])
 def test_condition_that_is_over_is_ignored_without_an_issue(clinical: str) -> None:
     assert condition_fact(condition("165517008", clinical=clinical, id="n")) == (None, None)
