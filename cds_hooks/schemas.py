@@ -250,19 +250,33 @@ class _OverrideReasonSchema(_Body):
 
     @pre_load
     def _flat_coding_is_the_reason(self, data: Any, **_: Any) -> Any:
-        if not isinstance(data, Mapping) or data.get("reason") is not None:
+        if not _sends_a_flat_coding(data):
             return data
         flat = {key: data[key] for key in _CODING_MEMBERS if data.get(key) is not None}
-        if "system" not in flat and "code" not in flat:
-            return data
         rest = {key: value for key, value in data.items() if key not in _CODING_MEMBERS}
         return {**rest, "reason": flat}
+
+    def handle_error(self, error: ValidationError, data: Any, **kwargs: Any) -> None:
+        """Name a bad member of a flat Coding as sent (``overrideReason.code``), not as read (``.reason.code``)."""
+        messages = error.messages
+        if not _sends_a_flat_coding(data) or not isinstance(messages, dict):
+            return
+        reason = messages.get("reason")
+        if not isinstance(reason, dict):
+            return
+        raise ValidationError({**{k: v for k, v in messages.items() if k != "reason"}, **reason}) from None
 
     @post_load
     def _make(self, data: dict[str, Any], **_: Any) -> OverrideReason:
         reason = data.get("reason") or {}
         return OverrideReason(system=reason.get("system"), code=reason.get("code"),
                               display=reason.get("display"), user_comment=data.get("user_comment"))
+
+
+def _sends_a_flat_coding(data: Any) -> bool:
+    """Whether an `overrideReason` as sent holds a Coding flat (system or code, and no `reason`)."""
+    return (isinstance(data, Mapping) and data.get("reason") is None
+            and any(data.get(key) is not None for key in ("system", "code")))
 
 
 class _AcceptedSuggestionSchema(_Body):

@@ -91,6 +91,27 @@ def test_a_flat_override_reason_beside_a_nested_one_is_ignored() -> None:
     assert item.override_reason is not None and item.override_reason.code == "nested"
 
 
+@pytest.mark.parametrize("override_reason, field", [
+    ({"code": 5, "system": "s"}, "feedback[0].overrideReason.code"),
+    ({"code": "", "system": "s"}, "feedback[0].overrideReason.code"),
+    ({"code": "c"}, "feedback[0].overrideReason.system"),
+    ({"code": "c", "system": None}, "feedback[0].overrideReason.system"),
+    ({"system": "s"}, "feedback[0].overrideReason.code"),
+    ({"code": "c", "system": ["s"]}, "feedback[0].overrideReason.system"),
+    ({"code": "c", "system": "s", "display": 3}, "feedback[0].overrideReason.display"),
+    ({"code": "c\x00", "system": "s"}, "feedback[0].overrideReason.code"),
+    ({"code": 5, "system": "s", "userComment": 3}, "feedback[0].overrideReason.userComment"),
+], ids=["code-a-number", "code-empty", "system-missing", "system-null", "code-missing", "system-a-list",
+        "display-a-number", "code-with-nul", "comment-a-number-beside"])
+def test_a_bad_flat_override_reason_names_the_member_sent(override_reason: dict[str, Any], field: str) -> None:
+    # A flat Coding is read as `reason`, but the client sent no `reason`: an OperationOutcome naming
+    # 'overrideReason.reason.code' points the integrator at a member that is not in the body.
+    with pytest.raises(InvalidRequest) as caught:
+        load_feedback({"feedback": [{**OVERRIDDEN, "overrideReason": override_reason}]})
+    expressions = [issue.expression for issue in caught.value.issues]
+    assert field in expressions and not any(".reason" in e for e in expressions if e), expressions
+
+
 @pytest.mark.parametrize("sent, same_as", [
     ({**MINIMAL, "fhirServer": None}, MINIMAL),
     ({**MINIMAL, "fhirAuthorization": None}, MINIMAL),
