@@ -163,8 +163,47 @@ def _digest(resource: Mapping[str, Any]) -> bytes:
     null were merged as identical, and one of the two versions was dropped. Only copies of a repeated id are
     digested, so the slower writer costs nothing in the common case.
     """
-    canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"), default=repr).encode("utf-8")
-    return hashlib.blake2b(canonical, digest_size=16).digest()
+    try:
+        text = json.dumps(resource, sort_keys=True, separators=(",", ":"), default=repr)
+    except RecursionError:  # nested past the C stack's limit (about 1000 levels; orjson reads up to 1024)
+        text = _canonical_json(resource)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class _Written(str):
+    """Text already written by _canonical_json (told apart from a JSON string value by its type)."""
+
+
+def _canonical_json(value: Any) -> str:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)``, without recursion.
+
+    The standard library's writer recurses once per level of nesting and raises RecursionError near the
+    interpreter's limit; this one keeps its own stack, so any depth the parser produced can be digested.
+    """
+    out: list[str] = []
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if type(item) is _Written:
+            out.append(item)
+        elif isinstance(item, dict):
+            members = sorted(item.items(), key=lambda member: member[0])
+            todo.append(_Written("}"))
+            for index in range(len(members) - 1, -1, -1):
+                key, member = members[index]
+                todo.append(member)
+                todo.append(_Written(("," if index else "") + json.dumps(key) + ":"))
+            todo.append(_Written("{"))
+        elif isinstance(item, (list, tuple)):
+            todo.append(_Written("]"))
+            for index in range(len(item) - 1, -1, -1):
+                todo.append(item[index])
+                if index:
+                    todo.append(_Written(","))
+            todo.append(_Written("["))
+        else:
+            out.append(json.dumps(item, default=repr))
+    return "".join(out)
 
 
 @dataclass(frozen=True)

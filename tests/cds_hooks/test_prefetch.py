@@ -706,6 +706,41 @@ def test_prefetch_keeps_copies_that_differ_only_in_how_a_value_is_written(first:
     assert len(list(result.resources())) == 2
 
 
+def _nested(depth: int, leaf: object) -> object:
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "kept"),
+    [(_nested(1000, 1), _nested(1000, 1), 1), (_nested(1000, 1), _nested(1000, 2), 2),
+     (_nested(1000, float("nan")), _nested(1000, None), 2), (_nested(5000, "x"), _nested(5000, "x"), 1)],
+    ids=["equal-1000-deep", "different-1000-deep", "nan-null-1000-deep", "equal-5000-deep"],
+)
+def test_prefetch_compares_copies_nested_as_deep_as_the_parser_reads(first: object, second: object,
+                                                                     kept: int) -> None:
+    # orjson reads JSON nested up to 1024 levels, but the standard library's writer recurses on the C stack and
+    # raised RecursionError near 1000: two copies of one deeply nested Observation in a prefetch were a 500.
+    copies = tuple({**ANC, "extension": [{"url": "https://x.example/e", "valueString": "s", "x": value}]}
+                   for value in (first, second))
+    result = PrefetchResult(MappingProxyType({"labs": KeyResult("labs", KeyState.DATA, copies)}))
+    assert len(list(result.resources())) == kept
+
+
+@pytest.mark.parametrize("value", [
+    {"b": [1, 2.5, None, True], "a": {"d": "é\u2028\ud800", "c": 10 ** 40}}, [], {}, float("inf"), float("-inf"),
+    float("nan"), -0.0, "x", [[{"k": []}, {}]], {"z": 1, "": 2, "é": 3, "Z": 4},
+], ids=["mixed", "empty-list", "empty-object", "infinity", "minus-infinity", "nan", "minus-zero", "string",
+        "nested-empties", "key-order"])
+def test_prefetch_deep_canonical_writer_writes_what_the_standard_library_writes(value: object) -> None:
+    # The writer used past the recursion limit must give the very bytes json.dumps gives: a copy digested by one
+    # and an identical copy digested by the other are still one resource.
+    expected = json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+    assert prefetch_module._canonical_json(value) == expected
+
+
 def test_prefetch_keeps_thousands_of_versions_of_one_id_in_linear_time() -> None:
     # Regression: each copy was compared with every earlier copy of its id; 8,000 versions of one Observation
     # (a hostile or broken client, well under the body limit) took 3.5 s before any rule ran, 25,000 half a
