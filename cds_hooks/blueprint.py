@@ -226,11 +226,16 @@ def _merge_slashes_before_routing(state: BlueprintSetupState) -> None:
 
 
 def _called_path() -> str:
-    """The request path as the client sent it (repeated slashes included), decoded as werkzeug decodes it."""
+    """The request path as the client sent it (repeated slashes included), decoded as werkzeug decodes it.
+
+    Leading ones too: werkzeug's ``request.path`` strips them, but a client whose base URL was typed with a
+    trailing slash calls ``//cds-services`` and signs that URL as the audience, like ``/cds-services//{id}``.
+    """
     called: str | None = request.environ.get(CALLED_PATH)
     if called is None:
         return request.path
-    return "/" + called.encode("latin-1").decode("utf-8", "replace").lstrip("/")
+    decoded = called.encode("latin-1").decode("utf-8", "replace")
+    return decoded if decoded.startswith("/") else "/" + decoded
 
 
 def _check_context(definition: ServiceDefinition, hook_request: HookRequest) -> None:

@@ -469,3 +469,27 @@ def test_sandbox_with_a_discovery_url_typed_with_a_trailing_slash(deployment: De
         ("OPTIONS", "/cds-services/", 204), ("GET", "/cds-services/", 200),
         ("OPTIONS", f"/cds-services//{SERVICE}", 204), ("POST", f"/cds-services//{SERVICE}", 200),
         ("OPTIONS", f"/cds-services//{SERVICE}/feedback", 204), ("POST", f"/cds-services//{SERVICE}/feedback", 200)]
+
+
+@pytest.mark.parametrize(("method", "path", "aud_path", "status"), [
+    ("GET", "//cds-services", "//cds-services", 200),
+    ("GET", "//cds-services", "/cds-services", 401),
+    ("POST", f"//cds-services/{SERVICE}", f"//cds-services/{SERVICE}", 200),
+    ("POST", f"//cds-services/{SERVICE}", f"/cds-services/{SERVICE}", 401),
+    ("POST", f"//cds-services//{SERVICE}", f"//cds-services//{SERVICE}", 200),
+    ("POST", f"//cds-services//{SERVICE}", f"/cds-services//{SERVICE}", 401),
+], ids=["discovery-aud-as-called", "discovery-aud-merged", "invoke-aud-as-called", "invoke-aud-merged",
+        "invoke-both-aud-as-called", "invoke-both-aud-leading-merged"])
+def test_aud_is_the_url_as_called_with_leading_repeated_slashes(deployment: Deployment, method: str, path: str,
+                                                                 aud_path: str, status: int) -> None:
+    # A client configured with the base URL typed with a trailing slash ('http://host/') calls '//cds-services...'
+    # and signs aud with that URL. Repeated slashes inside the path were kept for aud (39d1234), leading ones were
+    # stripped: the token for the URL as called was refused, and one for another URL string accepted.
+    base = deployment.server.base_url
+    token = deployment.sandbox.signer.sign(base + aud_path)
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": CONTEXT,
+            "prefetch": febrile_prefetch()} if method == "POST" else None
+    response = requests.request(method, base + path, json=body, timeout=10,
+                                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+    assert response.request.path_url == path  # sent as typed, not normalised by the client library
+    assert response.status_code == status, response.text
