@@ -141,8 +141,12 @@ def next_link(bundle: Mapping[str, Any]) -> str | None:
     return None
 
 
-def outcome_diagnostics(outcome: Mapping[str, Any]) -> str:
-    """A short, single-line summary of an OperationOutcome's issues (diagnostics, else details, else code)."""
+def outcome_diagnostics(outcome: Mapping[str, Any], secret: str | None = None) -> str:
+    """A short, single-line summary of an OperationOutcome's issues (diagnostics, else details, else code).
+
+    ``secret`` (the access token) is redacted before the summary is cut to length: cut first, a token across the
+    cut no longer occurs whole and its first part would be quoted.
+    """
     texts: list[str] = []
     issues = outcome.get("issue")
     for issue in issues if isinstance(issues, list) else []:
@@ -156,7 +160,7 @@ def outcome_diagnostics(outcome: Mapping[str, Any]) -> str:
             text = issue.get("code")
         if isinstance(text, str) and text.strip():
             texts.append(text)
-    return clean_text("; ".join(texts)) or "no diagnostics"
+    return clean_text(redact("; ".join(texts), secret)) or "no diagnostics"
 
 
 def clean_text(text: str, limit: int = REASON_TEXT_LIMIT) -> str:
@@ -275,9 +279,10 @@ class FhirFetcher:
                                   page=1)
             resource_type = body.get("resourceType")
             if resource_type == "OperationOutcome" and expected != "OperationOutcome":
-                raise _FetchFailed(f"the FHIR server returned an OperationOutcome: {outcome_diagnostics(body)}")
+                raise _FetchFailed(f"the FHIR server returned an OperationOutcome: {outcome_diagnostics(body, token)}")
             if expected is not None and resource_type != expected:
-                raise _FetchFailed(f"expected {expected}, the FHIR server returned {clean_text(str(resource_type), 40)}")
+                raise _FetchFailed(f"expected {expected}, the FHIR server returned "
+                                  f"{clean_text(redact(str(resource_type), token), 40)}")
             if resource_type != "Bundle":
                 return FetchOutcome(resources=(body,), pages=1)
         except _FetchFailed as failure:
@@ -333,7 +338,8 @@ class FhirFetcher:
                 page = self._get_json(url, token=token, deadline=deadline, label=label, max_bytes=max_page_bytes,
                                       page=pages + 1)
                 if page.get("resourceType") != "Bundle":
-                    raise _FetchFailed(f"it is a {clean_text(str(page.get('resourceType')), 40)}, not a Bundle")
+                    shown = clean_text(redact(str(page.get("resourceType")), token), 40)
+                    raise _FetchFailed(f"it is a {shown}, not a Bundle")
                 more, more_dropped = bundle_entries(page)
             except (_FetchFailed, ValueError) as failure:
                 note = redact(f"page {pages + 1} could not be fetched: {failure}", token)

@@ -54,7 +54,6 @@ from cds_hooks.fhir_client import (
     next_link,
     origin,
     outcome_diagnostics,
-    redact,
 )
 from cds_hooks.registry import ServiceDefinition, fill_template
 from cds_hooks.schemas import HookRequest
@@ -409,7 +408,7 @@ def _from_prefetch(key: str, value: Any, token: str | None) -> tuple[KeyResult, 
                          reason=f"prefetch.{clean_text(key, 60)} is not a FHIR resource"), None
     resource_type = value["resourceType"]
     if resource_type == "OperationOutcome":
-        diagnostics = redact(outcome_diagnostics(value), token)
+        diagnostics = outcome_diagnostics(value, token)
         return KeyResult(key, KeyState.UNAVAILABLE, origin=ORIGIN_PREFETCH,
                          reason=f"the client sent an OperationOutcome: {diagnostics}"), None
     if resource_type != "Bundle":

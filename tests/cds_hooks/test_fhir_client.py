@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cds_hooks.fhir_client import (
+    REASON_TEXT_LIMIT,
     WITHHELD,
     FhirFetcher,
     clean_text,
@@ -319,6 +320,33 @@ def test_fetch_never_logs_or_reports_the_token(fhir_stub: FhirStub, fetcher: Fhi
     assert all(TOKEN not in text for text in texts)
     assert caplog.records and TOKEN not in caplog.text
     assert all(r.levelno <= logging.DEBUG for r in caplog.records if r.name.startswith("cds_hooks"))
+
+
+def _at_the_limit(limit: int) -> str:
+    """A server text whose token straddles the point where a reason is cut to ``limit`` characters."""
+    return "x" * (limit - len(TOKEN) // 2) + TOKEN
+
+
+@pytest.mark.parametrize(("path", "answer"), [
+    ("Patient/1", operation_outcome(_at_the_limit(REASON_TEXT_LIMIT))),
+    ("Patient/1", {"resourceType": _at_the_limit(40)}),
+    ("Observation?patient=1", "page-2-outcome"),
+    ("Observation?patient=1", "page-2-type"),
+], ids=["outcome-diagnostics", "resource-type", "page-2-outcome-diagnostics", "page-2-resource-type"])
+def test_a_token_cut_by_the_reason_limit_leaves_no_part_of_it(fhir_stub: FhirStub, fetcher: FhirFetcher,
+                                                              path: str, answer: Any) -> None:
+    # The server's text was cut to the reason's limit first and redacted after: the token no longer occurred
+    # whole, so its first half was reported (and logged) as sent.
+    if isinstance(answer, str):
+        fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2")))
+        page = (operation_outcome(_at_the_limit(REASON_TEXT_LIMIT)) if answer == "page-2-outcome"
+                else {"resourceType": _at_the_limit(40)})
+        fhir_stub.add("/fhir/page/2", page)
+    else:
+        fhir_stub.add("/fhir/" + path, answer)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), path, token=TOKEN, deadline=soon())
+    text = outcome.reason or outcome.note or ""
+    assert text and TOKEN[:8] not in text, text
 
 
 # --- pure helpers ---------------------------------------------------------------------------------------------

@@ -1184,6 +1184,22 @@ def test_follow_drops_targets_about_another_patient(fhir_stub: FhirStub,
     assert result.incomplete() == {"labs": "1 resource(s) about another patient than context.patientId were dropped"}
 
 
+@pytest.mark.parametrize("issues", [
+    [{"severity": "error", "code": "security", "diagnostics": "x" * 190 + " " + TOKEN}],
+    [{"severity": "error", "code": "security", "details": {"text": "y" * 180 + TOKEN}}],
+    [{"severity": "error", "code": "x", "diagnostics": "z" * 100}, {"severity": "error", "code": "x",
+                                                                    "diagnostics": "w" * 80 + TOKEN}],
+], ids=["diagnostics", "details-text", "second-issue"])
+def test_a_client_outcome_cut_at_the_token_leaves_no_part_of_it(resolve: Callable[..., PrefetchResult],
+                                                                issues: list[dict[str, Any]]) -> None:
+    # The client's OperationOutcome was summarised (cut to 200 characters) before the token was redacted, so a
+    # token across the cut was quoted in part in the 412 and the reason.
+    outcome = {"resourceType": "OperationOutcome", "issue": issues}
+    result = resolve(make_request(None, {**FULL_PREFETCH, "conditions": outcome}))
+    reason = result.unavailable()["conditions"]
+    assert TOKEN[:8] not in reason, reason
+
+
 def test_follow_not_attempted_when_a_required_key_is_412(fhir_stub: FhirStub,
                                                          follow: Callable[..., PrefetchResult]) -> None:
     fhir_stub.add("/fhir/Observation", query=LABS_QUERY, status=500)
