@@ -28,6 +28,7 @@ from cds_hooks.errors import (
     InvalidRequest,
     Issue,
     PayloadTooLarge,
+    TransferCodingNotImplemented,
     UnknownService,
     UnsupportedMediaType,
     operation_outcome,
@@ -263,6 +264,7 @@ def _read_json(limit: int) -> Any:
     if mimetype not in _JSON_TYPES and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type must be application/json, got '{mimetype or 'none'}'")
     _check_content_encoding()
+    _check_transfer_coding()
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     try:
@@ -303,6 +305,20 @@ def _check_content_encoding() -> None:
         shown = clean_text(", ".join(refused), 60)
         raise UnsupportedMediaType(f"Content-Encoding '{shown}' is not supported: send the body uncompressed "
                                    "(no Content-Encoding, or identity)", headers={"Accept-Encoding": "identity"})
+
+
+def _check_transfer_coding() -> None:
+    """Refuse a body sent with a transfer coding other than chunked: 501 (RFC 9112 §6.1).
+
+    gunicorn answers a coding it does not know with 501 itself, but passes gzip, deflate and compress through
+    undecoded: read as JSON text, the compressed bytes gave a 400 'not valid UTF-8'.
+    """
+    codings = [c.strip() for value in request.headers.getlist("Transfer-Encoding") for c in value.split(",")]
+    refused = [c for c in codings if c and c.lower() not in ("chunked", "identity")]
+    if refused:
+        shown = clean_text(", ".join(refused), 60)
+        raise TransferCodingNotImplemented(f"Transfer-Encoding '{shown}' is not supported: send the body "
+                                           "with a Content-Length or chunked only, uncompressed")
 
 
 def _read_json_slowly(raw: bytes) -> Any:

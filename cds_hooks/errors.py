@@ -22,6 +22,7 @@ _ISSUE_CODE_BY_STATUS = {
     415: "not-supported",
     429: "throttled",
     500: "exception",
+    501: "not-supported",
     503: "transient",
 }
 
@@ -154,6 +155,13 @@ class UnsupportedMediaType(CDSHooksError):
 
     status_code = 415
     default_message = "request body must be JSON (Content-Type: application/json)"
+
+
+class TransferCodingNotImplemented(CDSHooksError):
+    """501: the body is sent with a transfer coding other than chunked (gzip, deflate, ...), which is not decoded."""
+
+    status_code = 501
+    default_message = "the transfer coding is not supported"
 
 
 class ServiceUnavailable(CDSHooksError):

@@ -7,11 +7,13 @@ Epic-like issuer (RS384, `nbf`, `sub`, an extra configured audience).
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -493,3 +495,33 @@ def test_aud_is_the_url_as_called_with_leading_repeated_slashes(deployment: Depl
                                 headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
     assert response.request.path_url == path  # sent as typed, not normalised by the client library
     assert response.status_code == status, response.text
+
+
+def _chunked(payload: bytes) -> bytes:
+    return f"{len(payload):x}\r\n".encode() + payload + b"\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("path", "transfer_encoding", "compress"), [
+    (f"/cds-services/{SERVICE}", "gzip, chunked", gzip.compress),
+    (f"/cds-services/{SERVICE}/feedback", "gzip, chunked", gzip.compress),
+    (f"/cds-services/{SERVICE}", "deflate, chunked", zlib.compress),
+    (f"/cds-services/{SERVICE}", "GZIP , chunked", gzip.compress),
+], ids=["invoke-gzip", "feedback-gzip", "invoke-deflate", "invoke-gzip-upper-case"])
+def test_a_transfer_coding_gunicorn_passes_undecoded_is_501(deployment: Deployment, path: str,
+                                                            transfer_encoding: str,
+                                                            compress: Callable[[bytes], bytes]) -> None:
+    # gunicorn answers an unknown transfer coding with 501 (openapi.yaml), but passes gzip, deflate and compress
+    # to the app undecoded: the compressed bytes were read as the JSON text, a 400 'not valid UTF-8' that sent the
+    # client looking at its JSON. RFC 9112 §6.1: a transfer coding the server does not decode is a 501.
+    token = deployment.sandbox.signer.sign(deployment.server.base_url + path)
+    payload = compress(json.dumps({"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": CONTEXT,
+                                   "prefetch": febrile_prefetch()}).encode())
+    answer = _raw_http(deployment.server.base_url, (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: {transfer_encoding}\r\nConnection: close\r\n\r\n").encode() + _chunked(payload))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 "), answer[:300]
+    outcome = json.loads(body)
+    operation = "/cds-services/{id}/feedback" if path.endswith("/feedback") else "/cds-services/{id}"
+    assert_valid(outcome, documented_json_schema(operation, "post", 501))
+    assert "Transfer-Encoding" in outcome["issue"][0]["diagnostics"]
