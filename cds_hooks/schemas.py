@@ -274,9 +274,13 @@ class _OverrideReasonSchema(_Body):
 
 
 def _sends_a_flat_coding(data: Any) -> bool:
-    """Whether an `overrideReason` as sent holds a Coding flat (system or code, and no `reason`)."""
+    """Whether an `overrideReason` as sent holds a Coding flat (a system, code or display, and no `reason`).
+
+    A display alone counts: read as unknown members, it was dropped with a 200, while the same Coding nested under
+    `reason` is a 400 naming its missing code and system.
+    """
     return (isinstance(data, Mapping) and data.get("reason") is None
-            and any(data.get(key) is not None for key in ("system", "code")))
+            and any(data.get(key) is not None for key in _CODING_MEMBERS))
 
 
 class _AcceptedSuggestionSchema(_Body):

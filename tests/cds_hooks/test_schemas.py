@@ -101,8 +101,10 @@ def test_a_flat_override_reason_beside_a_nested_one_is_ignored() -> None:
     ({"code": "c", "system": "s", "display": 3}, "feedback[0].overrideReason.display"),
     ({"code": "c\x00", "system": "s"}, "feedback[0].overrideReason.code"),
     ({"code": 5, "system": "s", "userComment": 3}, "feedback[0].overrideReason.userComment"),
+    ({"display": "Patient asked"}, "feedback[0].overrideReason.code"),
+    ({"display": "Patient asked", "userComment": "x"}, "feedback[0].overrideReason.system"),
 ], ids=["code-a-number", "code-empty", "system-missing", "system-null", "code-missing", "system-a-list",
-        "display-a-number", "code-with-nul", "comment-a-number-beside"])
+        "display-a-number", "code-with-nul", "comment-a-number-beside", "display-only", "display-and-comment"])
 def test_a_bad_flat_override_reason_names_the_member_sent(override_reason: dict[str, Any], field: str) -> None:
     # A flat Coding is read as `reason`, but the client sent no `reason`: an OperationOutcome naming
     # 'overrideReason.reason.code' points the integrator at a member that is not in the body.
