@@ -389,8 +389,10 @@ def _raw_http(base_url: str, request: bytes) -> bytes:
      ("/cds-services/{id}", "post")),
     (b"POST /cds-services/x/feedback HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br {token}\r\n\r\n", 501,
      ("/cds-services/{id}/feedback", "post")),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 200-ok {token}\r\n\r\n", 417, ("/healthz", "get")),
+    (b"OPTIONS /cds-services HTTP/1.1\r\nHost: x\r\nBearer {token}\r\n\r\n", 400, ("/cds-services", "options")),
 ], ids=["header-over-limit", "request-line-over-limit", "header-line-without-colon", "unknown-expectation",
-        "unknown-transfer-coding"])
+        "unknown-transfer-coding", "probe-unknown-expectation", "preflight-header-line-without-colon"])
 def test_requests_gunicorn_cannot_parse_get_an_operation_outcome_and_leave_no_trace_in_the_log(
         deployment: Deployment, request_bytes: bytes, status: int, operation: tuple[str, str]) -> None:
     # Regression: gunicorn answered these with an HTML page, and logged the offending line verbatim, so a header
