@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from datetime import timedelta
 from decimal import Decimal
@@ -74,6 +75,28 @@ def test_policy_refuses_nonsense(overrides: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        {"future_tolerance": timedelta(0)},
+        {"fn_anc_cutoff": Decimal(1)},
+        {"fn_anc_cutoff": Decimal(1500)},
+        {"anc_current_window": timedelta(microseconds=1)},
+    ],
+    ids=["tolerance-zero", "cutoff-one", "cutoff-1500", "anc-window-tiny"],
+)
+def test_policy_accepts_the_edges_of_its_ranges(overrides: dict[str, object]) -> None:
+    """A deployment may allow no clock skew, and may set the FN cut-off anywhere in (0, 1500] (CTCAE G2 bound)."""
+    policy = ClinicalPolicy(**overrides)  # type: ignore[arg-type]
+    assert all(getattr(policy, name) == value for name, value in overrides.items())
+
+
+def test_policy_is_immutable() -> None:
+    """The policy is shared by every request of a worker: no request may change another's cut-offs."""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT_POLICY.fn_anc_cutoff = Decimal(500)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
     ("years", "days", "expected"),
     [
         (None, None, 1500),
@@ -85,8 +108,11 @@ def test_policy_refuses_nonsense(overrides: dict[str, object]) -> None:
         (0, 364, 1000),
         (1, 365, 1500),
         (40, 14610, 1500),
+        (0, None, 1500),  # half an age is no age: the adult cut-off, as for an unknown one
+        (None, 3, 1500),
     ],
-    ids=["unknown", "birth", "day6", "day7", "day13", "day14", "day364", "one-year", "adult"],
+    ids=["unknown", "birth", "day6", "day7", "day13", "day14", "day364", "one-year", "adult", "days-unknown",
+         "years-unknown"],
 )
 def test_neutropenia_cutoff_by_age(years: int | None, days: int | None, expected: int) -> None:
     assert neutropenia_below(years, days) == Decimal(expected)
