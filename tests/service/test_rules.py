@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -10,7 +11,8 @@ import pytest
 
 from service.assessment import assess
 from service.model import Finding
-from service.rules import INDICATOR, falling
+from service.anc import AncValue
+from service.rules import INDICATOR, URGENCY, RuleInput, TemperatureState, evaluate, falling, temperature_state
 from service.thresholds import ClinicalPolicy
 from tests.service.factories import (
     ATC,
@@ -36,6 +38,9 @@ TEMPERATURES: dict[str, list[dict[str, Any]]] = {
     "afebrile": [temperature("37.2", "Cel", ago(hours=1))],
     "elevated": [temperature("38.29", "Cel", ago(minutes=30))],
     "elevated-F": [temperature("100.9", "[degF]", ago(minutes=30))],
+    "elevated-38.0": [temperature("38.0", "Cel", ago(minutes=30))],
+    "elevated-100.4F": [temperature("100.4", "[degF]", ago(minutes=30))],  # 38.00 C exactly
+    "afebrile-37.99": [temperature("37.99", "Cel", ago(minutes=30))],
     "fever": [temperature("38.3", "Cel", ago(minutes=30))],
     "fever-F": [temperature("101", "[degF]", ago(minutes=30))],
     "sustained": [temperature("38.0", "Cel", ago(minutes=70)), temperature("38.1", "Cel", ago(minutes=10))],
@@ -80,8 +85,12 @@ ANC_TABLE = [
     # R6 fever with normal ANC
     (1500, "fever", False, (FNORM, NORMAL)),
     (1501, "sustained-F", False, (FNORM, NORMAL)),
+    (1500, "fever", True, (FNORM, NORMAL)),  # R6 whatever the context: R2 is for a missing ANC only
     # R3 elevated temperature (38.0-38.29, not sustained) with ANC < 1000
     (999, "elevated", True, (TE, MOD)),
+    (999, "elevated-38.0", True, (TE, MOD)),  # 38.0 C itself is elevated (>=), 37.99 is not
+    (999, "elevated-100.4F", False, (TE, MOD, MR)),
+    (999, "afebrile-37.99", True, (MOD,)),
     (400, "elevated-F", False, (TE, SEV, MR)),
     (1000, "elevated", True, (MILD,)),
     # R7-R10 afebrile grades
@@ -345,3 +354,33 @@ def test_snomed_fever_condition_is_not_a_temperature() -> None:
 def test_rxnorm_code_in_wrong_system_is_ignored() -> None:
     assert findings(medication_request("338036", system=SNOMED), *TEMPERATURES["fever"]) == (FNA,)
     assert findings(medication_request("338036", system=RXNORM), *TEMPERATURES["fever"]) == (PFN,)
+
+
+def test_urgency_ranks_critical_over_warning_over_info_over_no_card() -> None:
+    assert sorted(URGENCY, key=URGENCY.__getitem__) == [None, "info", "warning", "critical"]
+    assert len(set(URGENCY.values())) == len(URGENCY)
+
+
+def test_no_temperature_is_afebrile() -> None:
+    assert temperature_state(None) is TemperatureState.AFEBRILE
+
+
+NEUTROPENIC_1200 = AncValue(D(1200), None, "measured", None, NOW, NOW, "final", False, ("Observation/a",))
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        (RuleInput(), ()),  # no ANC, no fever, no risk factor, no data issue: no finding
+        (RuleInput(anc=NEUTROPENIC_1200), (STALE,)),  # an ANC is stale unless said current
+        (RuleInput(anc=NEUTROPENIC_1200, anc_current=True), (MILD, MR)),  # no chemotherapy context unless said
+    ],
+    ids=["nothing", "anc-not-current", "anc-current"],
+)
+def test_rule_input_defaults_know_nothing(facts: RuleInput, expected: tuple[str, ...]) -> None:
+    assert tuple(f.value for f in evaluate(facts)) == expected
+
+
+def test_rule_input_is_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RuleInput().anc_current = True  # type: ignore[misc]
