@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from service.anc import AncSeries, AncValue, compute
+from service.anc import AncSeries, AncValue, GrowingGroups, compute
 from service.extract import extract
 from tests.service.factories import (
     ANC_MANUAL,
@@ -61,9 +62,12 @@ def only(*resources: Any) -> AncValue:
         ([wbc("2.0", effective=T0), observation(NEUTROPHIL_FRACTION, "0.25", None, T0)], "500", "computed",
          "wbc*total%"),
         ([anc(900, "/uL", T0, code=ANC_MANUAL), anc(950, "/uL", T0)], "900", "measured", None),  # lowest of two
+        # percentages adding up to exactly 100 are a differential of neutrophils only: ANC = WBC
+        ([wbc(3, effective=T0), percent(SEGS_PCT, 90, T0), percent(BANDS_PCT, 10, T0)], "3000", "computed",
+         "wbc*(segs%+bands%)"),
     ],
     ids=["measured", "measured-si", "measured-wins", "segs+bands", "segs-alone", "brief-example", "brief-segs-alone",
-         "wbc-per-ul", "total-pct-alone", "fraction", "lowest-measured"],
+         "wbc-per-ul", "total-pct-alone", "fraction", "lowest-measured", "pct-exactly-100"],
 )
 def test_anc_priority_and_formula(resources: list[Any], cells: str, method: str, formula: str | None) -> None:
     value = only(*resources)
@@ -77,12 +81,12 @@ def test_sources_are_recorded() -> None:
 
 @pytest.mark.parametrize(
     "link",
-    ["specimen", "report"],
+    ["specimen", "report", "source"],
 )
 def test_results_of_one_specimen_or_report_combine_across_times(link: str) -> None:
     specimen: dict[str, Any] = {"specimen": "Specimen/s1"} if link == "specimen" else {}
     w = wbc(2, effective=ago(hours=3), id="w", **specimen)
-    p = percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="p", **specimen)
+    p = percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="w" if link == "source" else "p", **specimen)
     extra = [diagnostic_report([w, p])] if link == "report" else []
     value = only(w, p, *extra)
     assert value.cells_per_ul == D(600)
@@ -139,8 +143,10 @@ def test_results_without_an_id_combine_only_by_time_specimen_or_link(
         ([observation(BANDS_ABS, 50, "/uL", T0)], "band count without a segmented neutrophil count"),
         ([wbc(3, effective=T0), percent(SEGS_PCT, 90, T0), percent(BANDS_PCT, 20, T0)],
          "neutrophil percentages add up to 110%"),
+        ([wbc(3, effective=T0), percent(SEGS_PCT, 90, T0), percent(BANDS_PCT, 11, T0)],
+         "neutrophil percentages add up to 101%"),
     ],
-    ids=["pct-only", "wbc-only", "bands-pct-only", "bands-abs-only", "over-100"],
+    ids=["pct-only", "wbc-only", "bands-pct-only", "bands-abs-only", "over-100", "just-over-100"],
 )
 def test_not_computable(resources: list[Any], detail: str) -> None:
     found = series(*resources)
@@ -173,7 +179,41 @@ def test_comparators() -> None:
 def test_preliminary_and_status() -> None:
     value = only(wbc(2, effective=T0, status="preliminary"), percent(NEUTROPHILS_PCT, 30, T0, status="corrected"))
     assert (value.status, value.preliminary) == ("preliminary", True)
+    # a preliminary result older than the final one it is combined with still makes the ANC preliminary
+    older = only(wbc(2, effective=T0, status="final", specimen="Specimen/s1"),
+                 percent(NEUTROPHILS_PCT, 30, ago(hours=3), status="preliminary", specimen="Specimen/s1"))
+    assert (older.status, older.preliminary) == ("preliminary", True)
     assert only(anc(400, "/uL", T0, status="amended")).status == "amended"
+
+
+@pytest.mark.parametrize(
+    ("resources", "cells", "comparator"),
+    [
+        ([anc(500, "/uL", T0, id="a"), anc(500, "/uL", T0, id="b", comparator="<")], "500", "<"),
+        ([anc(500, "/uL", T0, id="a", comparator="<"), anc(500, "/uL", T0, id="b")], "500", "<"),
+        ([anc(499, "/uL", T0, id="a"), anc(500, "/uL", T0, id="b", comparator="<")], "499", None),
+    ],
+    ids=["bound-second", "bound-first", "lower-value-wins"],
+)
+def test_of_two_equal_counts_the_upper_bound_is_used(resources: list[Any], cells: str, comparator: str | None) -> None:
+    """'<500' beside '500' in one group is graded severe (< 500): the conservative of the two (_rank)."""
+    value = only(*resources)
+    assert (value.cells_per_ul, value.comparator) == (D(cells), comparator)
+    assert value.below(D(500)) is True
+
+
+def test_growing_groups_keep_the_lowest_percentage_when_groups_merge() -> None:
+    """Segs 95 % + bands 10 % is no ANC (105 %); a later segs 70 % of the same specimen makes one (80 %), as
+    compute() over all of them does: merging must keep the lowest result of each role, not the older one."""
+    first = extract([wbc(3, effective=T0, id="w", specimen="Specimen/s1"),
+                     percent(SEGS_PCT, 95, T0, id="s95", specimen="Specimen/s1"),
+                     percent(BANDS_PCT, 10, T0, id="b", specimen="Specimen/s1")], now=NOW).labs
+    later = extract([percent(SEGS_PCT, 70, ago(hours=3), id="s70", specimen="Specimen/s1")], now=NOW).labs
+    groups = GrowingGroups()
+    assert groups.add(first) is False
+    assert groups.add(later) is True
+    (value,) = compute([*first, *later]).values
+    assert value.cells_per_ul == D(2400)
 
 
 def test_series_is_oldest_first() -> None:
@@ -188,3 +228,12 @@ def test_series_is_oldest_first() -> None:
 )
 def test_below_is_strict(cells: int, cut: int, below: bool) -> None:
     assert only(anc(cells, "/uL", T0)).below(D(cut)) is below
+
+
+def test_anc_values_are_immutable() -> None:
+    """An ANC is read by the rules, the cards and the trend at once: none of them may change it for the others."""
+    found = series(anc(400, "/uL", T0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        found.values[0].cells_per_ul = D(4000)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        found.values = ()  # type: ignore[misc]
