@@ -106,6 +106,7 @@ def test_count_per_ul_code_and_matching_unit_agree() -> None:
         ("45", {"code": "%", "unit": "10*9/L"}, False, (None, "conflicting units '%' and '10*9/L'")),
         ("45", {"code": "10*3/uL", "unit": "%"}, False, (None, "conflicting units '10*3/uL' and '%'")),
         ("0.45", {"code": "1", "unit": "%"}, True, (None, "conflicting units '1' and '%'")),
+        ("0.45", {"code": "1"}, False, (None, "unknown unit '1'")),  # a % code in '1' is not read as a fraction
         ("0.45", {}, True, ("45", None)),
         ("0.45", {"unit": "1", "code": "1"}, True, ("45", None)),
         ("45", {"unit": "%"}, True, ("45", None)),
@@ -113,7 +114,7 @@ def test_count_per_ul_code_and_matching_unit_agree() -> None:
         ("1.2", {}, True, (None, "fraction 1.2 is above 1")),
     ],
     ids=["pct", "zero", "hundred", "over-100", "pct-no-unit", "pct-count-unit", "pct-printed-percent",
-         "pct-printed-free-text", "pct-printed-a-count-unit", "pct-code-a-count-unit", "fraction-conflict",
+         "pct-printed-free-text", "pct-printed-a-count-unit", "pct-code-a-count-unit", "fraction-conflict", "pct-unit-1",
          "fraction", "fraction-unit-1",
          "fraction-as-pct", "fraction-one", "fraction-over-1"],
 )
@@ -202,13 +203,15 @@ def test_any_case_never_makes_a_guess(quantity: dict[str, str]) -> None:
     assert result is None and problem
 
 
+@pytest.mark.parametrize("value", ["38.5", "101"], ids=["plausible-in-Cel", "plausible-in-degF"])
 @pytest.mark.parametrize(
     "quantity",
     [{}, {"unit": "K"}, {"code": "Cel", "unit": "[degF]"}, {"unit": "mmHg"}],
     ids=["missing", "kelvin", "conflict", "pressure"],
 )
-def test_celsius_never_guesses(quantity: dict[str, str]) -> None:
-    result, problem = celsius(D("38.5"), quantity)
+def test_celsius_never_guesses(quantity: dict[str, str], value: str) -> None:
+    # 101 read as [degF] would be a fever (38.33 C): a missing or unknown unit must never fall back to either.
+    result, problem = celsius(D(value), quantity)
     assert result is None and problem
 
 
@@ -229,6 +232,38 @@ def test_celsius_never_guesses(quantity: dict[str, str]) -> None:
 def test_celsius_takes_a_recognised_code_beside_free_text(value: str, quantity: dict[str, str], expected: str) -> None:
     # Quantity.unit is text for people: an EHR printing "DegC" beside the UCUM code Cel must not hide a fever.
     assert celsius(D(value), quantity) == (D(expected), None)
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "below", "expected"),
+    [
+        ("38.004", "Cel", True, "38.01"),  # '<38.004' may be 38.00-38.003: never 'below 38.00'
+        ("38.004", "Cel", False, "38.00"),
+        ("38.0", "Cel", True, "38.00"),  # an exact bound stays itself
+        ("37.991", "Cel", True, "38.00"),  # '<37.991' may be 37.99: rounded up, not half-up to 37.99
+        ("100.404", "[degF]", True, "38.01"),  # 38.0022 C
+        ("100.3", "[degF]", True, "37.95"),  # 37.944 C
+        ("100.3", "[degF]", False, "37.94"),
+    ],
+    ids=["Cel-bound-up", "Cel-value-half-up", "Cel-exact-bound", "Cel-bound-just-below-38", "degF-bound-up",
+         "degF-bound-below-38", "degF-value-half-up"],
+)
+def test_celsius_rounds_a_strict_upper_bound_up(value: str, unit: str, below: bool, expected: str) -> None:
+    assert celsius(D(value), {"code": unit}, below=below) == (D(expected), None)
+
+
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [
+        ({"code": ["/uL"], "unit": "/uL"}, (D(400), None)),  # a code that is not a string is no unit
+        ({"code": "/uL", "unit": {"text": "per uL"}}, (D(400), None)),
+        ({"code": "x" * 65}, (None, f"unknown unit {'x' * 65!r}")),  # too long to remember, still looked up
+        ({"code": "x" * 64}, (None, f"unknown unit {'x' * 64!r}")),
+    ],
+    ids=["list-code", "mapping-unit", "65-chars", "64-chars"],
+)
+def test_count_per_ul_reads_only_strings_of_any_length(quantity: dict[str, object], expected: object) -> None:
+    assert count_per_ul(D(400), quantity) == expected
 
 
 def test_round_celsius_is_half_up() -> None:
