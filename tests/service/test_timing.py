@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from datetime import date, datetime, timedelta, timezone
 from unittest import mock
 
@@ -39,17 +40,31 @@ def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: 
         ("2025-03-10", at(2025, 3, 10), at(2025, 3, 10, 23, 59, 59, 999999)),
         ("2025-02", at(2025, 2, 1), at(2025, 2, 28, 23, 59, 59, 999999)),
         ("2024-12", at(2024, 12, 1), at(2024, 12, 31, 23, 59, 59, 999999)),
+        ("2025-11", at(2025, 11, 1), at(2025, 11, 30, 23, 59, 59, 999999)),  # the month before December
+        ("2024-02", at(2024, 2, 1), at(2024, 2, 29, 23, 59, 59, 999999)),  # a leap February
         ("2025", at(2025, 1, 1), at(2025, 12, 31, 23, 59, 59, 999999)),
         ("2016-12-31T23:59:60Z", at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999)),
         ("2016-12-31T23:59:60.25Z", at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999)),
         ("2017-01-01T08:59:60+09:00", at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999)),
         ("9999-12-31T23:59:60Z", at(9999, 12, 31, 23, 59, 59, 999999), at(9999, 12, 31, 23, 59, 59, 999999)),
     ],
-    ids=["utc", "offset", "fraction", "date", "month", "december", "year", "leap-second", "leap-second-fraction",
+    ids=["utc", "offset", "fraction", "date", "month", "december", "november", "leap-february", "year", "leap-second", "leap-second-fraction",
          "leap-second-offset", "leap-second-last-minute-of-9999"],
 )
 def test_parse_gives_an_interval(value: str, effective: datetime, latest: datetime) -> None:
     assert parse(value) == Timing(effective, latest)
+
+
+@pytest.mark.parametrize("value", ["2016-12-31T23:59:60Z", "2017-01-01T08:59:60+09:00"], ids=["Z", "offset"])
+def test_parse_never_reads_the_server_time_zone(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """A leap second is built field by field: its zone must come from the value, never from the server's."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse(value) == Timing(at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @pytest.mark.parametrize(
