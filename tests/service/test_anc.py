@@ -91,6 +91,7 @@ def test_results_of_one_specimen_or_report_combine_across_times(link: str) -> No
     value = only(w, p, *extra)
     assert value.cells_per_ul == D(600)
     assert value.effective.isoformat() == "2025-03-10T10:00:00+00:00"
+    assert value.latest == value.effective  # the newer result's time, not the older one's
 
 
 def test_panel_has_member_links_results() -> None:
@@ -183,6 +184,10 @@ def test_preliminary_and_status() -> None:
     older = only(wbc(2, effective=T0, status="final", specimen="Specimen/s1"),
                  percent(NEUTROPHILS_PCT, 30, ago(hours=3), status="preliminary", specimen="Specimen/s1"))
     assert (older.status, older.preliminary) == ("preliminary", True)
+    # otherwise the status is the newest result's
+    newest = only(wbc(2, effective=T0, status="final", specimen="Specimen/s1"),
+                  percent(NEUTROPHILS_PCT, 30, ago(hours=3), status="amended", specimen="Specimen/s1"))
+    assert newest.status == "final"
     assert only(anc(400, "/uL", T0, status="amended")).status == "amended"
 
 
@@ -214,6 +219,27 @@ def test_growing_groups_keep_the_lowest_percentage_when_groups_merge() -> None:
     assert groups.add(later) is True
     (value,) = compute([*first, *later]).values
     assert value.cells_per_ul == D(2400)
+
+
+def test_not_computable_group_cites_its_first_source_and_newest_time() -> None:
+    found = series(percent(SEGS_PCT, 40, ago(hours=3), id="s", specimen="Specimen/s1"),
+                   percent(BANDS_PCT, 5, ago(hours=2), id="b", specimen="Specimen/s1"))
+    assert [(t.issue.source, t.latest) for t in found.issues] == [("Observation/b", NOW.replace(hour=10))]
+
+
+def test_compute_reads_any_iterable_once() -> None:
+    found = extract([wbc(2, effective=T0), percent(NEUTROPHILS_PCT, 30, T0)], now=NOW)
+    assert compute(iter(found.labs), found.links) == compute(found.labs, found.links)
+
+
+def test_growing_groups_follow_links_and_ignore_results_seen() -> None:
+    """A WBC and a percentage of one DiagnosticReport, an hour apart, give an ANC batch by batch too."""
+    w, p = wbc(2, effective=ago(hours=3), id="w"), percent(NEUTROPHILS_PCT, 30, ago(hours=2), id="p")
+    found = extract([w, p, diagnostic_report([w, p])], now=NOW)
+    groups = GrowingGroups(found.links)
+    assert groups.add([lab for lab in found.labs if lab.source == "Observation/w"]) is False
+    assert groups.add(found.labs) is True
+    assert groups.add(found.labs) is False  # nothing new: no group touched
 
 
 def test_series_is_oldest_first() -> None:

@@ -308,6 +308,19 @@ def test_single_reading_reports_the_hottest() -> None:
     assert (found.max_celsius, found.sources, found.effective) == (D("39.10"), ("Observation/y",), NOW.replace(hour=7))
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["38.5", "37.6"],
+    ids=["fever", "afebrile"],
+)
+def test_of_equal_hottest_readings_the_latest_is_reported(value: str) -> None:
+    """The card gives the time of the hottest reading: of two equal ones the latest, the current state."""
+    found = fever_of(temperature(value, "Cel", ago(hours=5), id="early"),
+                     temperature(value, "Cel", ago(hours=3), id="late"))
+    assert found is not None
+    assert (found.sources, found.effective) == (("Observation/late",), NOW.replace(hour=9))
+
+
 def test_afebrile_reports_the_maximum() -> None:
     found = fever_of(temperature("37.2", "Cel", ago(hours=1), id="x"), temperature("36.8", "Cel", ago(hours=2)))
     assert found is not None

@@ -48,8 +48,8 @@ def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: 
         ("2017-01-01T08:59:60+09:00", at(2016, 12, 31, 23, 59, 59, 999999), at(2016, 12, 31, 23, 59, 59, 999999)),
         ("9999-12-31T23:59:60Z", at(9999, 12, 31, 23, 59, 59, 999999), at(9999, 12, 31, 23, 59, 59, 999999)),
     ],
-    ids=["utc", "offset", "fraction", "date", "month", "december", "november", "leap-february", "year", "leap-second", "leap-second-fraction",
-         "leap-second-offset", "leap-second-last-minute-of-9999"],
+    ids=["utc", "offset", "fraction", "date", "month", "december", "november", "leap-february", "year", "leap-second",
+         "leap-second-fraction", "leap-second-offset", "leap-second-last-minute-of-9999"],
 )
 def test_parse_gives_an_interval(value: str, effective: datetime, latest: datetime) -> None:
     assert parse(value) == Timing(effective, latest)

@@ -114,7 +114,8 @@ def test_count_per_ul_code_and_matching_unit_agree() -> None:
         ("1.2", {}, True, (None, "fraction 1.2 is above 1")),
     ],
     ids=["pct", "zero", "hundred", "over-100", "pct-no-unit", "pct-count-unit", "pct-printed-percent",
-         "pct-printed-free-text", "pct-printed-a-count-unit", "pct-code-a-count-unit", "fraction-conflict", "pct-unit-1",
+         "pct-printed-free-text", "pct-printed-a-count-unit", "pct-code-a-count-unit", "fraction-conflict",
+         "pct-unit-1",
          "fraction", "fraction-unit-1",
          "fraction-as-pct", "fraction-one", "fraction-over-1"],
 )
