@@ -47,7 +47,14 @@ class _StrictString(fields.String):
 
 
 class _StrictInteger(fields.Integer):
+    """A JSON integer: a number without a fractional part (JSON Schema's ``integer``, which openapi.yaml states).
+
+    ``300.0`` is one (a .NET or Java client writing a double sends it so); ``"300"``, ``true`` and ``300.5`` are not.
+    """
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValidationError("must be an integer")
         return int(super()._deserialize(value, attr, data, **kwargs))

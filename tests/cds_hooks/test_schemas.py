@@ -134,6 +134,16 @@ def test_null_fhir_server_with_authorization_names_fhir_server() -> None:
     assert "required when fhirAuthorization is provided" in caught.value.message
 
 
+@pytest.mark.parametrize("sent, read", [(300, 300), (300.0, 300), (0.0, 0), (2**31 - 1, 2**31 - 1)],
+                         ids=["integer", "integer-written-as-a-decimal", "zero-as-a-decimal", "documented-maximum"])
+def test_expires_in_is_a_json_integer(sent: float, read: int) -> None:
+    # openapi.yaml says `type: integer`, which JSON Schema reads as a number without a fraction: 300.0 is one, and
+    # a .NET or Java client writing a double sends it so. It was a 400, and the clinician got no cards.
+    request = load_hook_request(with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": sent}))
+    assert request.fhir_authorization is not None and request.fhir_authorization.expires_in == read
+    assert type(request.fhir_authorization.expires_in) is int
+
+
 @pytest.mark.parametrize("body, field", [
     (with_(hook=_DROP), "hook"),
     (with_(hookInstance=_DROP), "hookInstance"),
@@ -154,6 +164,8 @@ def test_null_fhir_server_with_authorization_names_fhir_server() -> None:
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "300"}), "fhirAuthorization.expires_in"),
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": True}), "fhirAuthorization.expires_in"),
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": -1}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": 300.5}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": 2**31}), "fhirAuthorization.expires_in"),
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "token_type": "MAC"}), "fhirAuthorization.token_type"),
     (with_(fhirAuthorization="token"), "fhirAuthorization"),
     (with_(extension=[1]), "extension"),
@@ -161,7 +173,8 @@ def test_null_fhir_server_with_authorization_names_fhir_server() -> None:
         "hookInstance-null", "context-null", "hook-null", "context-string", "context-array",
         "prefetch-array", "prefetch-string",
         "fhirServer-not-url", "fhirServer-ftp", "fhirAuthorization-without-fhirServer", "access_token-empty",
-        "expires_in-string", "expires_in-boolean", "expires_in-negative", "token_type-not-bearer",
+        "expires_in-string", "expires_in-boolean", "expires_in-negative", "expires_in-fraction",
+        "expires_in-over-the-documented-maximum", "token_type-not-bearer",
         "fhirAuthorization-string", "extension-array"])
 def test_invalid_request_names_the_field(body: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
