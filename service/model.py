@@ -76,8 +76,9 @@ class Fever:
     since: datetime | None = None
     #: Addition: True when a reading used is preliminary.
     preliminary: bool = False
-    #: Addition: "<" (or "<=") when ``max_celsius`` is only an upper bound: every reading of the window was sent as
-    #: below (at most) a bound, the highest being this one, certainly below 38.0 C ("<38.0"); else None.
+    #: Addition: "<" (or "<=") when ``max_celsius`` is only an upper bound: every reading of the highest value was
+    #: sent as below (at most) it, certainly below 38.0 C ("<38.0"), and no reading is above it; else None (a value,
+    #: or a lower bound such as ">38.5", read at its bound).
     comparator: str | None = None
 
 
