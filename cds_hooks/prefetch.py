@@ -39,7 +39,6 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-
 from cds_hooks.errors import PreconditionFailed
 from cds_hooks.fhir_client import (
     DEFAULT_MAX_PAGE_BYTES,
