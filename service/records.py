@@ -239,12 +239,10 @@ def _unquoted_abatement(r: Mapping[str, Any]) -> str | None:
     passed and a leukaemia without clinicalStatus was read as abated: the chemotherapy context dropped unseen.
     """
     period = r.get("abatementPeriod")
-    ends = [(f"abatementPeriod.{end}", period.get(end)) for end in ("start", "end")] if isinstance(
-        period, Mapping) else []
-    for where, item in [("abatementDateTime", r.get("abatementDateTime")), *ends]:
-        if item is not None and not isinstance(item, str):
-            return where
-    return None
+    times: list[tuple[str, Any, bool]] = [("abatementDateTime", r.get("abatementDateTime"), False)]
+    if isinstance(period, Mapping):
+        times.append(("abatementPeriod", period, True))
+    return _first_unquoted(times)
 
 
 def _unquoted_date(r: Mapping[str, Any]) -> str | None:
@@ -253,7 +251,13 @@ def _unquoted_date(r: Mapping[str, Any]) -> str | None:
     fhir.resources' lax validation takes a number for a dateTime (seconds since 1970: ``"authoredOn": 0`` passes),
     but only strings are dates here: a completed G-CSF order so dated was dropped as one without any date, unseen.
     """
-    for path, value, is_period in _order_times(r):
+    return _first_unquoted(_order_times(r))
+
+
+def _first_unquoted(times: Iterable[tuple[str, Any, bool]]) -> str | None:
+    """The path of the first time (or Period start or end) given as (path, raw value, whether it is a Period) that
+    is not a JSON string, or None."""
+    for path, value, is_period in times:
         ends = [(f"{path}.{end}", value.get(end)) for end in ("start", "end")] if is_period else [(path, value)]
         for where, item in ends:
             if item is not None and not isinstance(item, str):
