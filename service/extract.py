@@ -112,7 +112,7 @@ class Temperature:
     status: str
     #: A maximum over a period (1 to 24 h, ``codes.TEMPERATURE_MAXIMUM``): a single reading only, never in a run.
     maximum: bool = False
-    #: The R4 Quantity.comparator as sent ("<", "<=", ">=", ">"), or None: ``celsius`` is then only a bound.
+    #: The R4 Quantity.comparator as sent ("<", "<=", ">=", ">"), when ``celsius`` is only a bound; None for a value.
     comparator: str | None = None
 
     @property
