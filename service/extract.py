@@ -430,12 +430,15 @@ class _Collector:
         if value is None and problem is None:
             return  # no value (e.g. dataAbsentReason): nothing to read
         comparator = quantity.get("comparator")
+        # Not a code the validation checks (its binding is not enforced): read as no comparator, a bound became an
+        # exact value ("<500" graded one grade too low, "<38.6" in an unknown spelling a 38.6 C fever).
+        unknown_comparator = (f"comparator: unknown value {comparator!r}"
+                              if isinstance(comparator, str) and comparator not in _COMPARATORS else None)
         if not roles:
             degrees, problem = (None, problem) if value is None else celsius(value, quantity,
                                                                              below=comparator == "<")
-            if degrees is not None and isinstance(comparator, str) and comparator not in _COMPARATORS:
-                # As for a count: read as no comparator, "<38.6" in an unknown spelling became a 38.6 C fever.
-                degrees, problem = None, f"comparator: unknown value {comparator!r}"
+            if degrees is not None and unknown_comparator is not None:
+                degrees, problem = None, unknown_comparator
             if degrees is None:
                 return self._issue("temperature-uninterpretable", source, problem)
             reading = Temperature(source, degrees, when.effective, when.latest, status,
@@ -458,10 +461,8 @@ class _Collector:
         elif value is not None:
             converted, problem = percent(value, quantity, fraction=role is LabRole.FRACTION)
         specimen = r.get("specimen")
-        if isinstance(comparator, str) and comparator not in _COMPARATORS:
-            # Not a code the validation checks (its binding is not enforced): read as no comparator, a bound
-            # ("<500") became an exact count and was graded one grade too low. The value is not known.
-            converted, problem = None, f"comparator: unknown value {comparator!r}"
+        if unknown_comparator is not None:
+            converted, problem = None, unknown_comparator
         self.labs.add(
             LabResult(
                 source=source,
