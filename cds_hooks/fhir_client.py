@@ -174,6 +174,12 @@ _SHORTEST_REDACTABLE = 8
 WITHHELD = "[text withheld: it contains the access token]"
 
 
+def _shown_type(resource_type: object, secret: str | None) -> str:
+    """A resourceType a server sent, fit to quote in a reason: redacted before it is cut (a token across the cut
+    would no longer occur whole), then cut to 40 characters."""
+    return clean_text(redact(str(resource_type), secret), 40)
+
+
 def redact(text: str, secret: str | None) -> str:
     """``text`` with every occurrence of ``secret`` replaced, so a token can never leak through a reason.
 
@@ -281,8 +287,7 @@ class FhirFetcher:
             if resource_type == "OperationOutcome" and expected != "OperationOutcome":
                 raise _FetchFailed(f"the FHIR server returned an OperationOutcome: {outcome_diagnostics(body, token)}")
             if expected is not None and resource_type != expected:
-                raise _FetchFailed(f"expected {expected}, the FHIR server returned "
-                                  f"{clean_text(redact(str(resource_type), token), 40)}")
+                raise _FetchFailed(f"expected {expected}, the FHIR server returned {_shown_type(resource_type, token)}")
             if resource_type != "Bundle":
                 return FetchOutcome(resources=(body,), pages=1)
         except _FetchFailed as failure:
@@ -338,8 +343,7 @@ class FhirFetcher:
                 page = self._get_json(url, token=token, deadline=deadline, label=label, max_bytes=max_page_bytes,
                                       page=pages + 1)
                 if page.get("resourceType") != "Bundle":
-                    shown = clean_text(redact(str(page.get("resourceType")), token), 40)
-                    raise _FetchFailed(f"it is a {shown}, not a Bundle")
+                    raise _FetchFailed(f"it is a {_shown_type(page.get('resourceType'), token)}, not a Bundle")
                 more, more_dropped = bundle_entries(page)
             except (_FetchFailed, ValueError) as failure:
                 note = redact(f"page {pages + 1} could not be fetched: {failure}", token)
