@@ -99,9 +99,10 @@ def condition_fact(r: Mapping[str, Any]) -> tuple[ConditionFact | None, DataIssu
     if unquoted is not None:
         return None, _malformed(r, f"{unquoted}: a JSON number or boolean, not a dateTime string")
     # DESIGN: a condition without clinicalStatus counts unless it has abated (conservative: keeps the context).
-    # An abatement sent as null is absent, as every null member is (it dropped the condition unseen).
-    if not clinical and any(isinstance(key, str) and key.startswith("abatement") and value is not None
-                            for key, value in r.items()):
+    # An abatement sent as null is absent, as every null member is (it dropped the condition unseen). Only R4's
+    # abatement[x] names count: STU3's "abatementBoolean": false ("not abated") dropped a leukaemia without a word;
+    # R4 has no such element, so it is reported as one not read and the condition keeps its context.
+    if not clinical and any(r.get(key) is not None for key in CONDITION_ABATEMENT):
         return None, None
     system, code = matched[0]
     roles = frozenset().union(*(CONDITION_ROLES[c] for c in matched))

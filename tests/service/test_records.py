@@ -50,14 +50,18 @@ def test_condition_whose_clinical_status_is_no_known_code_is_an_issue(clinical: 
      ({"abatementDateTime": 0}, False, "malformed-resource"),
      ({"abatementDateTime": 1732838400.5}, False, "malformed-resource"),
      ({"abatementPeriod": {"start": 1732838400}}, False, "malformed-resource"),
-     ({"abatementPeriod": {"start": "2024-05-01"}}, False, None)],
+     ({"abatementPeriod": {"start": "2024-05-01"}}, False, None),
+     ({"abatementBoolean": False}, True, "invalid-unread-elements"),
+     ({"abatementBoolean": True}, True, "invalid-unread-elements")],
     ids=["abated", "abated-as-text", "abatement-null", "abatement-not-a-date", "abatement-a-number",
-         "abatement-a-fraction", "abatement-period-start-a-number", "abated-in-a-period"],
+         "abatement-a-fraction", "abatement-period-start-a-number", "abated-in-a-period",
+         "stu3-abatement-boolean-false", "stu3-abatement-boolean-true"],
 )
 def test_condition_without_clinical_status_and_its_abatement(abatement: dict[str, Any], counts: bool,
                                                              issue_code: str | None) -> None:
     # A null abatement read as "abated", and an invalid one was never validated: either dropped a leukaemia
-    # (the chemotherapy context) without a word.
+    # (the chemotherapy context) without a word. So did STU3's abatementBoolean, even false ("not abated"): R4 has
+    # no such element, so it is an element not read, reported, and the context is kept.
     fact, issue = condition_fact({**condition("91861009", clinical=None, id="n"), **abatement})
     assert (fact is not None) is counts
     assert (issue.code if issue else None) == issue_code
