@@ -184,12 +184,18 @@ def redact(text: str, secret: str | None) -> str:
     """``text`` with every occurrence of ``secret`` replaced, so a token can never leak through a reason.
 
     A short secret (a one-letter test token) would be cut out of ordinary words ("[redacted]rror"), leaving a
-    garbled reason that still hints at the token: such a text is withheld whole.
+    garbled reason that still hints at the token: such a text is withheld whole. So is a text that holds the
+    secret percent-encoded (a server echoing a URL with ``access_token=...``), in whatever case and choice of
+    escaped characters the server used.
     """
-    if secret and secret in text:
+    if not secret:
+        return text
+    if secret in text:
         if len(secret) < _SHORTEST_REDACTABLE:
             return WITHHELD
-        return text.replace(secret, "[redacted]")
+        text = text.replace(secret, "[redacted]")
+    if secret in unquote(text):
+        return WITHHELD
     return text
 
 

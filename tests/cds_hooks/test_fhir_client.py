@@ -297,12 +297,19 @@ def test_fetch_past_the_deadline_makes_no_request(fhir_stub: FhirStub, fetcher: 
      ("server error: token e not valid", "e", WITHHELD),
      ("no token here", "abcdefgh-1234", "no token here"),
      ("anonymous error", None, "anonymous error"),
-     ("short token absent", "zq", "short token absent")],
-    ids=["long-token-cut-out", "short-token-withholds-the-text", "token-absent", "anonymous", "short-token-absent"],
+     ("short token absent", "zq", "short token absent"),
+     ("GET /Patient?access_token=ab%2Bcd%2Fef%3D%3D refused", "ab+cd/ef==", WITHHELD),
+     ("GET /Patient?access_token=ab%2bcd/ef%3d%3D refused", "ab+cd/ef==", WITHHELD),
+     ("token ab+cd/ef== and again ab%2Bcd%2Fef%3D%3D", "ab+cd/ef==", WITHHELD),
+     ("progress 100%2B done", "abcdefgh-1234", "progress 100%2B done")],
+    ids=["long-token-cut-out", "short-token-withholds-the-text", "token-absent", "anonymous", "short-token-absent",
+         "percent-encoded-token", "percent-encoded-lower-case-and-partly", "plain-and-percent-encoded",
+         "percent-sign-without-token"],
 )
 def test_redact(text: str, secret: str | None, expected: str) -> None:
     # A one-letter token was cut out of every word ("s[redacted]rv[redacted]r [redacted]rror"): garbled, and what
-    # was left still hinted at the token. A short token now withholds the text whole.
+    # was left still hinted at the token. A short token now withholds the text whole. A server echoing a URL
+    # carried the token percent-encoded past the plain comparison: such a text is withheld too.
     assert redact(text, secret) == expected
 
 
