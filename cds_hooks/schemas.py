@@ -60,6 +60,27 @@ class _StrictInteger(fields.Integer):
         return int(super()._deserialize(value, attr, data, **kwargs))
 
 
+#: ``expires_in`` sent as a string of digits: OAuth servers that write it so (Azure AD's v1 token endpoint sends
+#: ``"expires_in": "3599"``) are passed on by clients that copy the token response into fhirAuthorization. Nine
+#: digits at most keeps every such string under the documented maximum.
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
+class _Seconds(_StrictInteger):
+    """``expires_in``: a JSON integer, or a string of up to nine ASCII digits read as one.
+
+    The spec says integer, but refusing ``"3599"`` showed the clinician no card at all, for a value that can be
+    read only one way (the spec digest's pitfall 6: validate fhirAuthorization tolerantly).
+    """
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, str):
+            if not _DIGITS.fullmatch(value):
+                raise ValidationError("must be an integer, or a string of up to 9 digits")
+            value = int(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class _JSONObject(fields.Field[dict[str, Any]]):
     """Any JSON object, kept as is."""
 
@@ -171,7 +192,7 @@ class FhirAuthorizationSchema(_Body):
     access_token = _StrictString(validate=_non_empty)
     token_type = _StrictString(validate=_bearer)
     # Seconds; the upper bound (int32, 68 years) only keeps absurd values out of the expiry arithmetic.
-    expires_in = _StrictInteger(validate=validate.Range(min=0, max=2**31 - 1))
+    expires_in = _Seconds(validate=validate.Range(min=0, max=2**31 - 1))
     scope = _StrictString()
     subject = _StrictString()
     patient = _StrictString()

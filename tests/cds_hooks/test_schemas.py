@@ -134,11 +134,15 @@ def test_null_fhir_server_with_authorization_names_fhir_server() -> None:
     assert "required when fhirAuthorization is provided" in caught.value.message
 
 
-@pytest.mark.parametrize("sent, read", [(300, 300), (300.0, 300), (0.0, 0), (2**31 - 1, 2**31 - 1)],
-                         ids=["integer", "integer-written-as-a-decimal", "zero-as-a-decimal", "documented-maximum"])
-def test_expires_in_is_a_json_integer(sent: float, read: int) -> None:
+@pytest.mark.parametrize("sent, read", [(300, 300), (300.0, 300), (0.0, 0), (2**31 - 1, 2**31 - 1), ("3599", 3599),
+                                        ("0", 0), ("000000300", 300), ("999999999", 999_999_999)],
+                         ids=["integer", "integer-written-as-a-decimal", "zero-as-a-decimal", "documented-maximum",
+                              "digits-as-azure-ad-v1-sends", "zero-as-digits", "nine-digits-leading-zeros",
+                              "nine-digits"])
+def test_expires_in_is_a_json_integer(sent: float | str, read: int) -> None:
     # openapi.yaml says `type: integer`, which JSON Schema reads as a number without a fraction: 300.0 is one, and
-    # a .NET or Java client writing a double sends it so. It was a 400, and the clinician got no cards.
+    # a .NET or Java client writing a double sends it so. It was a 400, and the clinician got no cards. So was
+    # "3599", as an OAuth server writes it and a client copies it from the token response.
     request = load_hook_request(with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": sent}))
     assert request.fhir_authorization is not None and request.fhir_authorization.expires_in == read
     assert type(request.fhir_authorization.expires_in) is int
@@ -161,7 +165,15 @@ def test_expires_in_is_a_json_integer(sent: float, read: int) -> None:
     (with_(fhirServer="ftp://ehr.example.org"), "fhirServer"),
     (with_(fhirServer=_DROP), "fhirServer"),
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "access_token": ""}), "fhirAuthorization.access_token"),
-    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "300"}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "300s"}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "-1"}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": " 300"}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "300.0"}), "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "\u0663\u0660\u0660"}),
+     "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": "1000000000"}),
+     "fhirAuthorization.expires_in"),
+    (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": ""}), "fhirAuthorization.expires_in"),
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": True}), "fhirAuthorization.expires_in"),
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": -1}), "fhirAuthorization.expires_in"),
     (with_(fhirAuthorization={**VALID["fhirAuthorization"], "expires_in": 300.5}), "fhirAuthorization.expires_in"),
@@ -173,7 +185,9 @@ def test_expires_in_is_a_json_integer(sent: float, read: int) -> None:
         "hookInstance-null", "context-null", "hook-null", "context-string", "context-array",
         "prefetch-array", "prefetch-string",
         "fhirServer-not-url", "fhirServer-ftp", "fhirAuthorization-without-fhirServer", "access_token-empty",
-        "expires_in-string", "expires_in-boolean", "expires_in-negative", "expires_in-fraction",
+        "expires_in-not-only-digits", "expires_in-negative-digits",
+        "expires_in-digits-with-a-space", "expires_in-decimal-string", "expires_in-arabic-indic-digits",
+        "expires_in-ten-digits", "expires_in-empty-string", "expires_in-boolean", "expires_in-negative", "expires_in-fraction",
         "expires_in-over-the-documented-maximum", "token_type-not-bearer",
         "fhirAuthorization-string", "extension-array"])
 def test_invalid_request_names_the_field(body: dict[str, Any], field: str) -> None:
