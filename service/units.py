@@ -26,11 +26,14 @@ from service.thresholds import (
 #: because case carries meaning in UCUM (``G/L`` giga vs ``g/L`` grams: only counts are looked up here, brief §2).
 #: UCUM has both ``L`` and ``l`` for the litre, so ``10*9/l`` and ``/ul`` are the same units as ``10*9/L`` and
 #: ``/uL``; "mcL" is the US printed form of the microlitre, and "cumm" the cubic millimetre (= uL): "k/cumm" is the
-#: thousands per cubic millimetre of the SMART sample patients the CDS Hooks Sandbox serves.
+#: thousands per cubic millimetre of the SMART sample patients the CDS Hooks Sandbox serves. "x10^9/L" is how UK
+#: and European laboratories print the brief's 10^9/L ("x10E9/L" as x10E3/uL is printed): not read, a neutrophil
+#: count of 0.4 x10^9/L with a fever was uninterpretable, and the emergency was left to the data-quality card.
 COUNT_FACTORS: Mapping[str, Decimal] = {
     **dict.fromkeys(
         ("10*3/uL", "10*3/ul", "10*3/mm3", "10*9/L", "10*9/l", "10*6/mL", "10*6/ml", "K/uL", "k/uL", "10^3/uL",
-         "x10E3/uL", "x10^3/uL", "thou/uL", "10^9/L", "G/L", "10*3/mcL", "10^3/mcL", "K/mcL", "K/cumm", "k/cumm"),
+         "x10E3/uL", "x10^3/uL", "thou/uL", "10^9/L", "G/L", "10*3/mcL", "10^3/mcL", "K/mcL", "K/cumm", "k/cumm",
+         "10^9/l", "x10^9/L", "x10^9/l", "x10E9/L", "x10*9/L"),
         THOUSAND_PER_UL,
     ),
     **dict.fromkeys(("/uL", "/ul", "/mm3", "{cells}/uL", "cells/uL", "cells/mm3", "/cumm", "/mcL", "cells/mcL"),

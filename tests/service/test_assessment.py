@@ -101,6 +101,17 @@ def test_febrile_neutropenia_extension_matches_design() -> None:
     }
 
 
+@pytest.mark.parametrize("unit", ["x10^9/L", "x10E9/L"], ids=["uk-printed", "x10e9-printed"])
+def test_febrile_neutropenia_with_a_count_in_printed_giga_per_litre(unit: str) -> None:
+    # A UK laboratory's "0.4 x10^9/L" (printed unit, no UCUM code) was uninterpretable: with 38.4 C the emergency
+    # was not raised, only a data issue.
+    resources = [anc("0.4", unit, "2025-03-10T08:00:00Z", id="abc", ucum=False),
+                 temperature("38.4", "Cel", "2025-03-10T11:30:00Z", id="t1")]
+    ext = assessment_extension(assess(resources, now=NOW))
+    assert ext["findings"][:2] == ["febrile-neutropenia", "neutropenia-severe"]
+    assert ext["anc"]["cellsPerMicroliter"] == 400 and "dataIssues" not in ext
+
+
 def test_anc_omitted_without_usable_anc_and_fever_omitted_without_temperature() -> None:
     ext = assessment_extension(assess([anc(400, None, ago(hours=1), id="n")], now=NOW))
     assert set(ext) == {"evaluatedAt", "findings", "dataIssues"}

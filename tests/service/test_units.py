@@ -43,6 +43,12 @@ D = Decimal
         ("cells/mcL", "499", "499"),
         ("k/cumm", "1.2", "1200"),  # SMART sample patients (CDS Hooks Sandbox)
         ("K/cumm", "1.2", "1200"),
+        ("x10^9/L", "0.4", "400"),  # UK and European printed form
+        ("x10^9/l", "0.4", "400"),
+        ("x 10^9 / L", "0.4", "400"),
+        ("10^9/l", "0.4", "400"),
+        ("x10E9/L", "0.4", "400"),
+        ("x10*9/L", "0.4", "400"),
     ],
     ids=lambda v: str(v),
 )
