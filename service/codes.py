@@ -15,7 +15,10 @@ Every code here is VERIFIED in clinical-brief.md §3 or was confirmed in a publi
   idarubicin, vincristine, vinblastine, bleomycin, hydroxyurea and temozolomide could not be confirmed: the ATC
   class L01 covers them when the EHR sends ATC.
 - ICD-10-CM D51.x, D52.x, E53.8, E61.0, D72.819 and D70.x names: medtrack-io/icd_code (ICD-10-CM tables); D70 and
-  P61.5 as brief §3.3 states them.
+  P61.5 as brief §3.3 states them. The acute leukaemias C91.0x, C92.0x/4x/5x/6x/Ax, C93.0x, C94.0x, C94.2x and
+  C95.0x: the same tables (lib/codes/codes_c91.ex to codes_c95.ex).
+- SNOMED 91857003 Acute lymphoid leukemia: a public UMLS-to-SNOMED CT table (C0023449) and public ICD-10 maps
+  (C91.0); one synthetic-patient module mislabels it as AML, and either reading is an acute leukaemia.
 - LOINC 8311-3/8312-1/8313-9/8314-7/8315-4 (1/8/10/12/24 h maximum temperature): OHDSI PhenotypeLibrary
   inst/cohorts/208.json; 33256-9 name: several public LOINC maps.
 - Code-system OIDs (urn:oid:2.16.840.1.113883.6.1/.96/.88/.90): public FHIR CodeSystem resources and OID maps.
@@ -170,6 +173,7 @@ _CHEMO_CONTEXT_SCT = rows(SNOMED, """
 409089005|Febrile neutropenia
 91855006|Acute leukemia
 91861009|Acute myeloid leukemia
+91857003|Acute lymphoid leukemia
 234336002|Hemopoietic stem cell transplant
 367336001|Chemotherapy
 """)
@@ -204,7 +208,44 @@ P61.5|Transient neonatal neutropenia
 D72.819|Decreased white blood cell count, unspecified
 """)
 _DRUG_INDUCED_ICD = rows(ICD10CM, "D70.2|Other drug-induced agranulocytosis")
-_CHEMO_CONTEXT_ICD = rows(ICD10CM, "D70.1|Agranulocytosis secondary to cancer chemotherapy")
+#: The acute leukaemias of R2's context (brief §4: "acute leukaemia"), whatever their remission state: in remission
+#: is when consolidation and maintenance chemotherapy are given. Without them a child with acute lymphoblastic
+#: leukaemia coded in ICD-10-CM, febrile and without a count, was a fever without ANC (warning), not a presumed
+#: febrile neutropenia (critical).
+_ACUTE_LEUKAEMIA_ICD = rows(ICD10CM, """
+C91.00|Acute lymphoblastic leukemia, not having achieved remission
+C91.01|Acute lymphoblastic leukemia, in remission
+C91.02|Acute lymphoblastic leukemia, in relapse
+C92.00|Acute myeloblastic leukemia, not having achieved remission
+C92.01|Acute myeloblastic leukemia, in remission
+C92.02|Acute myeloblastic leukemia, in relapse
+C92.40|Acute promyelocytic leukemia, not having achieved remission
+C92.41|Acute promyelocytic leukemia, in remission
+C92.42|Acute promyelocytic leukemia, in relapse
+C92.50|Acute myelomonocytic leukemia, not having achieved remission
+C92.51|Acute myelomonocytic leukemia, in remission
+C92.52|Acute myelomonocytic leukemia, in relapse
+C92.60|Acute myeloid leukemia with 11q23-abnormality, not having achieved remission
+C92.61|Acute myeloid leukemia with 11q23-abnormality, in remission
+C92.62|Acute myeloid leukemia with 11q23-abnormality, in relapse
+C92.A0|Acute myeloid leukemia with multilineage dysplasia, not having achieved remission
+C92.A1|Acute myeloid leukemia with multilineage dysplasia, in remission
+C92.A2|Acute myeloid leukemia with multilineage dysplasia, in relapse
+C93.00|Acute monoblastic/monocytic leukemia, not having achieved remission
+C93.01|Acute monoblastic/monocytic leukemia, in remission
+C93.02|Acute monoblastic/monocytic leukemia, in relapse
+C94.00|Acute erythroid leukemia, not having achieved remission
+C94.01|Acute erythroid leukemia, in remission
+C94.02|Acute erythroid leukemia, in relapse
+C94.20|Acute megakaryoblastic leukemia, not having achieved remission
+C94.21|Acute megakaryoblastic leukemia, in remission
+C94.22|Acute megakaryoblastic leukemia, in relapse
+C95.00|Acute leukemia of unspecified cell type, not having achieved remission
+C95.01|Acute leukemia of unspecified cell type, in remission
+C95.02|Acute leukemia of unspecified cell type, in relapse
+""")
+_CHEMO_CONTEXT_ICD = {**rows(ICD10CM, "D70.1|Agranulocytosis secondary to cancer chemotherapy"),
+                      **_ACUTE_LEUKAEMIA_ICD}
 _DEFICIENCY_ICD = rows(ICD10CM, """
 D51.0|Vitamin B12 deficiency anemia due to intrinsic factor deficiency
 D51.1|Vitamin B12 deficiency anemia due to selective vitamin B12 malabsorption with proteinuria

@@ -145,6 +145,11 @@ def test_fever_without_anc(temps: str, context: bool, expected: tuple[str, ...])
         condition("D70.1", ICD10CM),
         condition("91855006"),
         condition("91861009"),
+        condition("91857003"),
+        condition("C91.00", ICD10CM),
+        condition("C9201", ICD10CM),
+        condition("C92.A2", ICD10CM),
+        condition("C95.00", ICD10CM),
         condition("234336002"),
         condition("409089005"),
         medication_request("338036"),
@@ -154,7 +159,9 @@ def test_fever_without_anc(temps: str, context: bool, expected: tuple[str, ...])
         medication_request("L01XA01", ATC, status="completed", authored=ago(days=10)),
         medication_request("338036", status="on-hold", authored=ago(days=60)),
     ],
-    ids=["chemo-neutropenia", "chemo-pancytopenia", "D70.1", "acute-leukaemia", "aml", "hsct", "fn-history",
+    ids=["chemo-neutropenia", "chemo-pancytopenia", "D70.1", "acute-leukaemia", "aml", "all",
+         "icd-all-not-in-remission", "icd-aml-in-remission-undotted", "icd-aml-multilineage-relapse",
+         "icd-acute-leukaemia-unspecified", "hsct", "fn-history",
          "pegfilgrastim", "gcsf-13d", "gcsf-14d", "cyclophosphamide", "cisplatin-10d", "gcsf-on-hold"],
 )
 def test_r2_chemotherapy_context(context: dict[str, Any]) -> None:
@@ -171,8 +178,10 @@ def test_r2_chemotherapy_context(context: dict[str, Any]) -> None:
         condition("425229001", verification="refuted"),
         condition("55464009"),  # lupus: a risk factor, not chemotherapy context
         medication_request("338036", status="cancelled"),
+        condition("C91.10", ICD10CM),  # chronic lymphocytic leukaemia: not an acute leukaemia
+        condition("C92.10", ICD10CM),  # chronic myeloid leukaemia
     ],
-    ids=["gcsf-15d", "chemo-15d", "clozapine", "resolved", "refuted", "lupus", "cancelled"],
+    ids=["gcsf-15d", "chemo-15d", "clozapine", "resolved", "refuted", "lupus", "cancelled", "icd-cll", "icd-cml"],
 )
 def test_r5_without_chemotherapy_context(not_context: dict[str, Any]) -> None:
     assert findings(*TEMPERATURES["fever"], not_context)[0] == FNA
