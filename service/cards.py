@@ -184,9 +184,10 @@ class _View:
         indicators = [triggers[code] for code in self.findings if code in triggers]
         anc = self.assessment.anc
         # R14 is "ANC <1000 (any)" (brief §4) whatever the febrile-neutropenia cut-off: with a lower one (500/uL),
-        # a fever with ANC 800 is R4, which drops the moderate grade, and the advice was missing.
-        below = max(self.settings.febrile_neutropenia_anc_below, ANC_MODERATE_BELOW)
-        if anc is not None and not anc.stale and _below(anc, below):
+        # a fever with ANC 800 is R4, which drops the moderate grade, and the advice was missing; with a higher one
+        # (1500/uL) febrile neutropenia brings the advice through its finding, and an afebrile ANC of 1000-1499 (an
+        # infant's normal 1200) does not call for it.
+        if anc is not None and not anc.stale and _below(anc, ANC_MODERATE_BELOW):
             indicators.append(Indicator.WARNING)
         return indicators
 

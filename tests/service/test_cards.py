@@ -482,6 +482,27 @@ def test_fever_with_neutropenia_below_the_cut_off_is_not_called_mild_when_it_is_
     assert card_of("fever-escalation", result, settings=settings).summary == summary
 
 
+@pytest.mark.parametrize(
+    ("value", "temp", "birth_date", "prevention"),
+    [(1200, None, "1970-01-01", None), (1499, None, "1970-01-01", None), (1200, None, "2024-09-10", None),
+     (999, None, "1970-01-01", WARNING), (1200, "38.6", "1970-01-01", CRITICAL), (1200, "38.6", "2024-09-10", CRITICAL)],
+    ids=["afebrile-anc-1200", "afebrile-anc-1499", "afebrile-infant-anc-1200", "afebrile-anc-999",
+         "fever-anc-1200-is-febrile-neutropenia", "fever-infant-anc-1200-is-febrile-neutropenia"],
+)
+def test_infection_prevention_with_a_febrile_neutropenia_cut_off_above_1000(
+    value: int, temp: str | None, birth_date: str, prevention: Indicator | None
+) -> None:
+    # R14 "ANC <1000 (any)" (brief §4), or febrile neutropenia. With the cut-off set to 1500/uL an afebrile ANC of
+    # 1000-1499 got a warning infection-prevention card; an infant's 1200 (normal for age: anc-normal) got it alone.
+    policy = dataclasses.replace(DEFAULT_POLICY, fn_anc_cutoff=Decimal(1500))
+    settings = CardSettings(febrile_neutropenia_anc_below=Decimal(1500))
+    resources = [patient(birth_date), anc_result(value, effective=ago(hours=2))]
+    resources += [temperature(temp, effective=ago(hours=1))] if temp else []
+    assessment = assess(resources, now=NOW, policy=policy)
+    cards = render(assessment, settings=settings)
+    assert {c.kind: c.indicator for c in cards}.get("infection-prevention") == prevention
+
+
 def test_neutropenia_card_shows_method_trend_and_date() -> None:
     card = card_of("neutropenia", SCENARIOS[10][1])
     assert card.summary == "Mild neutropenia: ANC 1200/uL (grade 2) on 2025-03-10, falling"
