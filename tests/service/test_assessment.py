@@ -112,6 +112,21 @@ def test_febrile_neutropenia_with_a_count_in_printed_giga_per_litre(unit: str) -
     assert ext["anc"]["cellsPerMicroliter"] == 400 and "dataIssues" not in ext
 
 
+@pytest.mark.parametrize(
+    ("order", "code"),
+    [(medication_request("68442", id="m1"), "68442"),
+     (medication_request("68442", status="completed", authored=ago(days=3), id="m1"), "68442"),
+     (medication_request("3002", status="stopped", authored=ago(days=5), id="m1"), "3002")],
+    ids=["active-filgrastim", "completed-filgrastim-3-days-ago", "stopped-cyclophosphamide-5-days-ago"],
+)
+def test_risk_factors_list_the_chemotherapy_context_behind_risk_factor_no_anc(order: dict[str, Any], code: str) -> None:
+    # R12 counts the chemotherapy context (G-CSF, chemotherapy in the look-back) as a risk factor and the
+    # lab-follow-up card lists it; the extension's riskFactors left it out, so risk-factor-no-anc came with none.
+    ext = assessment_extension(assess([order], now=NOW))
+    assert ext["findings"] == ["risk-factor-no-anc"]
+    assert [(r["code"], r["source"]) for r in ext["riskFactors"]] == [(code, "MedicationRequest/m1")]
+
+
 def test_anc_omitted_without_usable_anc_and_fever_omitted_without_temperature() -> None:
     ext = assessment_extension(assess([anc(400, None, ago(hours=1), id="n")], now=NOW))
     assert set(ext) == {"evaluatedAt", "findings", "dataIssues"}
