@@ -29,11 +29,12 @@ from service.thresholds import (
 #: thousands per cubic millimetre of the SMART sample patients the CDS Hooks Sandbox serves. "x10^9/L" is how UK
 #: and European laboratories print the brief's 10^9/L ("x10E9/L" as x10E3/uL is printed): not read, a neutrophil
 #: count of 0.4 x10^9/L with a fever was uninterpretable, and the emergency was left to the data-quality card.
+#: "K/mm3", "10^3/mm3" and "10^6/mL" are the printed forms of the brief's 10*3/mm3 and 10*6/mL.
 COUNT_FACTORS: Mapping[str, Decimal] = {
     **dict.fromkeys(
         ("10*3/uL", "10*3/ul", "10*3/mm3", "10*9/L", "10*9/l", "10*6/mL", "10*6/ml", "K/uL", "k/uL", "10^3/uL",
          "x10E3/uL", "x10^3/uL", "thou/uL", "10^9/L", "G/L", "10*3/mcL", "10^3/mcL", "K/mcL", "K/cumm", "k/cumm",
-         "10^9/l", "x10^9/L", "x10^9/l", "x10E9/L", "x10*9/L"),
+         "10^9/l", "x10^9/L", "x10^9/l", "x10E9/L", "x10*9/L", "K/mm3", "10^3/mm3", "10^6/mL"),
         THOUSAND_PER_UL,
     ),
     **dict.fromkeys(("/uL", "/ul", "/mm3", "{cells}/uL", "cells/uL", "cells/mm3", "/cumm", "/mcL", "cells/mcL"),
