@@ -26,7 +26,7 @@ from typing import Any
 from fhir.resources.R4B.observation import Observation
 
 from service import records, timing
-from service.codes import LAB_ROLES, OBSERVATION_CODES, TEMPERATURE, TEMPERATURE_MAXIMUM, Code, LabRole
+from service.codes import LAB_ROLES, LOINC, OBSERVATION_CODES, TEMPERATURE, TEMPERATURE_MAXIMUM, Code, LabRole
 from service.fhir import (
     MAX_BUNDLE_DEPTH,
     codes_of,
@@ -365,6 +365,11 @@ class _Collector:
                 # cannot be seen, so nothing tells this is not an observation the rules read.
                 self._issue("malformed-resource", source_of(r),
                             "component: not a list of components; a temperature or count it may hold not read")
+            elif not parts and status not in IGNORED_STATUSES and (bare := _code_without_system(r)) is not None:
+                # A code is only known with its system, and one of ours sent without any may be a local code that
+                # looks alike: not read, but not dropped without a word either (an ANC of 300 vanished so).
+                self._issue("malformed-resource", source_of(r),
+                            f"code {bare!r} has no system, so it is not read as the LOINC code it looks like")
             return  # not an observation the rules read, or one that does not count
         if status is None or status not in USED_STATUSES:
             problem = "status: missing" if raw_status is None else f"status: unknown value {raw_status!r}"
@@ -569,6 +574,25 @@ def _parts(r: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], frozenset[Code
                 if component_codes:
                     parts.append((component, component_codes))
     return parts
+
+
+#: The LOINC codes the rules read, for recognising one sent without its system.
+_LOINC_CODES_READ = frozenset(code for system, code in OBSERVATION_CODES if system == LOINC)
+
+
+def _code_without_system(r: Mapping[str, Any]) -> str | None:
+    """A code the rules read (as LOINC) that ``r`` or one of its components sends in a coding without a system."""
+    components = r.get("component")
+    holders = [r, *(components if isinstance(components, list) else ())]
+    for holder in holders:
+        concept = holder.get("code") if isinstance(holder, (dict, Mapping)) else None
+        codings = concept.get("coding") if isinstance(concept, (dict, Mapping)) else None
+        for coding in codings if isinstance(codings, list) else ():
+            if isinstance(coding, (dict, Mapping)) and coding.get("system") is None:
+                code = coding.get("code")
+                if isinstance(code, str) and code.strip() in _LOINC_CODES_READ:
+                    return code.strip()
+    return None
 
 
 def _unread_components(

@@ -946,3 +946,38 @@ def test_an_error_in_a_read_component_sent_twice_as_one_object_counts() -> None:
     shared = component("8310-5", 38.6, "Cel") | {"valueQuantity": {"value": 38.6, "unit": 5}}
     found = facts(vital_signs_panel([shared, _HEART_RATE, shared], id="vs"))
     assert found.temperatures == ()
+
+
+def _without_system(resource: dict[str, Any], *, component_index: int | None = None) -> dict[str, Any]:
+    holder = resource if component_index is None else resource["component"][component_index]
+    holder["code"]["coding"] = [{k: v for k, v in c.items() if k != "system"} for c in holder["code"]["coding"]]
+    return resource
+
+
+@pytest.mark.parametrize(
+    ("resource", "code"),
+    [(_without_system(anc(300, "/uL", ago(hours=2), id="n")), "751-8"),
+     (_without_system(temperature(38.6, "Cel", ago(hours=1), id="n")), "8310-5"),
+     (_without_system(vital_signs_panel([component("8310-5", 38.6, "Cel")], ago(hours=1), id="n"),
+                      component_index=0), "8310-5")],
+    ids=["anc", "temperature", "temperature-in-a-panel"],
+)
+def test_a_code_the_rules_read_sent_without_its_system_is_reported(resource: dict[str, Any], code: str) -> None:
+    # A coding is known only with its system; an ANC of 300 whose LOINC coding left the system out was dropped
+    # without a word. It is still not read (a local code may look alike), but reported.
+    found = facts(resource)
+    assert not found.labs and not found.temperatures
+    assert found.issues == (DataIssue("malformed-resource", "Observation/n",
+                                      f"code {code!r} has no system, so it is not read as the LOINC code it looks like"),)
+
+
+@pytest.mark.parametrize(
+    "coding",
+    [{"code": "8867-4"}, {"system": "urn:local", "code": "751-8"}, {"code": 751}],
+    ids=["heart-rate-without-system", "local-system-same-code", "code-a-number"],
+)
+def test_other_codes_without_a_known_system_are_not_reported(coding: dict[str, Any]) -> None:
+    resource = anc(300, "/uL", ago(hours=2), id="n")
+    resource["code"]["coding"] = [coding]
+    found = facts(resource)
+    assert not found.labs and found.issues == ()
