@@ -331,8 +331,12 @@ ENVELOPE_CASES: list[Case] = [
      Send(request(fhirServer="https://ehr.example.org/fhir", fhirAuthorization=authorization(access_token=""))),
      Rejected(400, "fhirAuthorization.access_token")),
     ("fhirAuthorization-expires_in-string",
-     Send(request(fhirServer="https://ehr.example.org/fhir", fhirAuthorization=authorization(expires_in="300"))),
+     Send(request(fhirServer="https://ehr.example.org/fhir", fhirAuthorization=authorization(expires_in="5 min"))),
      Rejected(400, "fhirAuthorization.expires_in")),
+    # Digits in a string, as some OAuth servers write expires_in and clients copy it: read as the number.
+    ("fhirAuthorization-expires_in-digits-in-a-string",
+     Send(request(labs=[observation()], fhirServer="https://ehr.example.org/fhir",
+                  fhirAuthorization=authorization(expires_in="3599"))), Assessed(SEVERE)),
     ("fhirAuthorization-expires_in-negative",
      Send(request(fhirServer="https://ehr.example.org/fhir", fhirAuthorization=authorization(expires_in=-1))),
      Rejected(400, "fhirAuthorization.expires_in")),
