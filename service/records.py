@@ -206,6 +206,10 @@ def _unreadable_medication(r: Mapping[str, Any]) -> str | None:
     Only broken FHIR counts: a coding with only text, or a Reference with only a display, is valid and simply names
     no medicine the rules know. A broken one may hide a G-CSF or chemotherapy, like a '#id' that matches nothing.
     """
+    if r.get("medicationCodeableConcept") is not None and r.get("medicationReference") is not None:
+        # medication[x] is one choice: with both, which one names the medicine is unknowable (the concept, read
+        # first, named nothing known while the reference may name a G-CSF or chemotherapy).
+        return "medication[x]: both medicationCodeableConcept and medicationReference"
     if r.get("medicationCodeableConcept") is not None:
         concept = r["medicationCodeableConcept"]
         # A member sent as null is absent, as everywhere ("coding": null beside a text, "system": null).

@@ -251,10 +251,17 @@ def test_an_order_whose_contained_medicine_is_missing_says_so(contained: list[di
      ({"medicationCodeableConcept": {"coding": None, "text": "paracetamol"}}, None),
      ({"medicationCodeableConcept": {"coding": [{"system": None, "code": "p1", "display": "paracetamol"}]}}, None),
      ({"medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": None, "display": "paracetamol"}]}}, None),
-     ({"medicationReference": {"reference": None, "display": "paracetamol"}}, None)],
+     ({"medicationReference": {"reference": None, "display": "paracetamol"}}, None),
+     # medication[x] is a choice of one: with both, the concept named nothing known and the reference was never
+     # looked at, though it may name a G-CSF (an order whose concept is known is reported by its validation).
+     ({"medicationCodeableConcept": {"text": "filgrastim"}, "medicationReference": {"reference": "Medication/g"}},
+      "medication[x]: both medicationCodeableConcept and medicationReference"),
+     ({"medicationCodeableConcept": {"text": "filgrastim"}, "medicationReference": {"reference": "#g"}},
+      "medication[x]: both medicationCodeableConcept and medicationReference")],
     ids=["reference-a-string", "reference-a-number", "reference-no-type", "reference-to-a-substance",
          "absolute-reference", "concept-a-string", "coding-not-a-list", "code-a-number",
-         "missing", "text-only", "display-only", "null-coding", "null-system", "null-code", "null-reference"],
+         "missing", "text-only", "display-only", "null-coding", "null-system", "null-code", "null-reference",
+         "concept-and-reference", "concept-and-contained-reference"],
 )
 def test_an_order_whose_medicine_is_unreadable_says_so(medication: dict[str, Any], issue: str | None) -> None:
     # Broken FHIR where the medicine is named was skipped without a word: it may have been a G-CSF or
