@@ -317,6 +317,12 @@ class _Collector:
         if named and not (isinstance(report.get("id"), str) and report["id"]):
             # Without the report's id its contained results cannot be told apart from another report's.
             self._issue("malformed-resource", source_of(report), "no id: its contained results not read")
+        if results and _broken_references([report.get("subject")]) and report.get("subject") is not None:
+            # The prefetch drops a report about another patient by its subject: one it cannot read (a bare string)
+            # passes, and its contained results, which name no subject of their own, were graded as this patient's.
+            self._issue("malformed-resource", source_of(report),
+                        "subject: not a Reference; its contained results not read")
+            return
         if foreign:
             self._issue("malformed-resource", source_of(report),
                         f"{foreign} contained result(s) name another subject than the report; not read")

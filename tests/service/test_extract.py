@@ -981,3 +981,22 @@ def test_other_codes_without_a_known_system_are_not_reported(coding: dict[str, A
     resource["code"]["coding"] = [coding]
     found = facts(resource)
     assert not found.labs and found.issues == ()
+
+
+@pytest.mark.parametrize("subject", ["Patient/someone-else", ["Patient/p1"], {"reference": 7}],
+                         ids=["a-string", "a-list", "reference-a-number"])
+def test_contained_results_of_a_report_whose_subject_is_not_a_reference_are_not_read(subject: object) -> None:
+    # The prefetch drops a report about another patient by its subject; one it cannot read passes, and its
+    # contained ANC, which names no subject of its own, was graded as this patient's without a word.
+    found = facts({**_report(_inner(anc(300, id="r1"))), "subject": subject})
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101",
+                                      "subject: not a Reference; its contained results not read"),)
+
+
+@pytest.mark.parametrize("subject", [None, {"display": "the patient"}, {"reference": None, "display": "x"}],
+                         ids=["null", "display-only", "null-reference"])
+def test_contained_results_of_a_report_with_no_subject_reference_are_read(subject: object) -> None:
+    found = facts({**_report(_inner(anc(300, id="r1"))), "subject": subject})
+    assert [lab.source for lab in found.labs] == ["Observation/101.r1"]
+    assert found.issues == ()
