@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +11,7 @@ from service.codes import ConditionRole
 from service.drugs import MedicationRole
 from service.model import DataIssue
 from service.records import birth, condition_fact, latest_order_date, medication_facts, medication_index
-from tests.service.factories import ATC, NOW, RXNORM, SNOMED, ago, condition, medication_request, patient
+from tests.service.factories import ATC, ICD10CM, NOW, RXNORM, SNOMED, ago, condition, medication_request, patient
 
 
 def test_condition_fact_uses_our_display() -> None:
@@ -339,9 +339,14 @@ def test_birth_of_a_patient_invalid_elsewhere_is_used() -> None:
     assert issue.detail.startswith("gender")
 
 
-@pytest.mark.parametrize("status", [None, 1, "", "actve", " active"], ids=["missing", "number", "empty", "typo",
-                                                                        "spaces"])
-def test_order_for_a_known_medicine_without_a_valid_status_is_reported(status: Any) -> None:
+_NOT_A_CODE = "status: not a MedicationRequest status code"
+
+
+@pytest.mark.parametrize(("status", "detail"),
+                         [(None, "status: missing"), (1, _NOT_A_CODE), ("", _NOT_A_CODE), ("actve", _NOT_A_CODE),
+                          (" active", _NOT_A_CODE)],
+                         ids=["missing", "number", "empty", "typo", "spaces"])
+def test_order_for_a_known_medicine_without_a_valid_status_is_reported(status: Any, detail: str) -> None:
     # A G-CSF order whose status was missing or not a code was dropped without a word: the high-risk context (R2)
     # was lost, presumed febrile neutropenia became fever without an ANC, and nothing said a record was unreadable.
     order = medication_request("338036", id="m")
@@ -351,10 +356,72 @@ def test_order_for_a_known_medicine_without_a_valid_status_is_reported(status: A
         order["status"] = status
     facts, issue = medication_facts(order, {})
     assert facts == frozenset()
-    assert issue is not None and (issue.code, issue.source) == ("malformed-resource", "MedicationRequest/m")
+    assert issue == DataIssue("malformed-resource", "MedicationRequest/m", detail)
 
 
 @pytest.mark.parametrize("status", ["cancelled", "entered-in-error", "draft", "unknown", "entered-in-error ",
                                     " cancelled"])
 def test_order_with_a_status_that_does_not_count_is_ignored_without_an_issue(status: str) -> None:
     assert medication_facts(medication_request("338036", status=status, id="m"), {}) == (frozenset(), None)
+
+
+# Mutation-testing gaps of the reading layer (each test below pins behaviour a mutant of service/records.py changed
+# without any test noticing).
+
+
+@pytest.mark.parametrize("order", [["D70.9", "D70.1"], ["D70.1", "D70.9"]], ids=["unspecified-first", "chemo-first"])
+def test_condition_coded_twice_has_the_roles_of_both_and_cites_its_first_code(order: list[str]) -> None:
+    # "Neutropenia, unspecified" beside "Agranulocytosis secondary to cancer chemotherapy": one fact, the
+    # chemotherapy context kept, citing the first code in (system, code) order whatever the order of the codings.
+    resource = condition(order[0], ICD10CM, id="n")
+    resource["code"]["coding"].append({"system": ICD10CM, "code": order[1]})
+    fact, issue = condition_fact(resource)
+    assert issue is None and fact is not None
+    assert fact.roles == {ConditionRole.RISK_FACTOR, ConditionRole.CHEMOTHERAPY_CONTEXT}
+    assert (fact.ref.system, fact.ref.code) == (ICD10CM, "D70.1")
+
+
+_FILGRASTIM = {"coding": [{"system": RXNORM, "code": "68442"}]}
+
+
+@pytest.mark.parametrize(
+    ("resource", "indexed"),
+    [({"resourceType": "Medication", "id": "m", "code": _FILGRASTIM}, True),
+     ({"resourceType": "Medication", "code": _FILGRASTIM}, False),
+     ({"resourceType": "Medication", "id": 7, "code": _FILGRASTIM}, False),
+     ({"resourceType": "Substance", "id": "m", "code": _FILGRASTIM}, False),
+     ({"resourceType": "Observation", "id": "m", "code": _FILGRASTIM}, False)],
+    ids=["medication", "medication-without-id", "medication-with-a-number-id", "substance", "observation"],
+)
+def test_medication_index_holds_only_medications_with_an_id(resource: dict[str, Any], indexed: bool) -> None:
+    index = medication_index([resource])
+    assert index == ({"Medication/m": frozenset({(RXNORM, "68442")})} if indexed else {})
+
+
+def test_order_naming_a_substance_is_not_read_as_its_medicine() -> None:
+    # medicationReference names a Medication (R4): a Substance coded as filgrastim is no G-CSF order, and the
+    # reference is reported as naming no Medication.
+    substance = {"resourceType": "Substance", "id": "s", "code": _FILGRASTIM}
+    order = {k: v for k, v in medication_request("0", id="o").items() if k != "medicationCodeableConcept"}
+    order["medicationReference"] = {"reference": "Substance/s"}
+    facts, issue = medication_facts(order, medication_index([substance]))
+    assert facts == frozenset()
+    assert issue == DataIssue("malformed-resource", "MedicationRequest/o", "medicationReference: names no Medication "
+                              "('Medication/<id>' or '#<id>'); its medicine cannot be known")
+
+
+@pytest.mark.parametrize(
+    ("timing", "last_days_ago"),
+    [({"event": [ago(days=6), ago(days=3)]}, 3),
+     ({"repeat": {"boundsPeriod": {"start": ago(days=5), "end": ago(days=2)}}}, 2),
+     ({"repeat": {"count": 3}}, None), ({"repeat": {"boundsPeriod": None}}, None), ({"event": None}, None)],
+    ids=["events-only", "bounds-only", "repeat-without-bounds", "null-bounds", "null-events"],
+)
+def test_ended_order_is_placed_by_its_dosage_timing_alone(timing: dict[str, Any], last_days_ago: int | None) -> None:
+    # A completed G-CSF order dated only by its dosage events or bounds marks recent chemotherapy (R2); one whose
+    # timing holds no date cannot be placed and is dropped, as an ended order without any date is.
+    order = {k: v for k, v in medication_request("338036", status="completed", id="m").items() if k != "authoredOn"}
+    order["dosageInstruction"] = [{"timing": timing}]
+    facts, issue = medication_facts(order, {})
+    assert issue is None
+    assert [f.last for f in facts] == ([] if last_days_ago is None else [NOW - timedelta(days=last_days_ago)])
