@@ -6,7 +6,7 @@ import dataclasses
 import random
 import re
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -40,6 +40,7 @@ from tests.service.factories import (
     vital_signs_panel,
     wbc,
 )
+from tests.service.factories import WBC as WBC_CODE
 
 D = Decimal
 
@@ -440,9 +441,12 @@ def _broken(resource: dict[str, Any]) -> dict[str, Any]:
         ([anc(None, id="a"), _broken(wbc(3.0, id="w"))], {"Observation/w"}),
         ([_broken(anc(400, id="a")), _broken(wbc(3.0, id="w"))], {"Observation/a", "Observation/w"}),
         ([anc(400, id="a"), _quoted(wbc(3.0, id="w"), "3.0")], {"Observation/w"}),
+        ([observation("57021-8", id="cbc", components=[component(WBC_CODE, 3.0, "10*3/uL"),
+                                                       component("751-8", 400, "/uL")]),
+          _broken(percent(NEUTROPHILS_PCT, 13, id="p"))], set()),
     ],
     ids=["measured-anc-same-time", "no-anc", "anc-at-another-time", "anc-unit-unknown", "anc-without-value",
-         "anc-malformed-too", "quoted-value-still-checked"],
+         "anc-malformed-too", "quoted-value-still-checked", "measured-anc-in-a-panel-component"],
 )
 def test_white_cells_and_differential_validated_unless_a_measured_anc_makes_them_unused(
     resources: list[dict[str, Any]], malformed: set[str]
@@ -680,7 +684,9 @@ def test_copies_that_agree_or_are_not_read_are_not_reported(copies: list[dict[st
     [None, 1, "x", [], {}, {"resourceType": 5}, {"resourceType": ["Observation"]}, {"resourceType": "Observation"},
      {"resourceType": "Observation", "status": ["final"],
       "code": {"coding": [{"system": "http://loinc.org", "code": "751-8"}]}},
-     {"resourceType": "Bundle", "entry": "x"}, {"resourceType": "Condition", "code": {"coding": "x"}}],
+     {"resourceType": "Bundle", "entry": "x"}, {"resourceType": "Condition", "code": {"coding": "x"}},
+     {"resourceType": "DiagnosticReport", "id": "r", "status": "final", "subject": "Patient/p1",
+      "result": [{"reference": "#a"}], "contained": [{"resourceType": "Observation", "id": "a"}]}],
     ids=lambda v: repr(v)[:40],
 )
 def test_junk_never_raises(junk: Any) -> None:
@@ -748,6 +754,7 @@ def test_a_temperature_inside_its_window_is_read_whichever_window_is_longer(
     found = facts(temperature(38.6, effective=ago(hours=20)), anc(500, effective=ago(hours=20)), policy=policy)
     assert len(found.temperatures) == 1
     assert bool(found.labs) is anc_current
+    assert len(found.deferred) == (0 if anc_current else 1)  # an older lab is kept for older_labs, not dropped
 
 
 def test_older_labs_come_in_slabs_newest_first() -> None:
@@ -983,6 +990,237 @@ def test_other_codes_without_a_known_system_are_not_reported(coding: dict[str, A
     assert not found.labs and found.issues == ()
 
 
+# Mutation-testing gaps of the reading layer (each test below pins behaviour a mutant of service/extract.py changed
+# without any test noticing).
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [anc(0, id="z"), wbc(0, id="z"), percent(NEUTROPHILS_PCT, 0, id="z")],
+    ids=["anc", "wbc", "neutrophil-percent"],
+)
+def test_a_zero_count_or_share_is_a_value_not_a_negative_one(resource: dict[str, Any]) -> None:
+    # An ANC of 0/uL is the most profound neutropenia there is: read as "negative value" it became uninterpretable.
+    (lab,) = facts(resource).labs
+    assert (lab.value, lab.problem) == (D(0), None)
+
+
+@pytest.mark.parametrize(
+    ("extra_code", "kind"),
+    [("770-8", "another-lab-role"), ("8310-5", "a-temperature")],
+    ids=lambda v: str(v),
+)
+def test_codings_with_different_meanings_are_malformed(extra_code: str, kind: str) -> None:
+    # An ANC also coded as a body temperature is neither: read as the ANC, the temperature coding was lost unseen.
+    resource = anc(400, id="c")
+    resource["code"]["coding"].append({"system": LOINC, "code": extra_code})
+    found = facts(resource)
+    assert (found.labs, found.temperatures) == ((), ())
+    assert found.issues == (DataIssue("malformed-resource", "Observation/c", "code: codings with different meanings"),)
+
+
+@pytest.mark.parametrize(
+    ("resource", "issue"),
+    [(temperature(1e40, id="s"), "temperature-uninterpretable"), (anc(1e40, id="s"), None)],
+    ids=["temperature", "anc"],
+)
+def test_a_number_no_thermometer_or_counter_gives_is_not_a_number(resource: dict[str, Any], issue: str | None) -> None:
+    # 1e40 is a valid FHIR decimal past service.fhir.MAX_EXPONENT: the temperature is reported, never converted.
+    found = facts(resource)
+    assert found.temperatures == ()
+    if issue is not None:
+        assert found.issues == (DataIssue(issue, "Observation/s", "value is not a number"),)
+    else:
+        (lab,) = found.labs
+        assert (lab.value, lab.problem) == (None, "value is not a number")
+
+
+def test_a_result_exactly_one_currency_window_old_is_current_not_deferred() -> None:
+    # service.assessment counts a result whose time is now - anc_current_window as current (>=): extraction must
+    # read it with the current results, not defer it to the older slabs.
+    edge = NOW - DEFAULT_POLICY.anc_current_window
+    found = facts(anc(400, effective=edge.strftime("%Y-%m-%dT%H:%M:%SZ"), id="edge"))
+    assert [lab.source for lab in found.labs] == ["Observation/edge"]
+    assert found.deferred == ()
+
+
+def test_a_result_exactly_one_window_older_than_the_newest_starts_the_next_slab() -> None:
+    from service.extract import older_labs
+
+    found = facts(*(anc(100 * d, effective=ago(days=d), id=f"d{d}") for d in (8, 15)))
+    slabs = [sorted(lab.source for lab in slab.labs) for slab in older_labs(found, now=NOW)]
+    assert slabs == [["Observation/d8"], ["Observation/d15"]]
+
+
+def test_an_old_result_with_an_unknown_status_is_reported_at_once() -> None:
+    # A status that is no code says nothing of whether the result counts: reported whatever its age, not deferred
+    # (and reported only if the older slabs are ever read).
+    found = facts(anc(400, status="F", effective=ago(days=30), id="x"))
+    assert found.issues == (DataIssue("malformed-resource", "Observation/x", "status: unknown value 'F'"),)
+    assert found.deferred == ()
+
+
+@pytest.mark.parametrize(
+    ("status", "linked"),
+    [("final", True), ("entered-in-error", False), ("cancelled", False)],
+    ids=lambda v: str(v),
+)
+def test_a_panel_links_its_members_unless_it_was_retracted(status: str, linked: bool) -> None:
+    panel = observation("58410-2", status=status, id="cbc",
+                        hasMember=[{"reference": "Observation/w"}, {"reference": "Observation/p"}])
+    found = facts(panel, wbc(3.0, id="w"), percent(NEUTROPHILS_PCT, 13, id="p"))
+    assert found.links == ((frozenset({"Observation/w", "Observation/p"}),) if linked else ())
+
+
+@pytest.mark.parametrize("entry", [None, [], {}], ids=["null", "empty-list", "an-object"])
+def test_a_bundle_past_the_limit_with_no_entries_is_not_reported(entry: object) -> None:
+    deep = _nested(MAX_BUNDLE_DEPTH, {"resourceType": "Bundle", "type": "searchset", "entry": entry})
+    assert facts(deep) == facts()
+
+
+def test_a_resource_with_entries_that_is_no_bundle_is_not_reported_as_one() -> None:
+    listing = {"resourceType": "List", "id": "l", "status": "current", "mode": "snapshot",
+               "entry": [{"item": {"reference": "Observation/a"}}]}
+    assert facts(listing) == facts()
+
+
+def test_a_report_without_status_naming_no_contained_result_is_no_issue() -> None:
+    # Its separate results arrive on their own and are judged on their own: nothing of it is left unread.
+    report = _with_status(diagnostic_report([{"id": "a"}, {"id": "b"}], id="r"), None)
+    found = facts(report)
+    assert found.issues == ()
+    assert found.links == (frozenset({"Observation/a", "Observation/b"}),)
+
+
+@pytest.mark.parametrize(("value", "unit"), [(-5, "/uL"), (-0.5, "10*9/L"), (-1, "/uL")],
+                         ids=["minus-5-per-ul", "minus-half-giga-per-litre", "minus-1-per-ul"])
+def test_any_negative_count_is_uninterpretable(value: float, unit: str) -> None:
+    (lab,) = facts(anc(value, unit)).labs
+    assert (lab.value, lab.problem) == (None, "negative value")
+
+
+@pytest.mark.parametrize("comparator", [["<"], {"code": "<"}, 5], ids=["a-list", "an-object", "a-number"])
+def test_an_unvalidated_count_beside_a_measured_anc_with_a_junk_comparator_never_raises(comparator: object) -> None:
+    # A white cell count of the time of a usable measured ANC is not validated (the ANC makes it unused), so its
+    # raw comparator may be anything JSON holds.
+    count = wbc(3.0, id="w")
+    count["valueQuantity"]["comparator"] = comparator
+    found = facts(anc(400, id="a"), count)
+    assert {(lab.source, lab.role, lab.comparator) for lab in found.labs} == {
+        ("Observation/a", LabRole.ANC, None), ("Observation/w", LabRole.WBC, None)}
+
+
+@pytest.mark.parametrize("report_id", ["", 7], ids=["empty", "a-number"])
+def test_report_with_an_unusable_id_says_its_contained_results_are_not_read(report_id: object) -> None:
+    found = facts({**_report(_inner(anc(300, id="r1"))), "id": report_id})
+    assert not found.labs
+    assert [(i.code, i.detail) for i in found.issues] == [("malformed-resource",
+                                                          "no id: its contained results not read")]
+
+
+@pytest.mark.parametrize("contained", [None, {"resourceType": "Observation", "id": "r1"}], ids=["absent", "an-object"])
+def test_report_naming_contained_results_it_does_not_carry_says_so(contained: object) -> None:
+    report = _report(_inner(anc(300, id="r1")))
+    report["contained"] = contained
+    if contained is None:
+        del report["contained"]
+    found = facts(report)
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101",
+                                      "1 result reference(s) to '#id' match no contained Observation; not read"),)
+
+
+@pytest.mark.parametrize(
+    "contained",
+    [None, [{"resourceType": "Specimen", "id": "s1"}], ["junk", None, 5], {"resourceType": "Observation"}],
+    ids=["nothing-contained", "only-a-specimen", "junk-items", "an-object"],
+)
+def test_report_with_a_broken_result_but_no_contained_observation_loses_nothing(contained: object) -> None:
+    # Its results, if any, are separate resources that arrive on their own: nothing of it is left unread.
+    report = {k: v for k, v in _report().items() if k != "contained"}
+    report["result"] = "#r1"
+    if contained is not None:
+        report["contained"] = contained
+    assert facts(report) == facts()
+
+
+@pytest.mark.parametrize(
+    ("total", "kept"),
+    [(63, True), (64, True), (65, False)],
+    ids=["63-characters", "64-characters", "65-characters"],
+)
+def test_contained_result_ids_are_kept_up_to_the_64_characters_of_a_fhir_id(total: int, kept: bool) -> None:
+    report_id = "r" * (total - len(".r1"))
+    (lab,) = facts(_report(_inner(anc(300, id="r1")), id=report_id)).labs
+    joined = f"{report_id}.r1"
+    assert (lab.source == f"Observation/{joined}") is kept
+    assert re.fullmatch(r"Observation/[A-Za-z0-9\-.]{1,64}", lab.source)
+
+
+@pytest.mark.parametrize(
+    ("effective_key", "used", "issue_code"),
+    [("effectiveDateTime", True, "invalid-unread-elements"), ("effectiveInstant", True, "invalid-unread-elements"),
+     ("effectivePeriod", True, "invalid-unread-elements"), ("", False, "malformed-resource")],
+    ids=["date-time", "instant", "period", "no-effective"],
+)
+def test_issued_is_read_only_when_there_is_no_effective_time(effective_key: str, used: bool, issue_code: str) -> None:
+    # A date-only "issued" is no FHIR instant. Beside an effective[x] it is never read (the result is used, the
+    # element reported); as the only time it is read, so the result is malformed, not dated by an invalid element.
+    found = facts(anc(400, id="i", effective_key=effective_key, issued="2025-03-10"))
+    assert bool(found.labs) is used
+    assert [(i.code, i.source) for i in found.issues] == [(issue_code, "Observation/i")]
+    assert found.issues[0].detail is not None and found.issues[0].detail.startswith("issued")
+
+
+
+_PER_UL = {"unit": "/uL", "system": UCUM, "code": "/uL"}
+
+
+@pytest.mark.parametrize(
+    ("ranges", "low"),
+    [([{"high": {"value": 7500, **_PER_UL}}], None),
+     ([{"high": {"value": 7500, **_PER_UL}}, {"low": {"value": 1800, **_PER_UL}}], D(1800)),
+     ([{"low": _PER_UL}, {"low": {"value": 1500, **_PER_UL}}], D(1500)),
+     ([{"low": {"value": 1.8, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"}}], D("1800.0")),
+     ([{"low": {"value": 1800}}], D(1800)),
+     ([{"low": {"value": 1.8, "unit": "furlongs"}}, {"low": {"value": 1500, **_PER_UL}}], D(1500))],
+    ids=["high-only", "first-range-high-only", "first-low-without-value", "own-unit", "value-unit",
+         "first-low-in-an-unknown-unit"],
+)
+def test_reference_range_low_is_the_first_low_with_a_value(ranges: list[dict[str, Any]], low: Decimal | None) -> None:
+    (lab,) = facts(anc(1600, "/uL", referenceRange=ranges)).labs
+    assert (lab.value, lab.reference_low) == (D(1600), low)
+
+
+def test_issues_of_conditions_orders_and_patients_reach_the_facts() -> None:
+    # service.records reports them; extraction must pass them on, or a leukaemia with a broken status, a G-CSF
+    # order without a status (the R2 context) and a newborn graded on adult cut-offs would be lost without a word.
+    order = {k: v for k, v in medication_request("338036", id="m").items() if k != "status"}
+    found = facts(condition("165517008", clinical="actve", id="c"), order, patient("2025-02-30", id="p"))
+    assert {(i.code, i.source) for i in found.issues} == {("malformed-resource", "Condition/c"),
+                                                          ("malformed-resource", "MedicationRequest/m"),
+                                                          ("malformed-resource", "Patient/p")}
+
+
+@pytest.mark.parametrize("result", [None, "absent"], ids=["null", "absent"])
+def test_report_without_results_links_nothing_and_is_no_issue(result: object) -> None:
+    report = {**diagnostic_report([], id="r"), "result": result}
+    if result == "absent":
+        del report["result"]
+    assert facts(report) == facts()
+
+
+def test_observations_older_than_every_window_are_deferred_before_they_are_classified() -> None:
+    # Most Observations of a large request are older than every window: they are set aside on their time alone,
+    # not classified nor checked (a broken panel from last month is never read, so it is no issue either).
+    old = [observation("8867-4", 80, "/min", effective=ago(days=8), id="hr"),
+           vital_signs_panel([], effective=ago(days=8), id="v", component="38.6"),
+           temperature(39.5, effective=ago(days=8), id="t")]
+    found = facts(*old)
+    assert (found.labs, found.temperatures, found.issues) == ((), (), ())
+    assert sorted(item[0]["id"] for item in found.deferred) == ["hr", "t", "v"]
+
+
 @pytest.mark.parametrize("subject", ["Patient/someone-else", ["Patient/p1"], {"reference": 7}],
                          ids=["a-string", "a-list", "reference-a-number"])
 def test_contained_results_of_a_report_whose_subject_is_not_a_reference_are_not_read(subject: object) -> None:
@@ -1000,3 +1238,31 @@ def test_contained_results_of_a_report_with_no_subject_reference_are_read(subjec
     found = facts({**_report(_inner(anc(300, id="r1"))), "subject": subject})
     assert [lab.source for lab in found.labs] == ["Observation/101.r1"]
     assert found.issues == ()
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)], ids=["newborn-first", "adult-first"])
+def test_conflicting_birth_dates_of_one_patient_give_the_earlier_one(order: tuple[int, int]) -> None:
+    # The most severe value counts: the older age, whose ANC cut-off (adult 1500/uL) is the higher one, so a
+    # neutropenia is never hidden behind a newborn's lower cut-off by a contradicting copy.
+    copies = [patient("2025-03-05", id="d"), patient("1970-01-01", id="d")]
+    found = facts(*(copies[n] for n in order))
+    assert found.birth_date == date(1970, 1, 1)
+
+
+def test_report_with_a_broken_result_carrying_an_observation_among_other_resources_says_so() -> None:
+    # One contained Observation among a Specimen is enough: its results cannot be told from the rest, unread.
+    report = {**_report(_inner(anc(300, id="r1"))), "result": "#r1"}
+    report["contained"] = [{"resourceType": "Specimen", "id": "s1"}, *report["contained"]]
+    found = facts(report)
+    assert not found.labs
+    assert found.issues == (DataIssue("malformed-resource", "DiagnosticReport/101",
+                                      "result: not a list of References; contained results it may name not read"),)
+
+
+def test_a_panel_with_a_temperature_and_a_count_is_held_to_the_lab_windows() -> None:
+    # A lab result beside a temperature is still a lab result: two days old, its ANC is current (7-day window)
+    # though the temperature window (24 h) is over.
+    panel = observation(None, id="mixed", effective=ago(days=2),
+                        components=[component("8310-5", 38.6, "Cel"), component("751-8", 400, "/uL")])
+    found = facts(panel)
+    assert [(lab.source, lab.value) for lab in found.labs] == [("Observation/mixed", D(400))]
