@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.observation import Observation
 
@@ -361,3 +362,67 @@ def test_known_elements_never_change_a_verdict_across_the_resources_of_a_request
     for change in changes + [_twin(change, how) for change in changes]:
         resource = {**TEMPERATURE, **change}
         assert validate(Observation, resource, known) == validate(Observation, resource)
+
+
+# Mutation-testing gaps of the reading layer (each test below pins behaviour a mutant of service/validation.py
+# changed without any test noticing).
+
+
+def test_known_elements_hand_over_valid_elements_as_instances_and_invalid_ones_as_sent() -> None:
+    # The substitution is what spares validating an element twice: a valid element (a repeating one item by item)
+    # becomes its instance; an invalid one, or a list with one invalid item, is left for the resource's validation.
+    known = validation.KnownElements()
+    category = TEMPERATURE["category"][0]
+    resource = {**TEMPERATURE, "subject": {"reference": 5}, "category": [category, {"coding": "x"}]}
+    substituted = known.substituted(Observation, resource)
+    assert isinstance(substituted["code"], CodeableConcept)
+    assert substituted["subject"] is resource["subject"] and substituted["category"] is resource["category"]
+    valid = known.substituted(Observation, {**TEMPERATURE, "category": [category, category]})
+    assert [type(item) for item in valid["category"]] == [CodeableConcept, CodeableConcept]
+    assert isinstance(resource["code"], dict)  # the resource itself is never changed
+    bare = {"resourceType": "Observation", "status": "final", "category": []}
+    assert known.substituted(Observation, bare) is bare  # nothing to hand over: the resource as it is
+
+
+def test_elements_that_are_not_plain_json_never_share_an_instance() -> None:
+    # Neither an integer beyond 64 bits nor an infinity has a JSON key: each is validated with its resource, never
+    # handed the instance of another element without a key (a valid 1e30 value made an infinite one valid).
+    known = validation.KnownElements()
+    big = {**TEMPERATURE, "valueQuantity": {**TEMPERATURE["valueQuantity"], "value": 10**30}}
+    infinite = {**TEMPERATURE, "id": "t2", "valueQuantity": {**TEMPERATURE["valueQuantity"], "value": math.inf}}
+    assert validate(Observation, big, known) == validate(Observation, big)
+    assert validate(Observation, infinite, known) == validate(Observation, infinite) is not None
+
+
+@pytest.mark.parametrize("number", [math.inf, math.nan], ids=["inf", "nan"])
+def test_the_memo_does_not_give_a_number_that_is_not_finite_in_a_list_the_verdict_of_a_null(number: float) -> None:
+    # The same as for a member of an object, for one inside a list (an Observation's component).
+    memo = VerdictMemo()
+
+    def with_value(value: object) -> dict[str, Any]:
+        return {**VALID, "component": [{"code": {"text": "t"}, "valueQuantity": {"value": value}}]}
+
+    assert memo.validation_error(Observation, with_value(None)) is None
+    assert memo.validation_error(Observation, with_value(number)) == validate(Observation, with_value(number)) \
+        is not None
+
+
+def test_the_problem_is_the_first_error_and_every_element_is_named() -> None:
+    verdict = validate(Observation, {**VALID, "language": 5, "implicitRules": 123})
+    assert verdict is not None
+    assert verdict.problem == "implicitRules: Input should be a valid string"  # the model's order, not the JSON's
+    assert verdict.elements == {"implicitRules", "language"}
+
+
+def test_a_long_problem_is_cut_at_200_characters_and_its_issue_at_300() -> None:
+    # The problem becomes a data issue's detail: bounded, however deep the invalid element lies.
+    inner: dict[str, Any] = {"url": "x", "valueQuantity": {"value": "x"}}
+    for _ in range(12):
+        inner = {"url": "x", "extension": [inner]}
+    resource = {**VALID, "extension": [inner]}
+    verdict = validate(Observation, resource)
+    assert verdict is not None and len(verdict.problem) == 200
+    assert verdict.problem.startswith("extension.0.extension.0.")
+    usable, issue = screen(Observation, resource, {"status"})
+    assert usable and issue is not None and issue.code == "invalid-unread-elements"
+    assert issue.detail is not None and len(issue.detail) == 300 and issue.detail.startswith(verdict.problem)
