@@ -146,3 +146,15 @@ def test_medication_display_for_class_and_code() -> None:
 )
 def test_canonical(system: object, code: object, expected: tuple[str, str] | None) -> None:
     assert canonical(system, code) == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "display"),
+    [("N05AH02", "clozapine"), ("J01EE01", "sulfamethoxazole and trimethoprim"),
+     ("L03AA13", "colony stimulating factor"), ("J01CE01", "beta-lactam antibacterial, penicillin"),
+     ("H03BB01", "antithyroid preparation (thionamide)"), ("L01", "antineoplastic agent"), ("N05AH03", None)],
+    ids=lambda v: str(v),
+)
+def test_medication_display_takes_the_longest_atc_match(code: str, display: str | None) -> None:
+    # A 7-character ATC code names one substance: the card says "clozapine", not a class or nothing.
+    assert medication_display((ATC, code)) == display
