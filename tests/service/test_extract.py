@@ -312,10 +312,13 @@ _HEART_RATE = {"code": {"coding": [{"system": "http://loinc.org", "code": "8867-
         pytest.param({**_HEART_RATE, "valueQuantity": {"value": 72, "unit": 5}}, {"invalid-unread-elements"},
                      id="invalid-quantity"),
         pytest.param({**_HEART_RATE, "modifierExtension": "x"}, {"invalid-unread-elements"}, id="invalid-modifier"),
+        # An item that is no component at all: the error lies at the item itself ("component.0").
+        pytest.param("junk", {"invalid-unread-elements"}, id="a-string-item"),
+        pytest.param(7, {"invalid-unread-elements"}, id="a-number-item"),
     ],
 )
 def test_an_invalid_component_the_rules_do_not_read_leaves_the_others_usable(
-    unread: dict[str, Any], issues: set[str]
+    unread: Any, issues: set[str]
 ) -> None:
     # A heart rate sent badly beside the temperature of a vital-signs panel (or a haemoglobin beside the ANC of a
     # blood count panel) made the whole panel unusable: febrile neutropenia became neutropenia-severe.
