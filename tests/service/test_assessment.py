@@ -764,3 +764,86 @@ def test_a_share_read_from_two_roles_of_one_observation_is_chosen_as_compute_cho
     assert new == old
     assert new.anc is not None and new.anc.stale and new.anc.cells_per_ul == 500 and new.anc.comparator == "<"
     assert new.anc.ctcae_grade == 4 and new.anc.sources == ("Observation/p", "Observation/w")
+
+
+# Mutation-testing gaps of the reading layer (each test below pins behaviour a mutant of service/assessment.py
+# changed without any test noticing): the edge of the ANC currency window belongs to the window.
+
+_WINDOW_EDGE = (NOW - assessment_module.DEFAULT_POLICY.anc_current_window).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_result_exactly_at_the_window_edge_is_part_of_the_trend() -> None:
+    result = assess([anc(1400, "/uL", _WINDOW_EDGE, id="edge"), anc(1100, "/uL", ago(hours=1), id="now")], now=NOW)
+    assert [p.source for p in result.anc_trend] == ["Observation/edge", "Observation/now"]
+    assert result.has(Finding.ANC_FALLING)
+
+
+def test_an_uninterpretable_result_exactly_at_the_window_edge_is_a_finding_without_an_anc() -> None:
+    result = assess([anc(400, None, _WINDOW_EDGE, id="edge")], now=NOW)
+    assert result.has(Finding.ANC_UNINTERPRETABLE)
+    assert [(i.code, i.source) for i in result.data_issues] == [("anc-uninterpretable", "Observation/edge")]
+
+
+def test_an_unreadable_result_exactly_at_the_window_edge_the_trend_skips_is_reported() -> None:
+    result = assess([anc(1200, "/uL", ago(hours=5), id="c"), anc(-800, "/uL", _WINDOW_EDGE, id="edge")], now=NOW)
+    assert not result.has(Finding.ANC_UNINTERPRETABLE)
+    assert [(i.code, i.source) for i in result.data_issues] == [("anc-uninterpretable", "Observation/edge")]
+
+
+def test_a_computed_trend_point_cites_the_first_source_of_its_anc() -> None:
+    result = assess([wbc(3.0, "10*3/uL", ago(hours=1), id="w"),
+                     observation_percent(NEUTROPHILS_PCT, 13, ago(hours=1), id="p")], now=NOW)
+    assert result.anc is not None and result.anc.sources == ("Observation/p", "Observation/w")
+    assert [(p.cells_per_ul, p.source) for p in result.anc_trend] == [(D(390), "Observation/p")]
+
+
+def test_data_issues_of_one_code_are_ordered_by_source_then_detail() -> None:
+    # The order must not depend on the arrival order nor on the process's hash seed.
+    ids = ["f", "b", "e", "a", "d", "c"]
+    result = assess([anc(1, None, ago(hours=n + 1), id=i) for n, i in enumerate(ids)], now=NOW)
+    assert [i.source for i in result.data_issues] == [f"Observation/{i}" for i in sorted(ids)]
+    # Copies of one result, each invalid in another element the rules read: one source, five details.
+    broken = [{"implicitRules": 1}, {"subject": {"reference": 5}}, {"specimen": {"reference": 5}},
+              {"hasMember": [{"reference": 5}]}, {"modifierExtension": "x"}]
+    issues = assess([{**anc(400, id="x"), **changes} for changes in broken], now=NOW).data_issues
+    details = [i.detail for i in issues if i.code == "malformed-resource"]
+    assert len(details) == 5 and details == sorted(details)
+
+
+def test_only_current_orders_for_causes_are_listed_for_review() -> None:
+    # A current G-CSF order (context, not a cause) and a completed clozapine order are no medicines to review (R15).
+    result = assess([medication_request("338036", id="g"),
+                     medication_request("2626", id="c", status="completed", authored=ago(days=3)),
+                     medication_request("2626", id="now")], now=NOW)
+    assert [r.source for r in result.medications] == ["MedicationRequest/now"]
+
+
+@pytest.mark.parametrize("born", ["2025-03-10", "2025-03-11"], ids=["today", "tomorrow-in-utc"])
+def test_a_newborn_is_zero_years_old_even_a_day_ahead_of_utc(born: str) -> None:
+    # A birth date within the tolerance after today is a newborn whose local date runs ahead: age 0, not -1 or 1.
+    result = assess([patient(born)], now=NOW)
+    assert result.age_years == 0
+    assert result.neutropenia_below == assessment_module.neutropenia_below(0, 0)
+
+
+def test_whole_numbers_are_json_integers_in_the_extension() -> None:
+    # design.md §3: "cellsPerMicroliter": 400, not 400.0 (equal in Python, not in the JSON a client reads).
+    import json
+
+    result = assess([anc("0.4", "10*9/L", ago(hours=1), id="a"), temperature(38, "Cel", ago(minutes=5), id="t")],
+                    now=NOW)
+    text = json.dumps(assessment_extension(result))
+    assert '"cellsPerMicroliter": 400,' in text and '"maxCelsius": 38,' in text
+    fractional = json.dumps(assessment_extension(assess([temperature(38.4, "Cel", ago(minutes=5))], now=NOW)))
+    assert '"maxCelsius": 38.4,' in fractional
+
+
+def test_older_slabs_are_read_only_until_one_completes_an_anc_with_the_current_results() -> None:
+    # The current white cell count and an older differential of its specimen make the ANC: the older slabs behind
+    # them are never read, so a broken 20-day-old result is no issue (it could not change the answer).
+    resources = [wbc(3.0, "10*3/uL", ago(hours=1), id="w", specimen="Specimen/s"),
+                 observation_percent(NEUTROPHILS_PCT, 13, ago(days=8), id="p", specimen="Specimen/s"),
+                 anc(400, "/uL", ago(days=20), id="old", implicitRules=123)]
+    result = assess(resources, now=NOW)
+    assert result.anc is not None and result.anc.sources == ("Observation/p", "Observation/w")
+    assert result.data_issues == ()
