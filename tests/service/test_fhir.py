@@ -18,6 +18,7 @@ from service.fhir import (
     deduplicated,
     flatten,
     quoted_decimal,
+    reference,
     references,
     references_within,
     source_of,
@@ -44,6 +45,11 @@ D = Decimal
         ([1], None),
         (1e40, None),
         ("1e-40", None),
+        # MAX_EXPONENT: a decimal exponent of 30 either way is still a number, 31 is not.
+        (1e30, D("1e30")),
+        (1e31, None),
+        (1e-30, D("1e-30")),
+        (1e-31, None),
     ],
     ids=lambda v: repr(v),
 )
@@ -87,6 +93,15 @@ def test_flatten_opens_nested_bundles_and_skips_junk() -> None:
     outer = {"resourceType": "Bundle", "entry": [{"resource": inner}, {"resource": {"resourceType": "Condition"}}]}
     assert [r["resourceType"] for r in flatten([outer, None, 3, "Observation"])] == ["Patient", "Condition"]
     assert list(flatten("not a list")) == [] and list(flatten(None)) == []
+
+
+@pytest.mark.parametrize("entry", ["absent", None, {}, "x"], ids=["absent", "null", "an-object", "a-string"])
+def test_flatten_opens_a_bundle_without_an_entry_list_to_nothing(entry: object) -> None:
+    # A searchset with no match (total 0) leaves "entry" out: no resources, and never an error.
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": 0}
+    if entry != "absent":
+        bundle["entry"] = entry
+    assert list(flatten([bundle, {"resourceType": "Patient", "id": "p"}])) == [{"resourceType": "Patient", "id": "p"}]
 
 
 def test_flatten_stops_at_depth() -> None:
@@ -158,8 +173,8 @@ def test_deduplicated_reports_copies_that_contradict_each_other(
     ("items", "expected"),
     [([{"reference": "#r1"}, {"reference": "#r2"}], {"r1", "r2"}),
      ([{"reference": "Observation/a"}, {"reference": "#"}, {"reference": 5}, "x"], set()),
-     ("#r1", set())],
-    ids=["local", "not-local", "not-a-list"],
+     ("#r1", set()), (None, set()), ({"reference": "#r1"}, set())],
+    ids=["local", "not-local", "not-a-list", "null", "an-object"],
 )
 def test_references_within(items: object, expected: set[str]) -> None:
     assert references_within(items) == expected
@@ -168,6 +183,7 @@ def test_references_within(items: object, expected: set[str]) -> None:
 def test_references_and_sources() -> None:
     assert references([{"reference": "Observation/a"}, {"reference": 5}, "x", {}]) == {"Observation/a"}
     assert references("nope") == frozenset()
+    assert references(None) == references({"reference": "Observation/a"}) == frozenset()
     assert source_of({"resourceType": "Observation", "id": "a"}) == "Observation/a"
     assert source_of({"resourceType": "Observation", "id": ""}) == "Observation/(no id)"
 
@@ -216,3 +232,14 @@ def test_deduplicated_reads_a_versionid_of_other_digits_as_no_number() -> None:
     copies = [{"resourceType": "Observation", "id": "o", "meta": {"versionId": v}, "n": n}
               for n, v in enumerate(["²", "1"])]
     assert {r["n"] for r in deduplicated(copies).resources} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("Observation/1", "Observation/1"), ("Observation//1", None), ("//1", None), ("https://ehr/fhir//1", None),
+     (" Observation/1/ ", "Observation/1")],
+    ids=["relative", "empty-type-segment", "only-slashes-and-id", "absolute-with-empty-type", "spaces-and-slash"],
+)
+def test_reference_needs_a_type_and_an_id(value: str, expected: str | None) -> None:
+    # "Observation//1" names no resource: read as "/1" it became a link or a Medication key nothing else has.
+    assert reference(value) == expected
