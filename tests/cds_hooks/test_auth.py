@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -13,7 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cds_hooks.auth import (
     AuthFailure,
@@ -27,7 +32,7 @@ from cds_hooks.auth import (
 )
 from cds_hooks.errors import Unauthorized
 from cds_hooks.jwks import InvalidJwks, JwksFetcher, JwksFetchError, UnknownKid, index_jwks, key_mismatch
-from cds_hooks.testing.tokens import SANDBOX_ISS, ClientKey, TokenSigner, tamper_payload, write_issuer_config
+from cds_hooks.testing.tokens import SANDBOX_ISS, ClientKey, TokenSigner, b64url, tamper_payload, write_issuer_config
 
 NOW = 1_800_000_000.0
 ENDPOINT = "https://cds.example.org/cds-services/neutropenia-patient-view"
@@ -234,6 +239,9 @@ _REFUSALS: tuple[tuple[str, Case, AuthFailure], ...] = (
     ("tenant-not-allowed", lambda k: bearer(k.cerner.sign(ENDPOINT, extra_claims={"tenant": "tenant-z"})),
      AuthFailure.TENANT_NOT_ALLOWED),
     ("tenant-missing", lambda k: bearer(k.cerner.sign(ENDPOINT)), AuthFailure.TENANT_NOT_ALLOWED),
+    ("sub-not-string", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"sub": 7})), AuthFailure.INVALID_CLAIM),
+    ("tenant-not-string", lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"tenant": ["tenant-a"]})),
+     AuthFailure.INVALID_CLAIM),
 )
 
 
@@ -267,6 +275,41 @@ def test_verify_refuses_a_jti_that_is_not_printable(kit: Kit, verifier: TokenVer
     # (PostgreSQL text cannot hold it) made that insert fail, and a trusted client's call got a 500.
     _, refused = _refusal(kit, verifier, lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims={"jti": jti})))
     assert refused.reason.startswith(f"{AuthFailure.INVALID_CLAIM}: jti ")
+
+
+@pytest.mark.parametrize(("length", "accepted"), ((256, True), (257, False)), ids=("at-the-limit", "over-the-limit"))
+def test_verify_jti_length_limit(kit: Kit, verifier: TokenVerifier, length: int, accepted: bool) -> None:
+    # 256 characters (auth.MAX_JTI_LENGTH) hold any real nonce; the store's column is sized for it.
+    token = bearer(kit.sandbox.sign(ENDPOINT, extra_claims={"jti": "j" * length}))
+    if accepted:
+        assert verifier.verify(token, ENDPOINT).jti == "j" * length
+    else:
+        _, refused = _refusal(kit, verifier, lambda k: token)
+        assert refused.reason.startswith(f"{AuthFailure.INVALID_CLAIM}: jti ")
+
+
+@pytest.mark.parametrize(("length", "logged"), ((118, "'" + "j" * 118 + "'"), (119, "'" + "j" * 119 + "...'")),
+                         ids=("repr-of-120-shown-whole", "repr-of-121-cut-at-120"))
+def test_verify_log_cuts_long_values(kit: Kit, verifier: TokenVerifier, caplog: pytest.LogCaptureFixture,
+                                     length: int, logged: str) -> None:
+    # A client-chosen value reaches the log as its repr, cut to 120 characters, so one refused token cannot flood it.
+    token = kit.sandbox.sign("https://other.example", extra_claims={"jti": "j" * length})
+    with pytest.raises(Unauthorized):
+        verifier.verify(bearer(token), ENDPOINT)
+    assert f"jti={logged} " in caplog.records[-1].getMessage()
+
+
+def test_verify_key_refused_by_pyjwt_is_key_rejected(kit: Kit, es_key: ClientKey, clock: Clock) -> None:
+    # A key source other than index_jwks (an injected fetcher) may hand over key material PyJWT cannot use:
+    # that is a refused token, never a 500.
+    class BrokenKeyFetcher(JwksFetcher):
+        def get_key(self, url: str, kid: str, *, allowlist: tuple[str, ...]) -> Any:
+            return {**es_key.public_jwk(), "x": "AAAA"}
+
+    jku = "https://sandbox.example/jwks.json"
+    issuers = parse_trusted_issuers({"issuers": [kit.sandbox.issuer_entry(jku=jku, pinned=False)]}, Path("."))
+    verifier = TokenVerifier(AuthPolicy(issuers), jwks_fetcher=BrokenKeyFetcher(clock=clock), clock=clock)
+    assert _reason(verifier, kit.sandbox.sign(ENDPOINT, jku=jku)).startswith(f"{AuthFailure.KEY_REJECTED}: ")
 
 
 def test_verify_refusal_reasons_are_distinct(kit: Kit, verifier: TokenVerifier) -> None:
@@ -632,6 +675,42 @@ def test_index_jwks_key_with_an_alg_that_is_not_a_string(es_key: ClientKey, rs_k
         index_jwks({"keys": [es_key.public_jwk(), odd]}, strict=True)
 
 
+def test_index_jwks_key_that_is_not_an_object(es_key: ClientKey) -> None:
+    # A fetched set may hold anything; a pinned one is our config and names the bad entry.
+    data = {"keys": ["not-a-key", [es_key.public_jwk()], es_key.public_jwk()]}
+    assert list(index_jwks(data, strict=False)) == [es_key.kid]
+    with pytest.raises(InvalidJwks, match=r"^keys\[0\]: not a JSON object$"):
+        index_jwks(data, strict=True)
+
+
+def _okp_jwk() -> dict[str, Any]:
+    public = Ed25519PrivateKey.generate().public_key()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw), "kid": "okp"}
+
+
+@pytest.mark.parametrize("kty", ("OKP", "oct-without-k", None), ids=("okp-ed25519", "oct-without-k", "no-kty"))
+def test_index_jwks_refuses_key_types_other_than_ec_and_rsa(es_key: ClientKey, kty: str | None) -> None:
+    # PyJWT parses an Ed25519 key: only our kty check keeps a key no allowed alg can use out of a pinned set.
+    odd = {"OKP": _okp_jwk(), "oct-without-k": {"kty": "oct", "kid": "oct"},
+           None: {k: v for k, v in es_key.public_jwk().items() if k != "kty"} | {"kid": "none"}}[kty]
+    assert list(index_jwks({"keys": [es_key.public_jwk(), odd]}, strict=False)) == [es_key.kid]
+    with pytest.raises(InvalidJwks, match=r"^keys\[1\]: kid '[a-z]+': kty must be EC or RSA"):
+        index_jwks({"keys": [es_key.public_jwk(), odd]}, strict=True)
+
+
+@pytest.mark.parametrize(("bits", "usable"), ((2047, False), (2048, True)), ids=("2047-bits", "2048-bits"))
+def test_index_jwks_rsa_key_size(bits: int, usable: bool) -> None:
+    # NIST SP 800-131A: RSA keys below 2048 bits are refused, in a pinned set and a fetched one alike.
+    public = rsa.generate_private_key(public_exponent=65537, key_size=bits).public_key()
+    jwk = {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public)), "kid": "rsa"}
+    if usable:
+        assert list(index_jwks({"keys": [jwk]}, strict=True)) == ["rsa"]
+    else:
+        with pytest.raises(InvalidJwks, match=f"^keys\\[0\\]: kid 'rsa': RSA key is {bits} bits, below 2048$"):
+            index_jwks({"keys": [jwk]}, strict=True)
+
+
 # --- trusted-issuer config ---------------------------------------------------------------------------------------
 
 
@@ -768,6 +847,37 @@ def test_auth_policy_accepts_every_asymmetric_algorithm() -> None:
 def test_auth_policy_refuses_bad_limits(changes: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         AuthPolicy({}, **changes)
+
+
+@pytest.mark.parametrize("iss", ("", "  ", None), ids=("empty", "blank", "none"))
+def test_trusted_issuer_refuses_a_blank_iss(es_key: ClientKey, iss: Any) -> None:
+    with pytest.raises(ConfigError, match="^iss: must be a non-empty string$"):
+        TrustedIssuer(iss, jwks=es_key.jwks())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    (("audiences", "sand_man"), ("audiences", None), ("audiences", ("",)), ("jku_allowlist", None),
+     ("jku_allowlist", ("https://a/jwks", 5)), ("tenants", "tenant-a"), ("tenants", ())),
+    ids=("audiences-a-bare-string", "audiences-none", "audiences-empty-string", "jku-none", "jku-not-string",
+         "tenants-a-bare-string", "tenants-empty"),
+)
+def test_trusted_issuer_refuses_bad_lists(es_key: ClientKey, field: str, value: Any) -> None:
+    # A bare string would be read one character at a time: audiences "sand_man" would accept aud "s".
+    with pytest.raises(ConfigError, match=f"^issuer 'https://a': {field}: "):
+        TrustedIssuer("https://a", jwks=es_key.jwks(), **{field: value})
+
+
+def test_trusted_issuer_and_policy_are_immutable(es_key: ClientKey) -> None:
+    # The issuer table is read by every request thread: nothing may change who is trusted after startup.
+    issuer = TrustedIssuer("https://a", jwks=es_key.jwks())
+    policy = AuthPolicy({"https://a": issuer})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        issuer.jku_allowlist = ("https://evil.example/jwks",)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.algorithms = ("HS256",)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        policy.issuers["https://evil"] = issuer  # type: ignore[index]
 
 
 def test_auth_policy_issuer_key_must_match_iss(es_key: ClientKey) -> None:
