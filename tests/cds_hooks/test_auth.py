@@ -356,6 +356,36 @@ def test_verify_hs256_attack_fails_even_if_alg_check_were_bypassed(kit: Kit) -> 
     assert key_mismatch(jwk, "ES384") is None
 
 
+_EC_P384 = "es"
+_RSA = "rs"
+_MISMATCHES: tuple[tuple[str, str, dict[str, Any], str, str | None], ...] = (
+    ("ec-fits", _EC_P384, {}, "ES384", None),
+    ("ec-other-curve", _EC_P384, {}, "ES256", "alg ES256 needs curve P-256, the key is on 'P-384'"),
+    ("ec-for-rsa-alg", _EC_P384, {}, "RS384", "alg RS384 needs kty RSA"),
+    ("hmac-alg", _EC_P384, {}, "HS256", "not an asymmetric signature algorithm"),
+    ("ec-bound-to-its-alg", _EC_P384, {"alg": "ES384"}, "ES384", None),
+    ("rsa-any-rsa-alg", _RSA, {}, "PS384", None),
+    ("rsa-bound-to-another-alg", _RSA, {"alg": "RS384"}, "PS384", "the key is bound to alg 'RS384'"),
+    ("key-ops-verify", _EC_P384, {"key_ops": ["verify"]}, "ES384", None),
+    ("key-ops-without-verify", _EC_P384, {"key_ops": ["sign"]}, "ES384", "key_ops"),
+    ("key-ops-not-a-list", _EC_P384, {"key_ops": "verify"}, "ES384", "key_ops"),
+)
+
+
+@pytest.mark.parametrize(("which", "changes", "alg", "expected"), [c[1:] for c in _MISMATCHES],
+                         ids=[c[0] for c in _MISMATCHES])
+def test_key_mismatch(es_key: ClientKey, rs_key: ClientKey, which: str, changes: dict[str, Any], alg: str,
+                      expected: str | None) -> None:
+    # What defeats algorithm confusion: a token's alg only ever meets a key of the type, curve and use it needs.
+    unbound = {k: v for k, v in (es_key if which == _EC_P384 else rs_key).public_jwk().items() if k != "alg"}
+    jwk = {**unbound, **changes}
+    reason = key_mismatch(jwk, alg)
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason
+
+
 # --- replay ----------------------------------------------------------------------------------------------------
 
 
@@ -866,6 +896,17 @@ def test_trusted_issuer_refuses_bad_lists(es_key: ClientKey, field: str, value: 
     # A bare string would be read one character at a time: audiences "sand_man" would accept aud "s".
     with pytest.raises(ConfigError, match=f"^issuer 'https://a': {field}: "):
         TrustedIssuer("https://a", jwks=es_key.jwks(), **{field: value})
+
+
+def test_trusted_issuer_keeps_its_own_copy_of_each_list(es_key: ClientKey) -> None:
+    audiences, jku, tenants = ["sand_man"], ["https://a.example/jwks"], ["tenant-a"]
+    issuer = TrustedIssuer("https://a", jwks=es_key.jwks(), audiences=audiences,  # type: ignore[arg-type]
+                           jku_allowlist=jku, tenants=tenants)  # type: ignore[arg-type]
+    audiences.append("https://evil.example")
+    jku.append("https://evil.example/jwks")
+    tenants.append("tenant-z")
+    assert (issuer.audiences, issuer.jku_allowlist, issuer.tenants) == (
+        ("sand_man",), ("https://a.example/jwks",), ("tenant-a",))
 
 
 def test_trusted_issuer_and_policy_are_immutable(es_key: ClientKey) -> None:
