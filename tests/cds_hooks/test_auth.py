@@ -774,6 +774,8 @@ _BAD_CONFIGS: tuple[tuple[str, Callable[[ClientKey], Any], tuple[str, ...]], ...
     ("no-issuers", lambda k: {}, ("issuers:",)),
     ("empty-issuers", lambda k: {"issuers": []}, ("issuers: empty",)),
     ("unknown-top-level", lambda k: {"issuers": [{"iss": "a", "jwks": k.jwks()}], "extra": 1}, ("extra:",)),
+    ("two-unknown-top-level", lambda k: {"issuers": [{"iss": "a", "jwks": k.jwks()}], "zeta": 1, "alpha": 2},
+     ("alpha: unknown top-level field",)),
     ("entry-not-object", lambda k: {"issuers": ["https://a"]}, ("issuers[0]:",)),
     ("missing-iss", lambda k: {"issuers": [{"jwks": k.jwks()}]}, ("issuers[0]: iss:",)),
     ("iss-not-string", lambda k: {"issuers": [{"iss": 5, "jwks": k.jwks()}]}, ("issuers[0]: iss:",)),

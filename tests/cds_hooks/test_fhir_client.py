@@ -389,8 +389,16 @@ def test_expected_resource_type(relative_url: str, expected: str | None) -> None
         ("https://user@ehr.example/fhir", "https://ehr.example/fhir", False),
         ("ftp://ehr.example/fhir", "https://ehr.example/fhir", False),
         ("https://ehr.example:99999/fhir", "https://ehr.example/fhir", False),
+        ("http://ehr.example:80/fhir/page2", "http://ehr.example/fhir", True),
+        ("http://ehr.example:81/fhir/page2", "http://ehr.example/fhir", False),
+        ("https://ehr.example\\@evil.example/fhir", "https://ehr.example/fhir", False),
+        ("https://ehr.example/fhir\\..\\page2", "https://ehr.example/fhir", False),
+        ("https://ehr.example/fhir", "not a url", False),
+        ("/fhir/page2", "https://ehr.example/fhir", False),
     ),
-    ids=("same", "case-and-default-port", "scheme", "port", "lookalike-host", "userinfo", "not-http", "bad-port"),
+    ids=("same", "case-and-default-port", "scheme", "port", "lookalike-host", "userinfo", "not-http", "bad-port",
+         "http-default-port", "http-other-port", "backslash-in-authority", "backslash-in-path", "base-not-a-url",
+         "not-absolute"),
 )
 def test_same_origin(url: str, base: str, same: bool) -> None:
     assert same_origin(url, base) is same
