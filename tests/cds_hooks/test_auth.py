@@ -688,6 +688,22 @@ def test_jwks_fetcher_injected_fetch_and_allowlist(es_key: ClientKey) -> None:
     assert calls == ["https://b.example/jwks"]
 
 
+@pytest.mark.parametrize(("age", "fetches"), ((3599, 1), (3600, 2)), ids=("within-an-hour", "after-an-hour"))
+def test_jwks_fetcher_caches_a_set_for_an_hour_by_default(es_key: ClientKey, age: int, fetches: int) -> None:
+    calls: list[str] = []
+
+    def fetch(url: str) -> Any:
+        calls.append(url)
+        return es_key.jwks()
+
+    clock = Clock(0)
+    fetcher = JwksFetcher(fetch=fetch, clock=clock)
+    fetcher.get_key("https://b.example/jwks", es_key.kid, allowlist=("https://b.example/jwks",))
+    clock.advance(age)
+    fetcher.get_key("https://b.example/jwks", es_key.kid, allowlist=("https://b.example/jwks",))
+    assert len(calls) == fetches
+
+
 def test_index_jwks_lenient_skips_unusable_and_ambiguous_keys(es_key: ClientKey, rs_key: ClientKey) -> None:
     twin = {**rs_key.public_jwk(), "kid": "twin"}
     data = {"keys": [es_key.public_jwk(), {**es_key.public_jwk(), "kid": "priv", "d": "AAAA"},
@@ -805,7 +821,7 @@ _BAD_CONFIGS: tuple[tuple[str, Callable[[ClientKey], Any], tuple[str, ...]], ...
     ("duplicate-iss", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks()}] * 2},
      ("issuers[1]", "'https://a'", "iss: duplicate")),
     ("jwks-and-jwks-file", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "jwks_file": "k.json"}]},
-     ("'https://a'", "jwks_file:",)),
+     ("'https://a'", "jwks_file: give either 'jwks' or 'jwks_file', not both",)),
     ("jwks-file-missing", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "missing.json"}]},
      ("'https://a'", "jwks_file:", "cannot read")),
     ("jwks-file-not-json", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "notjson.json"}]},
@@ -821,6 +837,8 @@ _BAD_CONFIGS: tuple[tuple[str, Callable[[ClientKey], Any], tuple[str, ...]], ...
      ("'https://a'", "tenants:")),
     ("unknown-field", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "jwks_url": "x"}]},
      ("'https://a'", "jwks_url: unknown field")),
+    ("two-unknown-fields", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "zeta": 1, "alpha": 2}]},
+     ("'https://a'", "alpha: unknown field")),
 )
 
 
