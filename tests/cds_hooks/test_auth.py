@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -704,6 +705,36 @@ def test_jwks_fetcher_caches_a_set_for_an_hour_by_default(es_key: ClientKey, age
     assert len(calls) == fetches
 
 
+def test_jwks_fetcher_any_fetch_failure_is_unavailable(es_key: ClientKey) -> None:
+    # An injected fetch may raise anything: each is "unavailable" (a 401), never an escaping error (a 500).
+    def fetch(url: str) -> Any:
+        raise ConnectionResetError("peer went away")
+
+    fetcher = JwksFetcher(fetch=fetch, clock=Clock(0))
+    with pytest.raises(JwksFetchError, match="^fetch failed: ConnectionResetError$"):
+        fetcher.get_key("https://b.example/jwks", es_key.kid, allowlist=("https://b.example/jwks",))
+
+
+def test_jwks_fetcher_uses_a_fetched_set_beside_keys_it_cannot_use(es_key: ClientKey) -> None:
+    # A client may publish an encryption key next to its signing key: the fetched set is read leniently.
+    published = {"keys": [{**es_key.public_jwk(), "kid": "enc", "use": "enc"}, es_key.public_jwk()]}
+    fetcher = JwksFetcher(fetch=lambda url: published, clock=Clock(0))
+    assert fetcher.get_key("https://b.example/jwks", es_key.kid,
+                           allowlist=("https://b.example/jwks",)) == es_key.public_jwk()
+
+
+def test_jwks_fetcher_close_closes_its_session() -> None:
+    closed: list[bool] = []
+
+    class Session(requests.Session):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    JwksFetcher(session=Session()).close()
+    assert closed == [True]
+
+
 def test_index_jwks_lenient_skips_unusable_and_ambiguous_keys(es_key: ClientKey, rs_key: ClientKey) -> None:
     twin = {**rs_key.public_jwk(), "kid": "twin"}
     data = {"keys": [es_key.public_jwk(), {**es_key.public_jwk(), "kid": "priv", "d": "AAAA"},
@@ -828,7 +859,15 @@ _BAD_CONFIGS: tuple[tuple[str, Callable[[ClientKey], Any], tuple[str, ...]], ...
      ("'https://a'", "jwks_file:", "not valid JSON")),
     ("jwks-file-private", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "private.json"}]},
      ("'https://a'", "jwks_file:", "private")),
-    ("jku-not-list", lambda k: {"issuers": [{"iss": "https://a", "jku": "https://a/jwks"}]}, ("'https://a'", "jku:")),
+    ("jku-not-list", lambda k: {"issuers": [{"iss": "https://a", "jku": "https://a/jwks"}]},
+     ("'https://a'", "jku: must be an array of non-empty strings")),
+    ("audiences-blank", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(),
+                                                 "audiences": ["sand_man", "  "]}]},
+     ("'https://a'", "audiences: must be an array of non-empty strings")),
+    ("jwks-file-not-a-string", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": 5}]},
+     ("'https://a'", "jwks_file: must be a non-empty path string")),
+    ("jwks-file-blank", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "  "}]},
+     ("'https://a'", "jwks_file: must be a non-empty path string")),
     ("jku-plain-http", lambda k: {"issuers": [{"iss": "https://a", "jku": ["http://a.example/jwks"]}]},
      ("'https://a'", "jku:", "https")),
     ("audiences-not-strings", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(), "audiences": [1]}]},

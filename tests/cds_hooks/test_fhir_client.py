@@ -16,8 +16,10 @@ from cds_hooks.fhir_client import (
     REASON_TEXT_LIMIT,
     WITHHELD,
     FhirFetcher,
+    bundle_entries,
     clean_text,
     expected_resource_type,
+    next_link,
     outcome_diagnostics,
     redact,
     same_origin,
@@ -402,6 +404,30 @@ def test_expected_resource_type(relative_url: str, expected: str | None) -> None
 )
 def test_same_origin(url: str, base: str, same: bool) -> None:
     assert same_origin(url, base) is same
+
+
+@pytest.mark.parametrize(
+    ("links", "expected"),
+    (
+        ([{"relation": "self", "url": "https://a/1"}, {"relation": "next", "url": " https://a/2 "}], "https://a/2"),
+        (["next", {"relation": "next", "url": "https://a/2"}], "https://a/2"),
+        ([{"relation": "previous", "url": "https://a/0"}], None),
+        ([{"relation": "next", "url": 5}, {"relation": "next", "url": "https://a/2"}], "https://a/2"),
+        ([{"relation": "next", "url": "  "}], None),
+        ([{"relation": "next"}], None),
+        ({"relation": "next", "url": "https://a/2"}, None),
+        (None, None),
+    ),
+    ids=("next-among-others", "item-not-an-object", "no-next", "url-not-a-string", "url-blank", "url-missing",
+         "link-not-an-array", "no-link"),
+)
+def test_next_link(links: Any, expected: str | None) -> None:
+    assert next_link({"resourceType": "Bundle", "link": links}) == expected
+
+
+@pytest.mark.parametrize("entry", (None, []), ids=("null", "empty"))
+def test_bundle_entries_of_a_bundle_without_entries(entry: Any) -> None:
+    assert bundle_entries({"resourceType": "Bundle", "entry": entry}) == ((), 0)
 
 
 def test_outcome_diagnostics_and_clean_text() -> None:
