@@ -858,7 +858,7 @@ _BAD_CONFIGS: tuple[tuple[str, Callable[[ClientKey], Any], tuple[str, ...]], ...
     ("jwks-file-not-json", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "notjson.json"}]},
      ("'https://a'", "jwks_file:", "not valid JSON")),
     ("jwks-file-private", lambda k: {"issuers": [{"iss": "https://a", "jwks_file": "private.json"}]},
-     ("'https://a'", "jwks_file:", "private")),
+     ("'https://a'", "jwks_file:", "contains private or symmetric key material")),
     ("jku-not-list", lambda k: {"issuers": [{"iss": "https://a", "jku": "https://a/jwks"}]},
      ("'https://a'", "jku: must be an array of non-empty strings")),
     ("audiences-blank", lambda k: {"issuers": [{"iss": "https://a", "jwks": k.jwks(),
@@ -983,6 +983,39 @@ def test_trusted_issuer_and_policy_are_immutable(es_key: ClientKey) -> None:
 def test_auth_policy_issuer_key_must_match_iss(es_key: ClientKey) -> None:
     with pytest.raises(ConfigError, match="issuers"):
         AuthPolicy({"https://a": TrustedIssuer("https://b", jwks=es_key.jwks())})
+
+
+_DEFAULT_LIMITS: tuple[tuple[str, Callable[[Kit], str], AuthFailure | None], ...] = (
+    ("lifetime-of-an-hour", lambda k: k.sandbox.sign(ENDPOINT, lifetime=3600), None),
+    ("lifetime-over-an-hour", lambda k: k.sandbox.sign(ENDPOINT, lifetime=3601), AuthFailure.LIFETIME_TOO_LONG),
+    ("expired-by-the-skew", lambda k: k.sandbox.sign(ENDPOINT, now=NOW - 300 - 60), AuthFailure.EXPIRED),
+    ("token-of-16-kib", lambda k: "a" * 16381 + ".b.", AuthFailure.MALFORMED),
+    ("token-over-16-kib", lambda k: "a" * 16382 + ".b.", AuthFailure.TOKEN_TOO_LARGE),
+)
+
+
+@pytest.mark.parametrize(("make", "failure"), [c[1:] for c in _DEFAULT_LIMITS], ids=[c[0] for c in _DEFAULT_LIMITS])
+def test_auth_policy_default_limits(kit: Kit, verifier: TokenVerifier, make: Callable[[Kit], str],
+                                    failure: AuthFailure | None) -> None:
+    # The documented defaults (README, SECURITY.md): tokens live at most an hour, 60 s of skew, 16 KiB at most.
+    token = make(kit)
+    if failure is None:
+        verifier.verify(bearer(token), ENDPOINT)
+    else:
+        assert _reason(verifier, token).startswith(f"{failure}: ")
+
+
+def test_token_verifier_builds_its_jwks_fetcher_from_the_policy(monkeypatch: pytest.MonkeyPatch,
+                                                                es_key: ClientKey) -> None:
+    # The app sets none of these, so the defaults are what production uses: a set is cached for an hour.
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr("cds_hooks.auth.JwksFetcher", lambda **kwargs: built.append(kwargs))
+    issuers = {"https://a": TrustedIssuer("https://a", jwks=es_key.jwks())}
+    TokenVerifier(AuthPolicy(issuers))
+    TokenVerifier(AuthPolicy(issuers, jwks_cache_seconds=60, jwks_refetch_interval_seconds=5,
+                             jwks_fetch_timeout_seconds=0.5))
+    assert built == [{"cache_seconds": 3600, "refetch_interval_seconds": 30.0, "timeout_seconds": 2.0},
+                     {"cache_seconds": 60, "refetch_interval_seconds": 5, "timeout_seconds": 0.5}]
 
 
 def test_auth_policy_max_lifetime_is_configurable(kit: Kit, clock: Clock) -> None:
