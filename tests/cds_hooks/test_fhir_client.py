@@ -430,6 +430,45 @@ def test_bundle_entries_of_a_bundle_without_entries(entry: Any) -> None:
     assert bundle_entries({"resourceType": "Bundle", "entry": entry}) == ((), 0)
 
 
+@pytest.mark.parametrize(
+    ("secret", "expected"),
+    (("abcdefg", WITHHELD), ("abcdefgh", "token [redacted] refused")),
+    ids=("7-characters-withheld", "8-characters-redacted"),
+)
+def test_redact_shortest_redactable_secret(secret: str, expected: str) -> None:
+    assert redact(f"token {secret} refused", secret) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    (("a\x1b[31mb\x00c\u202ed\u2028e", "a [31mb c d e"),
+     ("x" * REASON_TEXT_LIMIT, "x" * REASON_TEXT_LIMIT),
+     ("x" * (REASON_TEXT_LIMIT + 1), "x" * (REASON_TEXT_LIMIT - 1) + "…")),
+    ids=("control-and-format-characters", "at-the-limit", "over-the-limit"),
+)
+def test_clean_text(text: str, expected: str) -> None:
+    # Server text reaches reasons, logs and 412 bodies: one line of printable characters, at most the limit.
+    assert clean_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("issues", "expected"),
+    (([{"diagnostics": "one"}, {"diagnostics": "  ", "code": "exception"}, {"diagnostics": "two"}], "one; two"),
+     ([{"diagnostics": 5, "details": {"text": 6}, "code": 7}], "no diagnostics"),
+     ([{"details": "not an object", "code": "processing"}], "processing"),
+     ("not-a-list", "no diagnostics")),
+    ids=("blank-diagnostics", "nothing-is-a-string", "details-not-an-object", "issue-not-a-list"),
+)
+def test_outcome_diagnostics_skips_what_is_not_text(issues: Any, expected: str) -> None:
+    assert outcome_diagnostics({"resourceType": "OperationOutcome", "issue": issues}) == expected
+
+
+def test_fetch_names_the_unexpected_type_cut_to_40_characters(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/1", {"resourceType": "Y" * 39 + "Z" + "tail"})
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/1", token=TOKEN, deadline=soon())
+    assert outcome.reason == f"expected Patient, the FHIR server returned {'Y' * 39}…"
+
+
 def test_outcome_diagnostics_and_clean_text() -> None:
     outcome = {"resourceType": "OperationOutcome",
                "issue": [{"diagnostics": "line one\nline\ttwo"}, {"details": {"text": "from details"}},
