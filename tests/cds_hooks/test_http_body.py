@@ -35,6 +35,33 @@ def test_the_body_is_read_whole_within_its_limits() -> None:
     assert read(_Response([b"ab", b"cd"])) == b"abcd"
 
 
+def test_a_body_of_exactly_the_size_is_read() -> None:
+    assert read(_Response([b"x" * 60, b"x" * 40], length="100")) == b"x" * 100
+
+
+def test_a_body_is_read_with_less_than_a_second_left() -> None:
+    assert read(_Response([b"ab", b"cd"]), deadline=time.monotonic() + 0.5) == b"abcd"
+
+
+class _Socket:
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def settimeout(self, seconds: float) -> None:
+        self.timeouts.append(seconds)
+
+
+def test_each_socket_read_waits_at_most_the_time_left() -> None:
+    # requests' read timeout is set once, when the exchange begins: a server that sends a little and then stalls
+    # would hold the thread that long past the deadline unless each read is given only what is left.
+    response = _Response([b"ab", b"cd"])
+    sock = _Socket()
+    response.raw.connection = type("Connection", (), {"sock": sock})()
+    assert read(response, deadline=time.monotonic() + 2) == b"abcd"
+    assert len(sock.timeouts) == 3 and all(0 < t <= 2 for t in sock.timeouts)
+    assert sock.timeouts == sorted(sock.timeouts, reverse=True)
+
+
 @pytest.mark.parametrize("response", [
     pytest.param(_Response([b"x"], length="101"), id="declared-over"),
     pytest.param(_Response([b"x" * 60, b"x" * 41]), id="sent-over"),
