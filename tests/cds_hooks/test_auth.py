@@ -429,6 +429,35 @@ def test_replay_cache_is_bounded_and_evicts_soonest_expiring(clock: Clock, caplo
     assert "replay cache full" in caplog.text
 
 
+def test_replay_cache_does_not_let_an_expired_key_evict_a_live_one(clock: Clock) -> None:
+    # Nothing to remember for a key already expired: storing it in a full cache evicted a live jti, whose
+    # replay was then accepted.
+    cache = ReplayCache(max_entries=1, clock=clock)
+    assert cache.add_if_new(("iss", "live"), NOW + 60)
+    assert cache.add_if_new(("iss", "expired"), NOW)
+    assert len(cache) == 1
+    assert not cache.add_if_new(("iss", "live"), NOW + 60)
+
+
+def test_replay_cache_holds_100000_entries_by_default(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    cache = ReplayCache(clock=clock)
+    for n in range(100_000):
+        cache.add_if_new(("iss", str(n)), NOW + 60)
+    assert len(cache) == 100_000 and "replay cache full" not in caplog.text
+    assert cache.add_if_new(("iss", "one more"), NOW + 60)
+    assert len(cache) == 100_000 and "replay cache full" in caplog.text
+
+
+@pytest.mark.parametrize(("max_entries", "valid"), ((0, False), (-1, False), (1, True)),
+                         ids=("zero", "negative", "one"))
+def test_replay_cache_size_must_be_positive(max_entries: int, valid: bool) -> None:
+    if valid:
+        assert len(ReplayCache(max_entries=max_entries)) == 0
+    else:
+        with pytest.raises(ValueError, match="max_entries must be positive"):
+            ReplayCache(max_entries=max_entries)
+
+
 def test_replay_cache_admits_a_key_once_across_threads(clock: Clock) -> None:
     cache = ReplayCache(clock=clock)
     results: list[bool] = []
@@ -930,8 +959,11 @@ def test_auth_policy_accepts_every_asymmetric_algorithm() -> None:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     (({"clock_skew_seconds": -1}, "clock_skew_seconds"), ({"max_lifetime_seconds": 0}, "max_lifetime_seconds"),
-     ({"max_token_bytes": 0}, "max_token_bytes"), ({"jwks_fetch_timeout_seconds": 0}, "jwks_fetch_timeout_seconds")),
-    ids=("negative-skew", "zero-lifetime", "zero-token-bytes", "zero-timeout"),
+     ({"max_token_bytes": 0}, "max_token_bytes"), ({"jwks_fetch_timeout_seconds": 0}, "jwks_fetch_timeout_seconds"),
+     ({"jwks_refetch_interval_seconds": -0.5}, "jwks_refetch_interval_seconds"),
+     ({"jwks_cache_seconds": 0}, "jwks_cache_seconds")),
+    ids=("negative-skew", "zero-lifetime", "zero-token-bytes", "zero-timeout", "negative-refetch-interval",
+         "zero-cache"),
 )
 def test_auth_policy_refuses_bad_limits(changes: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
@@ -978,6 +1010,14 @@ def test_trusted_issuer_and_policy_are_immutable(es_key: ClientKey) -> None:
         policy.algorithms = ("HS256",)  # type: ignore[misc]
     with pytest.raises(TypeError):
         policy.issuers["https://evil"] = issuer  # type: ignore[index]
+
+
+def test_auth_policy_accepts_the_smallest_limits() -> None:
+    # No skew and no refetch interval are allowed (a test rig, a client fetched on every unknown kid); every
+    # other limit only has to be positive, however small.
+    policy = AuthPolicy({}, clock_skew_seconds=0, jwks_refetch_interval_seconds=0, max_lifetime_seconds=1,
+                        max_token_bytes=1, jwks_cache_seconds=1, jwks_fetch_timeout_seconds=0.5)
+    assert (policy.clock_skew_seconds, policy.max_lifetime_seconds, policy.jwks_fetch_timeout_seconds) == (0, 1, 0.5)
 
 
 def test_auth_policy_issuer_key_must_match_iss(es_key: ClientKey) -> None:
