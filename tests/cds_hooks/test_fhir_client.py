@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from cds_hooks.fhir_client import (
     REASON_TEXT_LIMIT,
@@ -150,6 +151,56 @@ def test_fetch_keeps_no_cookies(fhir_stub: FhirStub, fetcher: FhirFetcher) -> No
     for _ in range(2):
         assert fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=None, deadline=soon()).ok
     assert all("cookie" not in r.headers for r in fhir_stub.requests)
+
+
+def test_fetcher_session_verifies_tls_ignores_the_environment_and_never_retries() -> None:
+    # The token goes with every request: no unverified TLS, no proxy or .netrc taken from the environment, and a
+    # failed request is not sent again.
+    session = requests.Session()
+    session.verify, session.trust_env = False, True
+    with FhirFetcher(session):
+        assert (session.verify, session.trust_env) == (True, False)
+        for scheme in ("http://", "https://"):
+            assert session.get_adapter(scheme + "ehr.example/fhir").max_retries.total == 0
+
+
+def test_fetch_ignores_a_proxy_in_the_environment(fhir_stub: FhirStub, fetcher: FhirFetcher,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # discard: a proxy there refuses every connection
+    fhir_stub.add("/fhir/Patient/123", PATIENT)
+    assert fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=soon()).ok
+
+
+@pytest.mark.parametrize("how", ("close", "with"))
+def test_fetcher_close_closes_its_session(how: str) -> None:
+    closed: list[bool] = []
+
+    class Session(requests.Session):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    fetcher = FhirFetcher(Session())
+    if how == "close":
+        fetcher.close()
+    else:
+        with fetcher as entered:
+            assert entered is fetcher
+    assert closed == [True]
+
+
+def test_fetch_logs_each_page_by_number_without_url_or_token(fhir_stub: FhirStub, fetcher: FhirFetcher,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="cds_hooks.fhir_client")
+    chain(fhir_stub, 2)
+    assert fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=pt-zq", token=TOKEN, deadline=soon(),
+                         label="labs").ok
+    messages = [r.getMessage() for r in caplog.records if r.name == "cds_hooks.fhir_client"]
+    assert [m.split(" status=")[0] for m in messages] == ["fhir fetch key=labs page=1", "fhir fetch key=labs page=2"]
+    assert not any(TOKEN in m or "/fhir" in m or "pt-zq" in m for m in messages)
 
 
 # --- pagination --------------------------------------------------------------------------------------------------
@@ -372,9 +423,12 @@ def test_a_token_cut_by_the_reason_limit_leaves_no_part_of_it(fhir_stub: FhirStu
         ("Patient/1/$everything", None),
         ("metadata", None),
         ("Patient/$match", None),
+        ("Patient/_search", "Bundle"),
+        ("Patient/1/_history", None),
+        ("Patient/1/Observation/2", None),
     ),
     ids=("read", "vread", "search", "search-no-params", "compartment", "instance-operation", "metadata",
-         "type-operation"),
+         "type-operation", "search-by-post-path", "instance-history", "compartment-read"),
 )
 def test_expected_resource_type(relative_url: str, expected: str | None) -> None:
     assert expected_resource_type(relative_url) == expected
