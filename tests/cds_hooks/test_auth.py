@@ -439,6 +439,45 @@ def test_replay_cache_does_not_let_an_expired_key_evict_a_live_one(clock: Clock)
     assert not cache.add_if_new(("iss", "live"), NOW + 60)
 
 
+def test_replay_cache_drops_the_expired_entries_first(clock: Clock) -> None:
+    cache = ReplayCache(clock=clock)
+    assert cache.add_if_new(("iss", "soon"), NOW + 10) and cache.add_if_new(("iss", "later"), NOW + 30)
+    clock.advance(20)
+    assert cache.add_if_new(("iss", "new"), NOW + 40)
+    assert len(cache) == 2 and not cache.add_if_new(("iss", "later"), NOW + 30)
+
+
+def test_verify_uses_the_replay_store_it_is_given(kit: Kit, clock: Clock) -> None:
+    # The app passes the database-backed store so that a jti is used once across workers and replicas.
+    class Shared:
+        def __init__(self) -> None:
+            self.seen: list[tuple[tuple[str, str], float]] = []
+
+        def add_if_new(self, key: tuple[str, str], expires_at: float) -> bool:
+            self.seen.append((key, expires_at))
+            return len(self.seen) == 1
+
+    shared = Shared()
+    issuers = parse_trusted_issuers({"issuers": [kit.sandbox.issuer_entry()]}, Path("."))
+    verifier = TokenVerifier(AuthPolicy(issuers), replay_cache=shared, clock=clock)
+    verifier.verify(bearer(kit.sandbox.sign(ENDPOINT, extra_claims={"jti": "j-1"})), ENDPOINT)
+    assert shared.seen == [((SANDBOX_ISS, "j-1"), NOW + 300 + 60)]
+    # Another worker saw this jti: the shared store refuses it though this process never did.
+    assert _reason(verifier, kit.sandbox.sign(ENDPOINT, extra_claims={"jti": "j-2"})).startswith(
+        f"{AuthFailure.REPLAYED}: ")
+
+
+def test_verify_logs_an_accepted_token_at_debug_without_the_token(kit: Kit, verifier: TokenVerifier,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="cds_hooks.auth")
+    token = kit.sandbox.sign(ENDPOINT, extra_claims={"jti": "jti-ok"})
+    claims = verifier.verify(bearer(token), ENDPOINT)
+    [record] = [r for r in caplog.records if r.name == "cds_hooks.auth"]
+    assert record.levelno == logging.DEBUG and record.getMessage() == (
+        f"CDS client token accepted (iss={SANDBOX_ISS!r} kid={claims.kid!r} jti='jti-ok' tenant=None)")
+    assert token not in caplog.text and token.split(".")[2] not in caplog.text
+
+
 def test_replay_cache_holds_100000_entries_by_default(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
     cache = ReplayCache(clock=clock)
     for n in range(100_000):
@@ -1010,6 +1049,14 @@ def test_trusted_issuer_and_policy_are_immutable(es_key: ClientKey) -> None:
         policy.algorithms = ("HS256",)  # type: ignore[misc]
     with pytest.raises(TypeError):
         policy.issuers["https://evil"] = issuer  # type: ignore[index]
+
+
+def test_verified_claims_are_immutable(kit: Kit, verifier: TokenVerifier) -> None:
+    claims = verifier.verify(bearer(kit.sandbox.sign(ENDPOINT)), ENDPOINT)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        claims.iss = "https://evil.example"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        claims.raw["aud"] = "https://evil.example"  # type: ignore[index]
 
 
 def test_auth_policy_accepts_the_smallest_limits() -> None:
