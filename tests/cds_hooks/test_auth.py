@@ -327,6 +327,35 @@ def test_verify_aud_mismatch_reason_says_what_was_expected(kit: Kit, verifier: T
                               f"{ENDPOINT!r} nor the issuer's extra audiences")
 
 
+def test_verify_aud_array_mismatch_reason_counts_the_values(kit: Kit, verifier: TokenVerifier) -> None:
+    _, refused = _refusal(kit, verifier, lambda k: bearer(k.sandbox.sign(["https://a.example", "https://b.example"])))
+    assert refused.reason == (f"{AuthFailure.AUD_MISMATCH}: none of 2 aud values matches neither the endpoint "
+                              f"{ENDPOINT!r} nor the issuer's extra audiences")
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    (({"iat": NOW - 400, "exp": NOW - 100}, "expired: exp was 100s ago (skew 60s)"),
+     ({"iat": NOW + 100, "exp": NOW + 200}, "iat-in-future: iat is 100s ahead (skew 60s)"),
+     ({"nbf": NOW + 100}, "not-yet-valid: nbf is 100s ahead (skew 60s)")),
+    ids=("expired", "iat-in-future", "nbf-in-future"),
+)
+def test_verify_time_claim_reasons_say_by_how_much(kit: Kit, verifier: TokenVerifier, claims: dict[str, float],
+                                                   expected: str) -> None:
+    # The reason is how an operator tells a client's slow clock from a stale token.
+    _, refused = _refusal(kit, verifier, lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims=claims)))
+    assert refused.reason == expected
+
+
+def test_verify_refuses_a_signature_with_characters_outside_base64url(kit: Kit, verifier: TokenVerifier) -> None:
+    # base64 decoding skips characters outside its alphabet: a '+' slipped into a valid signature would still
+    # verify, one token giving many different strings. Only the compact form is read.
+    header, payload, signature = kit.sandbox.sign(ENDPOINT, extra_claims={"jti": "j-variant"}).split(".")
+    _, refused = _refusal(kit, verifier, lambda k: bearer(f"{header}.{payload}.{signature[:10]}+{signature[10:]}"))
+    assert refused.reason == f"{AuthFailure.MALFORMED}: not a compact JWS (three base64url segments)"
+    verifier.verify(bearer(f"{header}.{payload}.{signature}"), ENDPOINT)
+
+
 def test_verify_log_names_iss_kid_jti_tenant(kit: Kit, verifier: TokenVerifier,
                                              caplog: pytest.LogCaptureFixture) -> None:
     token = kit.cerner.sign(ENDPOINT, extra_claims={"tenant": "tenant-z", "jti": "jti-123"})
@@ -1090,6 +1119,18 @@ def test_auth_policy_default_limits(kit: Kit, verifier: TokenVerifier, make: Cal
         verifier.verify(bearer(token), ENDPOINT)
     else:
         assert _reason(verifier, token).startswith(f"{failure}: ")
+
+
+@pytest.mark.parametrize(("padding", "failure"), ((9, AuthFailure.MALFORMED), (10, AuthFailure.TOKEN_TOO_LARGE)),
+                         ids=("header-of-16-kib-and-16", "header-over-16-kib-and-16"))
+def test_verify_refuses_an_oversized_header_before_reading_it(verifier: TokenVerifier, padding: int,
+                                                              failure: AuthFailure) -> None:
+    # The header is measured before any regex scans it: "Bearer " and a 16 KiB token, plus 16 bytes of slack.
+    header = "Bearer " + "a" * 16381 + ".b." + " " * padding
+    assert len(header) == 16384 + 7 + padding
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(header, ENDPOINT)
+    assert caught.value.reason.startswith(f"{failure}: ")
 
 
 def test_token_verifier_builds_its_jwks_fetcher_from_the_policy(monkeypatch: pytest.MonkeyPatch,

@@ -226,6 +226,17 @@ def test_fetch_follows_next_links(fhir_stub: FhirStub, fetcher: FhirFetcher, rel
     assert all(r.authorization == f"Bearer {TOKEN}" for r in fhir_stub.requests)
 
 
+def test_fetch_counts_entries_dropped_on_every_page(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    first = searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2"))
+    first["entry"].append({"fullUrl": "no resource"})
+    second = searchset([obs(2)])
+    second["entry"] += [{"resource": {"id": "no-type"}}, "not-an-object"]
+    fhir_stub.add("/fhir/Observation", first)
+    fhir_stub.add("/fhir/page/2", second)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=1", token=TOKEN, deadline=soon())
+    assert [r["id"] for r in outcome.resources] == ["o1", "o2"] and outcome.dropped_entries == 3
+
+
 @pytest.mark.parametrize("loop_to", ("/fhir/page/2", "/fhir/Observation?patient=123"), ids=("self", "first-page"))
 def test_fetch_stops_a_next_link_loop(fhir_stub: FhirStub, fetcher: FhirFetcher, loop_to: str) -> None:
     fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2")))
@@ -283,8 +294,10 @@ def test_fetch_keeps_earlier_pages_when_a_later_page_fails(fhir_stub: FhirStub, 
     assert "page 2" in (outcome.note or "") and "HTTP 500" in (outcome.note or "")
 
 
-@pytest.mark.parametrize(("total", "noted"), ((3, True), (0, False), (None, False), ("3", False)),
-                         ids=("total-above-zero", "total-zero", "no-total", "total-not-a-number"))
+@pytest.mark.parametrize(("total", "noted"),
+                         ((3, True), (1, True), (0, False), (None, False), ("3", False), (True, False)),
+                         ids=("total-above-zero", "total-one", "total-zero", "no-total", "total-not-a-number",
+                              "total-a-boolean"))
 def test_fetch_notes_a_total_that_no_page_holds(fhir_stub: FhirStub, fetcher: FhirFetcher, total: Any,
                                                 noted: bool) -> None:
     bundle = searchset([])
@@ -293,7 +306,7 @@ def test_fetch_notes_a_total_that_no_page_holds(fhir_stub: FhirStub, fetcher: Fh
     fhir_stub.add("/fhir/Observation", bundle)
     outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Observation", token=TOKEN, deadline=soon())
     assert outcome.ok and not outcome.resources
-    assert outcome.note == ("its total is 3 but no page holds a resource" if noted else None)
+    assert outcome.note == (f"its total is {total} but no page holds a resource" if noted else None)
 
 
 def test_paginate_continues_a_bundle_in_hand(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
