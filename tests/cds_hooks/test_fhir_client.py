@@ -122,6 +122,29 @@ def test_fetch_failures_have_a_reason(fhir_stub: FhirStub, fetcher: FhirFetcher,
     assert "127.0.0.1" not in outcome.reason and "123" not in outcome.reason.replace("HTTP", "")
 
 
+_REDIRECT = "the FHIR server answered with a redirect (HTTP {}), which is not followed"
+_REFUSED = "the FHIR server refused the request (HTTP {})"
+_NO_ACCESS = "the FHIR server refused access (HTTP {})"
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    ((299, None), (300, _REDIRECT), (399, _REDIRECT), (400, _REFUSED), (401, _NO_ACCESS), (402, _REFUSED),
+     (403, _NO_ACCESS),
+     (404, "the FHIR server found nothing at that URL (HTTP 404)"), (405, _REFUSED), (499, _REFUSED),
+     (500, "the FHIR server failed (HTTP {})"), (599, "the FHIR server failed (HTTP {})")),
+    ids=lambda value: str(value) if isinstance(value, int) else "",
+)
+def test_fetch_reason_for_each_status_class(fhir_stub: FhirStub, fetcher: FhirFetcher, status: int,
+                                            reason: str | None) -> None:
+    # Any 2xx is an answer; 3xx is never followed; 401 and 403 say access was refused (the token), 404 that
+    # nothing is there; other 4xx blame the request and 5xx the server.
+    fhir_stub.add("/fhir/Patient/123", PATIENT, status=status)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=soon())
+    assert outcome.reason == (None if reason is None else reason.format(status))
+    assert outcome.resources == (() if reason else (PATIENT,))
+
+
 def test_fetch_does_not_follow_redirects(fhir_stub: FhirStub, make_fhir_stub: object, fetcher: FhirFetcher) -> None:
     other = make_fhir_stub()  # type: ignore[operator]
     other.add("/fhir/Patient/123", PATIENT)
@@ -195,11 +218,16 @@ def test_fetcher_close_closes_its_session(how: str) -> None:
 def test_fetch_logs_each_page_by_number_without_url_or_token(fhir_stub: FhirStub, fetcher: FhirFetcher,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="cds_hooks.fhir_client")
-    chain(fhir_stub, 2)
+    routes = [fhir_stub.add("/fhir/Observation", searchset([obs(1)], next_url=fhir_stub.url("/fhir/page/2"))),
+              fhir_stub.add("/fhir/page/2", searchset([obs(2), obs(3)]))]
     assert fetcher.fetch(fhir_stub.url("/fhir"), "Observation?patient=pt-zq", token=TOKEN, deadline=soon(),
                          label="labs").ok
     messages = [r.getMessage() for r in caplog.records if r.name == "cds_hooks.fhir_client"]
-    assert [m.split(" status=")[0] for m in messages] == ["fhir fetch key=labs page=1", "fhir fetch key=labs page=2"]
+    fields = [dict(pair.split("=") for pair in m.removeprefix("fhir fetch ").split()) for m in messages]
+    sizes = [len(route.payload()) for route in routes]
+    assert [(f["key"], f["page"], f["status"], int(f["bytes"])) for f in fields] == [
+        ("labs", "1", "200", sizes[0]), ("labs", "2", "200", sizes[1])]
+    assert all(0 <= int(f["elapsed_ms"]) < 60_000 for f in fields)
     assert not any(TOKEN in m or "/fhir" in m or "pt-zq" in m for m in messages)
 
 
@@ -351,9 +379,14 @@ def test_fetch_enforces_the_total_deadline_on_a_trickling_body(fhir_stub: FhirSt
     assert outcome.reason == "timed out"
 
 
+def test_fetch_with_under_a_second_left_is_made(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
+    fhir_stub.add("/fhir/Patient/123", PATIENT)
+    assert fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=soon(0.8)).resources == (PATIENT,)
+
+
 def test_fetch_past_the_deadline_makes_no_request(fhir_stub: FhirStub, fetcher: FhirFetcher) -> None:
     fhir_stub.add("/fhir/Patient/123", PATIENT)
-    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=time.monotonic() - 1)
+    outcome = fetcher.fetch(fhir_stub.url("/fhir"), "Patient/123", token=TOKEN, deadline=time.monotonic() - 0.5)
     assert outcome.reason == "timed out" and fhir_stub.requests == []
 
 
