@@ -347,6 +347,36 @@ def test_verify_time_claim_reasons_say_by_how_much(kit: Kit, verifier: TokenVeri
     assert refused.reason == expected
 
 
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    (({"iat": NOW, "exp": NOW}, "invalid-claim: exp is not after iat"),
+     ({"iat": NOW - 10, "exp": NOW - 10 + 3601}, "lifetime-too-long: exp - iat is 3601s, over 3600s"),
+     ({"aud": [ENDPOINT, 5]}, "invalid-claim: aud must be a string or a non-empty array of strings"),
+     ({"aud": []}, "invalid-claim: aud must be a string or a non-empty array of strings")),
+    ids=("exp-equal-to-iat", "lifetime-reason", "aud-array-with-a-number", "aud-empty-array"),
+)
+def test_verify_refuses_claims_at_their_edges(kit: Kit, verifier: TokenVerifier, claims: dict[str, Any],
+                                              expected: str) -> None:
+    _, refused = _refusal(kit, verifier, lambda k: bearer(k.sandbox.sign(ENDPOINT, extra_claims=claims)))
+    assert refused.reason == expected
+
+
+@pytest.mark.parametrize("claims", ({"iat": NOW + 60, "exp": NOW + 360}, {"nbf": NOW + 60}),
+                         ids=("iat-at-the-skew", "nbf-at-the-skew"))
+def test_verify_accepts_times_exactly_at_the_skew(kit: Kit, verifier: TokenVerifier, claims: dict[str, Any]) -> None:
+    verifier.verify(bearer(kit.sandbox.sign(ENDPOINT, extra_claims=claims)), ENDPOINT)
+
+
+@pytest.mark.parametrize(("tenant", "expected"),
+                         ((None, "no tenant claim, and this issuer is restricted to tenants"),
+                          ("tenant-z", "tenant is not on this issuer's tenant list")),
+                         ids=("no-tenant", "other-tenant"))
+def test_verify_tenant_refusal_reasons(kit: Kit, verifier: TokenVerifier, tenant: str | None, expected: str) -> None:
+    claims = {"tenant": tenant} if tenant else None
+    _, refused = _refusal(kit, verifier, lambda k: bearer(k.cerner.sign(ENDPOINT, extra_claims=claims)))
+    assert refused.reason == f"{AuthFailure.TENANT_NOT_ALLOWED}: {expected}"
+
+
 def test_verify_refuses_a_signature_with_characters_outside_base64url(kit: Kit, verifier: TokenVerifier) -> None:
     # base64 decoding skips characters outside its alphabet: a '+' slipped into a valid signature would still
     # verify, one token giving many different strings. Only the compact form is read.
