@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 
 import json
 import logging
@@ -823,10 +823,12 @@ def test_prefetch_token_never_in_logs_reasons_or_412(fhir_stub: FhirStub, resolv
         ("http://127.0.0.1:*", "http://127.0.0.1:8081/fhir", True),
         ("http://127.0.0.1", "http://127.0.0.1:8081/fhir", False),
         ("https://ehr.example", "ehr.example", False),
+        ("http://127.0.0.1:*", "http://127.0.0.1:*/fhir", False),
     ),
     ids=("origin", "path-under-origin", "lookalike-host", "other-port", "other-scheme", "default-port-and-case",
          "exact-path", "trailing-slash", "lookalike-path", "parent-path", "dot-dot", "encoded-dot-dot",
-         "userinfo", "userinfo-host", "query", "backslash", "any-port", "no-port-means-default", "not-a-url"),
+         "userinfo", "userinfo-host", "query", "backslash", "any-port", "no-port-means-default", "not-a-url",
+         "wildcard-port-only-in-the-policy"),
 )
 def test_fetch_policy_allows(allowed: str, fhir_server: str, allows: bool) -> None:
     assert FetchPolicy(allowed_bases=(allowed,)).allows(fhir_server) is allows
@@ -862,6 +864,15 @@ def test_fetch_policy_never_matches_a_host_extending_the_allowed_one(host: str, 
 def test_fetch_policy_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         FetchPolicy(**kwargs)
+
+
+def test_fetch_policy_names_a_bare_string_and_is_immutable() -> None:
+    # A bare string would be read one character at a time; the policy is shared by every request thread.
+    with pytest.raises(ValueError, match="must be a tuple of URLs, not a string"):
+        FetchPolicy(allowed_bases="https://ehr.example")  # type: ignore[arg-type]
+    policy = FetchPolicy(allowed_bases=("https://ehr.example",))
+    with pytest.raises(FrozenInstanceError):
+        policy.allowed_bases = ("https://evil.example",)  # type: ignore[misc]
 
 
 def test_fetch_policy_defaults() -> None:
