@@ -450,6 +450,40 @@ def test_a_bug_in_a_handler_is_a_500_outcome_without_a_stack_trace() -> None:
     assert "secret" not in response.get_data(as_text=True)
 
 
+def test_every_answer_is_uncached_unsniffed_and_logged_by_route_with_its_request_id(
+        client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
+    # Cards and OperationOutcomes carry patient data: no cache may keep them. The request line names the route
+    # template, never the path (ids), and carries the request's id like every line logged while it runs.
+    ids: list[str] = []
+
+    class RequestIds(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            ids.append(REQUEST_ID.get())
+            return True
+
+    logger = logging.getLogger("cds_hooks.http")
+    capture = RequestIds()
+    logger.addFilter(capture)
+    caplog.set_level(logging.INFO, logger="cds_hooks.http")
+    try:
+        responses = [client.get("/cds-services", headers={"X-Request-ID": "rid-1"}),
+                     client.post(f"/cds-services/{SERVICE}", json=REQUEST, headers={"X-Request-ID": "rid-2"}),
+                     client.post("/cds-services/pat-1", json=REQUEST, headers={"X-Request-ID": "rid-3"}),
+                     client.get("/nowhere/pat-1", headers={"X-Request-ID": "rid-4"})]
+    finally:
+        logger.removeFilter(capture)
+    assert [r.status_code for r in responses] == [200, 200, 404, 404]
+    for response in responses:
+        assert (response.headers["Cache-Control"], response.headers["X-Content-Type-Options"]) == (
+            "no-store", "nosniff")
+    records = [r for r in caplog.records if r.name == "cds_hooks.http" and r.getMessage() == "request"]
+    assert [(r.__dict__["route"], r.__dict__["status"]) for r in records] == [
+        ("/cds-services", 200), ("/cds-services/<service_id>", 200), ("/cds-services/<service_id>", 404),
+        ("<unmatched>", 404)]
+    assert ids == ["rid-1", "rid-2", "rid-3", "rid-4"]
+    assert all(0 <= r.__dict__["duration_ms"] < 60_000 for r in records) and records[1].__dict__["duration_ms"] > 0
+
+
 def test_the_request_id_ends_with_the_request(client: FlaskClient) -> None:
     # A log line the worker thread writes after the request (or between requests) must not carry its id.
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"

@@ -117,7 +117,7 @@ def test_fetch_failures_have_a_reason(fhir_stub: FhirStub, fetcher: FhirFetcher,
     path = "/fhir/" + relative_url.split("?")[0]
     fhir_stub.add(path, **route)  # type: ignore[arg-type]
     outcome = fetcher.fetch(fhir_stub.url("/fhir"), relative_url, token=TOKEN, deadline=soon())
-    assert not outcome.ok and outcome.resources == ()
+    assert not outcome.ok and outcome.resources == () and outcome.pages == 0
     assert outcome.reason is not None and reason_part in outcome.reason
     assert "127.0.0.1" not in outcome.reason and "123" not in outcome.reason.replace("HTTP", "")
 
