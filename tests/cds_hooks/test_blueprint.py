@@ -291,6 +291,26 @@ def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     response = client.post(f"/cds-services/{SERVICE}", json=padded)
     assert response.status_code == 413
     assert response.json["issue"][0]["code"] == "too-costly"
+    assert response.json["issue"][0]["diagnostics"] == "request body exceeds 2048 bytes"
+
+
+def test_errors_are_logged_by_severity_without_the_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A refused token is a warning naming the reason (never the token), a 5xx an error; a client's own 4xx is
+    # not logged at all (the request line says it).
+    key = ClientKey.generate("ES384")
+    secured = build_app(tmp_path, verifier=_verifier(tmp_path, key)).test_client()
+    down = build_app(tmp_path, store=_DownStore()).test_client()
+    token = TokenSigner(key).sign("https://cds.example.org/elsewhere")
+    feedback = {"feedback": [{"card": "c", "outcome": "overridden", "outcomeTimestamp": "2025-03-10T12:00:00Z"}]}
+    caplog.set_level(logging.DEBUG, logger="cds_hooks.http")
+    assert secured.get("/cds-services", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert down.post(f"/cds-services/{SERVICE}/feedback", json=feedback).status_code == 503
+    assert down.post("/cds-services/unknown", json=REQUEST).status_code == 404
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "cds_hooks.http" and r.msg != "request"]
+    assert [level for level, _ in records] == [logging.WARNING, logging.ERROR]
+    assert records[0][1].startswith("authentication failed: aud-mismatch: ")
+    assert records[1][1] == "request failed: feedback store unavailable"
+    assert token not in caplog.text and token.split(".")[2] not in caplog.text
 
 
 def test_unknown_fields_and_extensions_are_ignored(client: FlaskClient) -> None:
@@ -434,6 +454,23 @@ def test_store_down_gives_503_for_feedback_but_cards_are_still_served(tmp_path: 
     assert feedback.headers["Retry-After"]
     assert feedback.json["resourceType"] == "OperationOutcome"
     assert client.get("/readyz").status_code == 503
+
+
+def test_a_bug_in_a_handler_is_logged_as_an_error_with_its_stack(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(call: HookCall) -> ServiceResponse:
+        raise KeyError("boom")
+
+    app = Flask("broken")
+    app.register_blueprint(create_blueprint(
+        ServiceRegistry([ServiceDefinition(id=SERVICE, hook="patient-view", description="d", handler=broken)]),
+        options=ProtocolOptions(), store=_DownStore(), verifier=None))
+    caplog.set_level(logging.INFO, logger="cds_hooks.http")
+    assert app.test_client().post(f"/cds-services/{SERVICE}", json=REQUEST).status_code == 500
+    records = [r for r in caplog.records if r.name == "cds_hooks.http" and r.msg != "request"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.ERROR, "unhandled error in POST /cds-services/<service_id>"),
+        (logging.ERROR, "request failed: internal error; the request id in the logs identifies it")]
+    assert records[0].exc_info is not None
 
 
 def test_a_bug_in_a_handler_is_a_500_outcome_without_a_stack_trace() -> None:

@@ -824,11 +824,16 @@ def test_prefetch_token_never_in_logs_reasons_or_412(fhir_stub: FhirStub, resolv
         ("http://127.0.0.1", "http://127.0.0.1:8081/fhir", False),
         ("https://ehr.example", "ehr.example", False),
         ("http://127.0.0.1:*", "http://127.0.0.1:*/fhir", False),
+        ("https://ehr.example", "https://ehr.exa\tmple/fhir", False),
+        ("https://ehr.example/fhir", "https://ehr.example/fhir\n", False),
+        ("https://ehr.example/fhir", "https://ehr.example/fhir/r4\u200b", False),
+        ("https://ehr.example", "https://[::1/fhir", False),
     ),
     ids=("origin", "path-under-origin", "lookalike-host", "other-port", "other-scheme", "default-port-and-case",
          "exact-path", "trailing-slash", "lookalike-path", "parent-path", "dot-dot", "encoded-dot-dot",
          "userinfo", "userinfo-host", "query", "backslash", "any-port", "no-port-means-default", "not-a-url",
-         "wildcard-port-only-in-the-policy"),
+         "wildcard-port-only-in-the-policy", "tab-in-host", "newline-after-path", "invisible-character",
+         "unclosed-ipv6-bracket"),
 )
 def test_fetch_policy_allows(allowed: str, fhir_server: str, allows: bool) -> None:
     assert FetchPolicy(allowed_bases=(allowed,)).allows(fhir_server) is allows
