@@ -828,12 +828,14 @@ def test_prefetch_token_never_in_logs_reasons_or_412(fhir_stub: FhirStub, resolv
         ("https://ehr.example/fhir", "https://ehr.example/fhir\n", False),
         ("https://ehr.example/fhir", "https://ehr.example/fhir/r4\u200b", False),
         ("https://ehr.example", "https://[::1/fhir", False),
+        ("https://ehr.example/fhir", "https://ehr.example/fhir?", False),
+        ("https://ehr.example/fhir", "https://ehr.example/fhir#", False),
     ),
     ids=("origin", "path-under-origin", "lookalike-host", "other-port", "other-scheme", "default-port-and-case",
          "exact-path", "trailing-slash", "lookalike-path", "parent-path", "dot-dot", "encoded-dot-dot",
          "userinfo", "userinfo-host", "query", "backslash", "any-port", "no-port-means-default", "not-a-url",
          "wildcard-port-only-in-the-policy", "tab-in-host", "newline-after-path", "invisible-character",
-         "unclosed-ipv6-bracket"),
+         "unclosed-ipv6-bracket", "empty-query", "empty-fragment"),
 )
 def test_fetch_policy_allows(allowed: str, fhir_server: str, allows: bool) -> None:
     assert FetchPolicy(allowed_bases=(allowed,)).allows(fhir_server) is allows
