@@ -384,6 +384,26 @@ def _verifier(tmp_path: Path, key: ClientKey) -> TokenVerifier:
     return TokenVerifier(AuthPolicy(issuers=load_trusted_issuers(config)))
 
 
+@pytest.mark.parametrize(
+    ("called", "aud", "status"),
+    [(f"/cds-services//{SERVICE}", f"/cds-services//{SERVICE}", 200),
+     (f"/cds-services//{SERVICE}", f"/cds-services/{SERVICE}", 401),
+     ("/cds-services//caf\u00e9", "/cds-services//caf\u00e9", 404),
+     (f"/cds-services/{SERVICE}", f"/cds-services/{SERVICE}", 200)],
+    ids=["doubled-slash-signed-as-called", "doubled-slash-signed-as-merged", "doubled-slash-non-ascii",
+         "plain"],
+)
+def test_a_doubled_slash_is_routed_and_the_audience_is_the_path_as_called(tmp_path: Path, called: str, aud: str,
+                                                                          status: int) -> None:
+    # The Sandbox calls '{discovery URL}/{id}', so a discovery URL typed with a trailing slash gives '//': it is
+    # routed like '/', but the client signed the URL it called, and only that audience is accepted.
+    key = ClientKey.generate()
+    client = build_app(tmp_path, verifier=_verifier(tmp_path, key)).test_client()
+    token = TokenSigner(key).sign(BASE + aud)
+    response = client.post(called, json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == status, response.get_data(as_text=True)
+
+
 @pytest.mark.parametrize("path, method, body", [
     ("/cds-services", "GET", None),
     (f"/cds-services/{SERVICE}", "POST", REQUEST),
