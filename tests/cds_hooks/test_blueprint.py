@@ -294,6 +294,23 @@ def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     assert response.json["issue"][0]["diagnostics"] == "request body exceeds 2048 bytes"
 
 
+def test_body_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
+    client = build_app(tmp_path, max_body=2048).test_client()
+    body = json.dumps({**REQUEST, "extension": {"org.example.pad": ""}})
+    body = json.dumps({**REQUEST, "extension": {"org.example.pad": "x" * (2048 - len(body))}})
+    assert len(body) == 2048
+    response = client.post(f"/cds-services/{SERVICE}", data=body, content_type="application/json")
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("coding", ("gzip, chunked", "deflate"), ids=("gzip-chunked", "deflate"))
+def test_a_transfer_coding_other_than_chunked_is_501(client: FlaskClient, coding: str) -> None:
+    response = client.post(f"/cds-services/{SERVICE}", data=json.dumps(REQUEST), content_type="application/json",
+                           headers={"Transfer-Encoding": coding})
+    assert response.status_code == 501
+    assert response.json["issue"][0]["diagnostics"].startswith(f"Transfer-Encoding '{coding.split(',')[0]}")
+
+
 def test_errors_are_logged_by_severity_without_the_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A refused token is a warning naming the reason (never the token), a 5xx an error; a client's own 4xx is
     # not logged at all (the request line says it).
