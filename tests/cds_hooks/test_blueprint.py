@@ -196,8 +196,11 @@ FEEDBACK_BODY = json.dumps({"feedback": [{"card": "c1", "outcome": "overridden",
     (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "x-\x1b[2Jevil", "'x- [2Jevil'"),
     (f"/cds-services/{SERVICE}/feedback", gzip.compress(FEEDBACK_BODY), "gzip", "'gzip'"),
     (f"/cds-services/{SERVICE}/feedback", FEEDBACK_BODY, "br", "'br'"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "x" * 60, "'" + "x" * 60 + "'"),
+    (f"/cds-services/{SERVICE}", json.dumps(REQUEST).encode(), "x" * 61, "'" + "x" * 59 + "…'"),
 ], ids=["invoke-gzip", "invoke-br-on-a-plain-body", "invoke-deflate", "invoke-upper-case", "invoke-identity-then-gzip",
-        "invoke-control-characters", "feedback-gzip", "feedback-br-on-a-plain-body"])
+        "invoke-control-characters", "feedback-gzip", "feedback-br-on-a-plain-body", "coding-of-60-shown-whole",
+        "coding-of-61-cut"])
 def test_content_encoding_other_than_identity_is_415(client: FlaskClient, path: str, data: bytes, encoding: str,
                                                       shown: str) -> None:
     # Regression: the body was read as if plain: gzip got 400 "not valid UTF-8", br on a plain body a 200.
@@ -303,12 +306,41 @@ def test_body_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
     assert response.status_code == 200, response.get_data(as_text=True)
 
 
-@pytest.mark.parametrize("coding", ("gzip, chunked", "deflate"), ids=("gzip-chunked", "deflate"))
-def test_a_transfer_coding_other_than_chunked_is_501(client: FlaskClient, coding: str) -> None:
+@pytest.mark.parametrize(("coding", "shown"),
+                         (("gzip, chunked", "gzip"), ("deflate", "deflate"), ("identity, gzip", "gzip"),
+                          ("y" * 61 + ", chunked", "y" * 59 + "…")),
+                         ids=("gzip-chunked", "deflate", "identity-then-gzip", "long-coding-cut"))
+def test_a_transfer_coding_other_than_chunked_is_501(client: FlaskClient, coding: str, shown: str) -> None:
     response = client.post(f"/cds-services/{SERVICE}", data=json.dumps(REQUEST), content_type="application/json",
                            headers={"Transfer-Encoding": coding})
     assert response.status_code == 501
-    assert response.json["issue"][0]["diagnostics"].startswith(f"Transfer-Encoding '{coding.split(',')[0]}")
+    assert response.json["issue"][0]["diagnostics"].startswith(f"Transfer-Encoding '{shown}' is not supported")
+
+
+class _FailingBody(io.RawIOBase):
+    """A request body whose read fails with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "diagnostics"), [
+    (TimeoutError("timed out"), "the request body was not received in time: send it at once"),
+    (ConnectionResetError("reset"), f"POST /cds-services/{SERVICE}: bad request"),
+], ids=["timed-out", "client-went-away"])
+def test_a_body_that_cannot_be_received_is_400_saying_why(client: FlaskClient, error: Exception,
+                                                          diagnostics: str) -> None:
+    # A read that waited out the server's limit is not the client disconnecting, which werkzeug reports it as.
+    response = client.post(f"/cds-services/{SERVICE}", content_type="application/json",
+                           environ_overrides={"wsgi.input": _FailingBody(error), "CONTENT_LENGTH": "100"})
+    assert response.status_code == 400
+    assert response.json["issue"][0]["diagnostics"] == diagnostics
 
 
 def test_errors_are_logged_by_severity_without_the_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
