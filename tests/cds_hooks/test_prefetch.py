@@ -145,6 +145,17 @@ def test_prefetch_table_row(fhir_stub: FhirStub, resolve: Callable[..., Prefetch
     assert (result.reason is not None) is (state is KeyState.UNAVAILABLE)
 
 
+@pytest.mark.parametrize(("value", "why"),
+                         (([ANC], " is not a FHIR resource"),
+                          ({"resourceType": "Bundle", "entry": "x"}, ": Bundle.entry is not an array")),
+                         ids=("not-a-resource", "bad-bundle"))
+def test_prefetch_reason_cuts_a_long_key_the_client_sent(resolve: Callable[..., PrefetchResult], value: Any,
+                                                         why: str) -> None:
+    # A key the client sent unasked is its own text: it reaches the reason (and a 412) one line, 60 characters.
+    key = "k" * 61
+    assert resolve(make_request(None, {**FULL_PREFETCH, key: value})).keys[key].reason == f"prefetch.{'k' * 59}…{why}"
+
+
 @pytest.mark.parametrize("value", ([ANC], {"id": "x"}), ids=("json-array", "no-resourceType"))
 def test_prefetch_not_a_resource_reason_names_the_key(resolve: Callable[..., PrefetchResult], value: Any) -> None:
     result = resolve(make_request(None, {**FULL_PREFETCH, "conditions": value})).keys["conditions"]
@@ -316,9 +327,12 @@ def test_prefetch_fetched_empty_first_page_whose_next_page_fails_is_unavailable(
          "1 Bundle entries without a resource were dropped; its total is 2 but it holds no resources"),
         ({**searchset([]), "total": "3"}, KeyState.EMPTY, None),
         ({**searchset([]), "total": True}, KeyState.EMPTY, None),
+        (searchset([], total=1), KeyState.UNAVAILABLE, "its total is 1 but it holds no resources and no next link"),
+        ({**searchset([]), "entry": {"resource": CONDITION}}, KeyState.UNAVAILABLE,
+         "prefetch.conditions: Bundle.entry is not an array"),
     ),
     ids=("total-above-zero-no-entries", "total-zero", "total-above-entries-kept-as-data", "entries-all-dropped",
-         "total-not-a-number", "total-boolean"),
+         "total-not-a-number", "total-boolean", "total-one", "entry-not-an-array"),
 )
 def test_prefetch_bundle_total(resolve: Callable[..., PrefetchResult], bundle: dict[str, Any], state: KeyState,
                                reason: str | None) -> None:
