@@ -1047,8 +1047,9 @@ def test_follow_searches_in_chunks_of_fifty_in_parallel(fhir_stub: FhirStub,
 
 
 def test_follow_keeps_only_what_was_asked_for(fhir_stub: FhirStub, follow: Callable[..., PrefetchResult]) -> None:
-    fhir_stub.add("/fhir/Medication", searchset([medication("m1"), medication("m9"), {**ANC, "id": "m1"},
-                                                 {"resourceType": "Substance", "id": "m1"}]))
+    # The resources of the wrong type come first: the first one found for (type, id) is kept.
+    fhir_stub.add("/fhir/Medication", searchset([{**ANC, "id": "m1"}, {"resourceType": "Substance", "id": "m1"},
+                                                 {**medication("m1"), "id": 1}, medication("m9"), medication("m1")]))
     result = follow(make_request(fhir_stub, with_orders(order("Medication/m1"))))
     assert result.keys["medications"].resources == (order("Medication/m1"), medication("m1"))
 
