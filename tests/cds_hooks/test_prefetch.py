@@ -896,6 +896,11 @@ def test_fetch_policy_names_a_bare_string_and_is_immutable() -> None:
         policy.allowed_bases = ("https://evil.example",)  # type: ignore[misc]
 
 
+def test_default_fetcher_is_one_pool_for_the_process() -> None:
+    fetcher = prefetch_module.default_fetcher()
+    assert isinstance(fetcher, FhirFetcher) and prefetch_module.default_fetcher() is fetcher
+
+
 def test_fetch_policy_defaults() -> None:
     policy = FetchPolicy()
     assert (policy.allowed_bases, policy.deadline_seconds, policy.max_pages, policy.max_resources,
