@@ -388,9 +388,11 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise _refuse(AuthFailure.MALFORMED, f"{type(exc).__name__}: {exc}") from None
         header: dict[str, Any] = unverified["header"]
-        payload: dict[str, Any] = unverified["payload"]
-        seen.iss, seen.kid = payload.get("iss"), header.get("kid")
-        seen.jti, seen.tenant = payload.get("jti"), payload.get("tenant")
+        # Read only to choose the issuer and the key, and to name the token in the log: claims are checked on the
+        # verified payload alone, kept under another name so no later branch can check these instead.
+        unverified_payload: dict[str, Any] = unverified["payload"]
+        seen.iss, seen.kid = unverified_payload.get("iss"), header.get("kid")
+        seen.jti, seen.tenant = unverified_payload.get("jti"), unverified_payload.get("tenant")
 
         typ = header.get("typ")
         if not isinstance(typ, str) or typ.upper() != "JWT":
@@ -404,7 +406,7 @@ class TokenVerifier:
         if not isinstance(kid, str) or not kid:
             raise _refuse(AuthFailure.MISSING_KID, "header kid is missing or empty")
         # The unverified iss only selects whose keys to try; nothing else is trusted before the signature.
-        iss = payload.get("iss")
+        iss = unverified_payload.get("iss")
         if iss is None:
             raise _refuse(AuthFailure.MISSING_CLAIM, "iss")
         issuer = self.policy.issuers.get(iss) if isinstance(iss, str) else None
@@ -416,15 +418,15 @@ class TokenVerifier:
         if mismatch:
             raise _refuse(AuthFailure.ALG_KEY_MISMATCH, mismatch)
         try:
-            payload = jwt.decode(token, key=jwt.PyJWK(dict(jwk), algorithm=alg), algorithms=[alg],
-                                 options=_SIGNATURE_ONLY)
+            verified_payload = jwt.decode(token, key=jwt.PyJWK(dict(jwk), algorithm=alg), algorithms=[alg],
+                                          options=_SIGNATURE_ONLY)
         except jwt.InvalidSignatureError:
             raise _refuse(AuthFailure.BAD_SIGNATURE, "signature does not verify with the kid's key") from None
         except (jwt.InvalidKeyError, jwt.PyJWKError) as exc:
             raise _refuse(AuthFailure.KEY_REJECTED, str(exc)) from None
         except jwt.PyJWTError as exc:
             raise _refuse(AuthFailure.MALFORMED, f"{type(exc).__name__}: {exc}") from None
-        return self._check_claims(payload, issuer, audience, kid)
+        return self._check_claims(verified_payload, issuer, audience, kid)
 
     def _bearer_token(self, authorization_header: str | None) -> str:
         if authorization_header is None or not authorization_header.strip():
