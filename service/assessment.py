@@ -49,7 +49,6 @@ def assess(
     if not series.values:
         older, series = _newest_stale(facts, labs, now=now, policy=policy)
         for slab in older:
-            labs += slab.labs
             lab_issues += slab.issues
     current_from = now - policy.anc_current_window
     newest = series.values[-1] if series.values else None

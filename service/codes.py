@@ -48,7 +48,6 @@ SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
-UCUM = "http://unitsofmeasure.org"
 
 #: Other spellings of the same code systems: HL7 OIDs, and the canonical URL with https or a trailing slash (not
 #: the canonical form, but no other system is meant by it: read as something else, a fever was dropped unnoticed).
@@ -286,8 +285,3 @@ CONDITION_DISPLAY: Mapping[Code, str] = {
     **_NEUTROPENIA_SCT, **_DRUG_INDUCED_SCT, **_CHEMO_CONTEXT_SCT, **_SEED_RISK_SCT,
     **_NEUTROPENIA_ICD, **_DRUG_INDUCED_ICD, **_CHEMO_CONTEXT_ICD, **_DEFICIENCY_ICD,
 }  # fmt: skip
-
-# --- Orderables for card suggestions (brief §3.1b) --------------------------------------------------------------
-
-CBC_WITH_DIFFERENTIAL: Code = (LOINC, "57021-8")  # CBC W Auto Differential panel - Blood
-BLOOD_CULTURE: Code = (LOINC, "600-7")  # Bacteria identified in Blood by Culture
