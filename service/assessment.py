@@ -215,10 +215,9 @@ def assessment_extension(assessment: Assessment) -> dict[str, Any]:
                 "sources": list(fever.sources),
             }
         )
-    # What R12 counted as risk factors: conditions, current causative medicines, and the chemotherapy context (a
-    # G-CSF or chemotherapy order), as the lab-follow-up card lists them; without the context, a risk-factor-no-anc
+    # What R12 counted, as the lab-follow-up card lists it: without the chemotherapy context, a risk-factor-no-anc
     # raised by G-CSF alone had no riskFactors in the extension.
-    refs = list(dict.fromkeys((*assessment.risk_factors, *assessment.medications, *assessment.context)))
+    refs = assessment.counted_risk_factors
     if refs:
         value["riskFactors"] = [
             _omit_empty({"system": r.system, "code": r.code, "display": r.display, "source": r.source}) for r in refs

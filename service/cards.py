@@ -275,8 +275,7 @@ class _View:
             parts.append(self._results_table())
         # R12 counts conditions, medicines that can cause neutropenia and the chemotherapy context (G-CSF, a
         # recent chemotherapy order): the card names whichever made it fire, not only the conditions.
-        a = self.assessment
-        reasons = list(dict.fromkeys((*a.risk_factors, *a.medications, *a.context)))
+        reasons = self.assessment.counted_risk_factors
         if "risk-factor-no-anc" in self.present and reasons:
             parts.append(card_text.RISK_FACTORS_HEADING + "\n\n" + _bullets(_coded(r) for r in reasons))
         return "\n\n".join(parts)

@@ -135,3 +135,9 @@ class Assessment:
     def has(self, finding: Finding) -> bool:
         """Whether ``finding`` is among the findings."""
         return finding in self.findings
+
+    @property
+    def counted_risk_factors(self) -> tuple[CodedRef, ...]:
+        """Everything R12 counts as a risk factor, each once: the conditions, the current medicines that can cause
+        neutropenia, then what established the chemotherapy context (a G-CSF or chemotherapy order)."""
+        return tuple(dict.fromkeys((*self.risk_factors, *self.medications, *self.context)))
